@@ -1,0 +1,334 @@
+//! The hash-chained, crash-safe audit log writer.
+//!
+//! Each record is one line written with a single `write` to a file opened `O_APPEND`, so a
+//! killed writer leaves either the whole line or a torn tail, never an interleaving. With
+//! [`SyncPolicy::Always`] the line is on disk (`fdatasync`) before `append` returns, so a
+//! decision is never acted on before its record is durable. On open, a torn tail is cut
+//! off, kept beside the log (`<log>.torn-<seq>`), and described by a recovery record, so it
+//! is never silently accepted nor silently lost.
+
+use super::{chain_fields, hex, line_hash, AuditError, GENESIS};
+use serde_json::{json, Value};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// When records reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// `fdatasync` after every record: survives power loss.
+    Always,
+    /// Leave it to the page cache: survives the writer being killed, not a node crash.
+    Never,
+}
+
+/// Where and how to write.
+#[derive(Debug, Clone)]
+pub struct AuditLogConfig {
+    /// The active log file.
+    pub path: PathBuf,
+    /// Rotate when the active file reaches this many bytes (0: never).
+    pub max_bytes: u64,
+    /// Durability.
+    pub sync: SyncPolicy,
+}
+
+/// The last record written: what an off-node anchor should keep.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Head {
+    /// Its sequence number.
+    pub seq: u64,
+    /// SHA-256 of its line.
+    pub sha256: String,
+}
+
+/// An open audit log.
+pub struct AuditLog {
+    cfg: AuditLogConfig,
+    file: File,
+    size: u64,
+    first_seq: u64,
+    head: Head,
+}
+
+fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> AuditError {
+    let path = path.display().to_string();
+    move |source| AuditError::Io { path, op, source }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log and finds where its chain stands.
+    pub fn open(cfg: AuditLogConfig) -> Result<AuditLog, AuditError> {
+        let path = cfg.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io(&path, "open"))?;
+        let size = file.metadata().map_err(io(&path, "stat"))?.len();
+        let (complete_len, last_line, torn) =
+            read_tail(&mut file, size).map_err(io(&path, "read tail"))?;
+
+        let head = match &last_line {
+            Some(line) => {
+                let v: Value = serde_json::from_slice(line).map_err(|e| AuditError::Unrecoverable {
+                    path: path.display().to_string(),
+                    reason: format!("its last complete record is not JSON ({e}); move the file aside to start a new segment"),
+                })?;
+                let (seq, _) = chain_fields(&v).ok_or_else(|| AuditError::Unrecoverable {
+                    path: path.display().to_string(),
+                    reason: "its last complete record has no chain fields".into(),
+                })?;
+                Head {
+                    seq,
+                    sha256: line_hash(line),
+                }
+            }
+            // Empty: continue from the head left by rotation, or start a chain.
+            None => read_head(&head_path(&path))?.unwrap_or(Head {
+                seq: 0,
+                sha256: GENESIS.into(),
+            }),
+        };
+        let first_seq = match first_record_seq(&path) {
+            Some(s) => s,
+            None => head.seq + 1,
+        };
+        let mut log = AuditLog {
+            cfg,
+            file,
+            size: complete_len,
+            first_seq,
+            head,
+        };
+        if let Some(torn) = torn {
+            log.recover_torn(&torn, complete_len)?;
+        }
+        Ok(log)
+    }
+
+    /// Cuts a torn tail off, keeps its bytes beside the log, and records what happened.
+    fn recover_torn(&mut self, torn: &[u8], complete_len: u64) -> Result<(), AuditError> {
+        let path = self.cfg.path.clone();
+        let keep = path.with_file_name(format!(
+            "{}.torn-{}",
+            path.file_name()
+                .map_or("audit.log".into(), |n| n.to_string_lossy()),
+            self.head.seq + 1
+        ));
+        fs::write(&keep, torn).map_err(io(&keep, "save torn tail"))?;
+        self.file
+            .set_len(complete_len)
+            .map_err(io(&path, "truncate torn tail"))?;
+        self.file.sync_all().map_err(io(&path, "sync"))?;
+        let record = json!({
+            "class_uid": 0,
+            "class_name": "Base Event",
+            "category_uid": 0,
+            "category_name": "Uncategorized",
+            "activity_id": 99,
+            "activity_name": "Other",
+            "type_uid": 99,
+            "type_name": "Base Event: Other",
+            "time": now_ms(),
+            "severity_id": 3,
+            "severity": "Medium",
+            "message": format!(
+                "audit log recovery: a torn record of {} bytes (sha256 {}) was found after seq {} (the writer stopped mid-write); its bytes are kept in {}",
+                torn.len(), hex(&sha2::Sha256::digest_bytes(torn)), self.head.seq, keep.display()),
+            "metadata": {"version": "1.1.0", "product": {"name": "Enclave", "vendor_name": "Enclave"}, "log_name": "audit-recovery"},
+            "unmapped": {"enclave": {"recovery": {
+                "torn_bytes": torn.len(),
+                "torn_sha256": hex(&sha2::Sha256::digest_bytes(torn)),
+                "kept_in": keep.display().to_string(),
+                "after_seq": self.head.seq,
+            }}},
+        });
+        self.append(record)?;
+        Ok(())
+    }
+
+    /// Appends a record, filling in its chain fields. Returns the new head.
+    pub fn append(&mut self, mut record: Value) -> Result<Head, AuditError> {
+        let seq = self.head.seq + 1;
+        if let Some(obj) = record.as_object_mut() {
+            let meta = obj.entry("metadata").or_insert_with(|| json!({}));
+            if let Some(m) = meta.as_object_mut() {
+                m.insert("sequence".into(), json!(seq));
+            }
+            let un = obj.entry("unmapped").or_insert_with(|| json!({}));
+            if let Some(u) = un.as_object_mut() {
+                u.insert("chain".into(), json!({"prev_sha256": self.head.sha256}));
+            }
+        }
+        let mut line = serde_json::to_vec(&record).unwrap_or_default();
+        let hash = line_hash(&line);
+        line.push(b'\n');
+        let path = self.cfg.path.clone();
+        self.file.write_all(&line).map_err(io(&path, "append"))?;
+        if self.cfg.sync == SyncPolicy::Always {
+            self.file.sync_data().map_err(io(&path, "sync"))?;
+        }
+        self.size += line.len() as u64;
+        self.head = Head { seq, sha256: hash };
+        if self.cfg.max_bytes > 0 && self.size >= self.cfg.max_bytes {
+            self.rotate()?;
+        }
+        Ok(self.head.clone())
+    }
+
+    /// The last record written.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+
+    /// Closes the active file as `<log>.<first>-<last>` and starts a new one; the chain
+    /// continues across files.
+    pub fn rotate(&mut self) -> Result<PathBuf, AuditError> {
+        let path = self.cfg.path.clone();
+        self.file.sync_all().map_err(io(&path, "sync"))?;
+        self.checkpoint()?;
+        let rotated = path.with_file_name(format!(
+            "{}.{:012}-{:012}",
+            path.file_name()
+                .map_or("audit.log".into(), |n| n.to_string_lossy()),
+            self.first_seq,
+            self.head.seq
+        ));
+        fs::rename(&path, &rotated).map_err(io(&path, "rotate"))?;
+        self.file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io(&path, "open"))?;
+        sync_dir(&path);
+        self.size = 0;
+        self.first_seq = self.head.seq + 1;
+        Ok(rotated)
+    }
+
+    /// Writes the head file (`<log>.head`) atomically. Ship it off the node to make
+    /// truncation of the log detectable by someone who controls the node.
+    pub fn checkpoint(&mut self) -> Result<(), AuditError> {
+        let hp = head_path(&self.cfg.path);
+        let tmp = hp.with_extension("head.tmp");
+        let body = serde_json::to_vec(&self.head).unwrap_or_default();
+        {
+            let mut f = File::create(&tmp).map_err(io(&tmp, "write head"))?;
+            f.write_all(&body).map_err(io(&tmp, "write head"))?;
+            f.sync_all().map_err(io(&tmp, "sync head"))?;
+        }
+        fs::rename(&tmp, &hp).map_err(io(&hp, "install head"))?;
+        sync_dir(&hp);
+        Ok(())
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        let _ = self.file.sync_all();
+        let _ = self.checkpoint();
+    }
+}
+
+/// `<log>.head`.
+pub fn head_path(log: &Path) -> PathBuf {
+    let mut s = log.as_os_str().to_owned();
+    s.push(".head");
+    PathBuf::from(s)
+}
+
+/// Reads a head file, if there is one.
+pub fn read_head(p: &Path) -> Result<Option<Head>, AuditError> {
+    match fs::read(p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| AuditError::Unrecoverable {
+                path: p.display().to_string(),
+                reason: format!("head file is not valid: {e}"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AuditError::Io {
+            path: p.display().to_string(),
+            op: "read head",
+            source: e,
+        }),
+    }
+}
+
+fn sync_dir(p: &Path) {
+    if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(f) = File::open(d) {
+            let _ = f.sync_all();
+        }
+    }
+}
+
+fn first_record_seq(p: &Path) -> Option<u64> {
+    let mut f = File::open(p).ok()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = f.read(&mut buf).ok()?;
+    let end = buf[..n].iter().position(|b| *b == b'\n')?;
+    let v: Value = serde_json::from_slice(&buf[..end]).ok()?;
+    chain_fields(&v).map(|(s, _)| s)
+}
+
+/// Reads the end of the file: (length up to and including the last newline, the last
+/// complete line, the torn bytes after it if any).
+#[allow(clippy::type_complexity)]
+fn read_tail(f: &mut File, size: u64) -> std::io::Result<(u64, Option<Vec<u8>>, Option<Vec<u8>>)> {
+    if size == 0 {
+        return Ok((0, None, None));
+    }
+    // Widen the window until it holds a whole line (records are small; logs may be big).
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = size.saturating_sub(window);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::with_capacity((size - start) as usize);
+        f.take(size - start).read_to_end(&mut buf)?;
+        let last_nl = buf.iter().rposition(|b| *b == b'\n');
+        let torn = match last_nl {
+            Some(i) if i + 1 < buf.len() => Some(buf[i + 1..].to_vec()),
+            None if start == 0 => Some(buf.clone()),
+            _ => None,
+        };
+        match last_nl {
+            Some(i) => {
+                let prev = buf[..i].iter().rposition(|b| *b == b'\n');
+                if prev.is_none() && start > 0 {
+                    window *= 4;
+                    continue;
+                }
+                let line = buf[prev.map_or(0, |p| p + 1)..i].to_vec();
+                return Ok((start + i as u64 + 1, Some(line), torn));
+            }
+            None if start == 0 => return Ok((0, None, torn)),
+            None => window *= 4,
+        }
+    }
+}
+
+trait DigestBytes {
+    fn digest_bytes(b: &[u8]) -> Vec<u8>;
+}
+
+impl DigestBytes for sha2::Sha256 {
+    fn digest_bytes(b: &[u8]) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(b).to_vec()
+    }
+}

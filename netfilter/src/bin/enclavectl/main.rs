@@ -1,0 +1,550 @@
+//! `enclavectl`: check, explain and render zone policies; verify audit logs; propose rules
+//! from learned flows; draw flows; run the policy demo.
+//!
+//! Exit codes: 0 success; 1 the thing checked is bad (policy errors, broken audit chain);
+//! 2 the command could not run (unreadable file, bad arguments).
+
+mod demo;
+mod workload;
+
+use clap::{Parser, Subcommand};
+use enclave_netfilter::audit::{self, Head, VerifyOptions};
+use enclave_netfilter::identity::{Inventory, PeerDirectory};
+use enclave_netfilter::nft::{self, NftWorkload, Placement};
+use enclave_netfilter::policy::{self, LoadedPolicy, Lookup, PolicyError, Severity};
+use enclave_netfilter::{graph, learn};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "enclavectl", version, about = "Enclave zone policy, audit and flow tool", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Zone policies: check, explain, render and apply.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Audit logs: verify chains, show heads.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Observed flows.
+    #[command(subcommand)]
+    Flows(FlowsCmd),
+    /// Runs frames of a PCI CDE scenario through the matcher and shows decisions and the
+    /// verified audit log.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validates policy files; prints errors and warnings with file:line:column and field.
+    Check {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Treat warnings (unreachable rules) as errors.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Says whether a flow is allowed and which rule decides, in words.
+    Explain {
+        /// Policy file.
+        file: PathBuf,
+        /// Source: a zone name, an IP address, or NAMESPACE/POD from --inventory.
+        #[arg(long)]
+        from: String,
+        /// Destination: a zone name, an IP address, or NAMESPACE/POD from --inventory.
+        #[arg(long)]
+        to: String,
+        /// Protocol: tcp, udp, icmp, icmpv6.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// Destination port.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Application protocol the payload would be detected as.
+        #[arg(long)]
+        app: Option<String>,
+        /// Workload inventory (YAML) for NAMESPACE/POD references.
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+    },
+    /// Prints the nftables table the host-kernel layer would install for a workload.
+    Render {
+        /// Render for nftables (the only backend so far).
+        #[arg(long, required = true)]
+        nft: bool,
+        /// Policy file.
+        file: PathBuf,
+        /// The workload: NAMESPACE/POD from --inventory, or inline
+        /// `ns=NS,pod=NAME,ip=IP[,ip=IP][,label.K=V][,zone=ZONE]`.
+        #[arg(long)]
+        workload: String,
+        /// Workload inventory (YAML): peers' addresses, and NAMESPACE/POD references.
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+        /// The workload's traffic is forwarded through the namespace on this interface
+        /// (a pod's tap); without it the namespace's own stack is the workload.
+        #[arg(long)]
+        forward: Option<String>,
+    },
+    /// Installs (or replaces) a workload's table in a network namespace through netlink.
+    Apply {
+        /// Policy file.
+        file: PathBuf,
+        /// The workload (as for `render`).
+        #[arg(long)]
+        workload: String,
+        /// Workload inventory (YAML).
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+        /// Network namespace: a name under /run/netns or a path (/proc/PID/ns/net).
+        #[arg(long)]
+        netns: Option<String>,
+        /// Forwarding interface (as for `render`).
+        #[arg(long)]
+        forward: Option<String>,
+    },
+    /// Removes a workload's table from a network namespace.
+    Remove {
+        /// The workload (as for `render`), to name its table.
+        #[arg(long)]
+        workload: String,
+        /// Workload inventory (YAML).
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+        /// Network namespace.
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// Proposes allow rules from the learn-mode records of audit logs.
+    Suggest {
+        /// Audit log files.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Verifies the hash chain of audit log files (any order) and says where it breaks.
+    Verify {
+        /// Log files of one chain (the active file and rotated ones).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A head file (`<log>.head`, or a copy kept off the node): the log must reach it.
+        #[arg(long)]
+        head: Option<PathBuf>,
+        /// Accept a chain that starts after the first record (older files archived).
+        #[arg(long)]
+        allow_partial: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FlowsCmd {
+    /// Draws zones and observed flows from audit logs (SVG or Graphviz DOT by extension).
+    Graph {
+        /// Audit log files.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// Output file: `.svg` or `.dot`.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// A policy whose zones are drawn even without flows.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+}
+
+/// A failure that ends the command: message and exit code.
+pub struct Fail(pub String, pub u8);
+
+impl From<PolicyError> for Fail {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::Invalid { .. } => Fail(e.to_string(), 1),
+            PolicyError::Read { .. } => Fail(e.to_string(), 2),
+        }
+    }
+}
+
+fn fail(msg: impl Into<String>) -> Fail {
+    Fail(msg.into(), 2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Policy(c) => policy_cmd(c),
+        Cmd::Audit(c) => audit_cmd(c),
+        Cmd::Flows(c) => flows_cmd(c),
+        Cmd::Demo(a) => demo::run(a),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(Fail(msg, code)) => {
+            eprintln!("{msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Loads a policy, printing its warnings to stderr.
+pub fn load_policy(p: &Path) -> Result<LoadedPolicy, Fail> {
+    let l = policy::load_file(p)?;
+    for w in &l.warnings {
+        eprintln!("{w}");
+    }
+    Ok(l)
+}
+
+fn load_inventory(p: &Option<PathBuf>) -> Result<Inventory, Fail> {
+    match p {
+        Some(p) => Inventory::load(p).map_err(|e| fail(e.to_string())),
+        None => Ok(Inventory::default()),
+    }
+}
+
+fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
+    match c {
+        PolicyCmd::Check { files, strict } => {
+            let mut code = 0;
+            for f in &files {
+                match policy::load_file(f) {
+                    Ok(l) => {
+                        for w in &l.warnings {
+                            println!("{w}");
+                        }
+                        let p = l.compiled.policy();
+                        let bad = strict && !l.warnings.is_empty();
+                        println!(
+                            "{}: {} `{}` version {}: {} zones, {} rules, {} port intervals{}",
+                            f.display(),
+                            if bad { "REFUSED (--strict)" } else { "OK" },
+                            p.name,
+                            p.version,
+                            p.zones.len(),
+                            p.rules.len(),
+                            l.compiled.interval_count(),
+                            if l.warnings.is_empty() {
+                                String::new()
+                            } else {
+                                format!(", {} warning(s)", l.warnings.len())
+                            },
+                        );
+                        if bad {
+                            code = code.max(1);
+                        }
+                    }
+                    Err(PolicyError::Invalid { diagnostics }) => {
+                        for d in &diagnostics {
+                            println!("{d}");
+                        }
+                        let errors = diagnostics
+                            .iter()
+                            .filter(|d| d.severity == Severity::Error)
+                            .count();
+                        println!("{}: INVALID: {errors} error(s)", f.display());
+                        code = code.max(1);
+                    }
+                    Err(e @ PolicyError::Read { .. }) => {
+                        eprintln!("{e}");
+                        code = 2;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        PolicyCmd::Explain {
+            file,
+            from,
+            to,
+            proto,
+            port,
+            app,
+            inventory,
+        } => {
+            let l = load_policy(&file)?;
+            let inv = load_inventory(&inventory)?;
+            let c = &l.compiled;
+            let peers = PeerDirectory::build(c.policy(), &inv.workloads);
+            let (fz, fdesc) = workload::resolve_zone(c, &peers, &inv, &from)?;
+            let (tz, tdesc) = workload::resolve_zone(c, &peers, &inv, &to)?;
+            let ip_proto = match proto.as_str() {
+                "tcp" => 6,
+                "udp" => 17,
+                "icmp" => 1,
+                "icmpv6" => 58,
+                other => {
+                    return Err(fail(format!(
+                        "--proto: `{other}` is not one of tcp, udp, icmp, icmpv6"
+                    )))
+                }
+            };
+            if (ip_proto == 6 || ip_proto == 17) && port == 0 {
+                return Err(fail("--port is required for tcp and udp"));
+            }
+            let app = match app.as_deref() {
+                None => None,
+                Some(a) => Some(policy::AppProto::from_name(a).ok_or_else(|| {
+                    fail(format!(
+                        "--app: `{a}` is not one of http, tls, dns, redis, postgres, mysql"
+                    ))
+                })?),
+            };
+            let p = c.policy();
+            let flow = if port != 0 {
+                format!("{proto}/{port}")
+            } else {
+                proto.clone()
+            };
+            println!("flow: {fdesc} → {tdesc}, {flow}");
+            let rule_desc = |id: policy::RuleId| {
+                let r = &p.rules[id.0 as usize];
+                let d = r
+                    .description
+                    .as_deref()
+                    .map(|d| format!(" — {d}"))
+                    .unwrap_or_default();
+                format!("rule `{}` (line of spec.rules[{}]){d}", r.name, id.0)
+            };
+            let verdict = match c.lookup(fz, tz, ip_proto, port) {
+                Lookup::Allowed(r) => format!("ALLOW by {}", rule_desc(r)),
+                Lookup::Denied(r) => format!("DENY by {}", rule_desc(r)),
+                Lookup::NoRule => format!(
+                    "DENY by default: no rule allows zone `{}` to reach zone `{}` over {flow}",
+                    p.zone_name(fz),
+                    p.zone_name(tz)
+                ),
+                Lookup::NeedsApp(cands) => {
+                    let apps: Vec<String> = policy::AppProto::ALL
+                        .iter()
+                        .filter(|a| cands[a.index()].is_some())
+                        .map(|a| a.to_string())
+                        .collect();
+                    match app {
+                        Some(a) if cands[a.index()].is_some() => {
+                            let r = cands[a.index()].unwrap_or(policy::RuleId(0));
+                            format!("ALLOW by {}, because the payload is detected as {a}", rule_desc(r))
+                        }
+                        Some(a) => format!(
+                            "DENY: {flow} is open to {} only; a {a} payload is cut at its first bytes and logged as app_mismatch",
+                            apps.join(" or ")
+                        ),
+                        None => {
+                            let first = cands.iter().flatten().next().copied().unwrap_or(policy::RuleId(0));
+                            format!(
+                                "ALLOW only if the payload is detected as {} ({}); any other payload is cut and logged (pass --app to decide)",
+                                apps.join(" or "),
+                                rule_desc(first)
+                            )
+                        }
+                    }
+                }
+            };
+            println!("verdict: {verdict}");
+            for (who, z) in [("source", fz), ("destination", tz)] {
+                let m = p.zone_mode(z);
+                if m != policy::Mode::Enforce {
+                    println!("note: the {who} zone `{}` is in {} mode: a denied flow is logged and passed there", p.zone_name(z), m.as_str());
+                }
+            }
+            Ok(0)
+        }
+        PolicyCmd::Render {
+            nft: _,
+            file,
+            workload,
+            inventory,
+            forward,
+        } => {
+            let l = load_policy(&file)?;
+            let inv = load_inventory(&inventory)?;
+            let w = workload::parse(&workload, &inv)?;
+            let peers = PeerDirectory::build(l.compiled.policy(), &inv.workloads);
+            let placement = forward.map_or(Placement::Local, |interface| Placement::Forward {
+                interface,
+            });
+            let t = nft::render(
+                &l.compiled,
+                &peers,
+                &NftWorkload {
+                    identity: &w.identity,
+                    ips: &w.ips,
+                },
+                &placement,
+            );
+            let zone = l.compiled.policy().zone_of_workload(&w.identity);
+            println!(
+                "# workload {}/{} in zone `{}`; {} rules",
+                w.identity.namespace,
+                w.identity.name,
+                l.compiled.policy().zone_name(zone),
+                t.rule_count()
+            );
+            print!("{}", t.to_nft_text());
+            Ok(0)
+        }
+        PolicyCmd::Apply {
+            file,
+            workload,
+            inventory,
+            netns,
+            forward,
+        } => {
+            let l = load_policy(&file)?;
+            let inv = load_inventory(&inventory)?;
+            let w = workload::parse(&workload, &inv)?;
+            let peers = PeerDirectory::build(l.compiled.policy(), &inv.workloads);
+            let placement = forward.map_or(Placement::Local, |interface| Placement::Forward {
+                interface,
+            });
+            let t = nft::render(
+                &l.compiled,
+                &peers,
+                &NftWorkload {
+                    identity: &w.identity,
+                    ips: &w.ips,
+                },
+                &placement,
+            );
+            let ns = netns.map(|n| netns_path(&n));
+            nft::apply(&t, ns.as_deref()).map_err(|e| fail(e.to_string()))?;
+            println!(
+                "applied table inet {} ({} rules) in {}",
+                t.name,
+                t.rule_count(),
+                ns.map_or("this network namespace".into(), |p| p.display().to_string())
+            );
+            Ok(0)
+        }
+        PolicyCmd::Remove {
+            workload,
+            inventory,
+            netns,
+        } => {
+            let inv = load_inventory(&inventory)?;
+            let w = workload::parse(&workload, &inv)?;
+            let name = nft::table_name(&w.identity);
+            let ns = netns.map(|n| netns_path(&n));
+            nft::remove(&name, ns.as_deref()).map_err(|e| fail(e.to_string()))?;
+            println!("removed table inet {name}");
+            Ok(0)
+        }
+        PolicyCmd::Suggest { logs } => {
+            let flows =
+                learn::read_flows(&logs).map_err(|e| fail(format!("cannot read logs: {e}")))?;
+            print!("{}", learn::suggest(&flows));
+            Ok(0)
+        }
+    }
+}
+
+fn netns_path(n: &str) -> PathBuf {
+    if n.contains('/') {
+        PathBuf::from(n)
+    } else {
+        Path::new("/run/netns").join(n)
+    }
+}
+
+fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
+    match c {
+        AuditCmd::Verify {
+            files,
+            head,
+            allow_partial,
+        } => {
+            let head: Option<Head> = match head {
+                Some(h) => Some(
+                    audit::read_head(&h)
+                        .map_err(|e| fail(e.to_string()))?
+                        .ok_or_else(|| fail(format!("head file {} does not exist", h.display())))?,
+                ),
+                None => None,
+            };
+            let rep = audit::verify(
+                &files,
+                &VerifyOptions {
+                    head: head.clone(),
+                    allow_partial,
+                },
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            for p in &rep.problems {
+                println!("BROKEN: {p}");
+            }
+            for (f, l, after) in &rep.recoveries {
+                println!("note: {f}:{l}: crash recovery recorded after seq {after} (torn record kept aside)");
+            }
+            if rep.ok() {
+                println!(
+                    "OK: {} records, seq {}..{}, {} file(s), chain intact{}; last record sha256 {}",
+                    rep.records,
+                    rep.first_seq,
+                    rep.last_seq,
+                    rep.files.len(),
+                    if head.is_some() {
+                        ", reaches the head"
+                    } else {
+                        ""
+                    },
+                    rep.last_hash
+                );
+                if head.is_none() {
+                    println!("note: without --head, records cut off the end cannot be told from a log that ended there; compare the last sha256 with a head kept off the node");
+                }
+                Ok(0)
+            } else {
+                println!(
+                    "FAILED: {} problem(s) in {} records",
+                    rep.problems.len(),
+                    rep.records
+                );
+                Ok(1)
+            }
+        }
+    }
+}
+
+fn flows_cmd(c: FlowsCmd) -> Result<u8, Fail> {
+    match c {
+        FlowsCmd::Graph {
+            logs,
+            output,
+            policy,
+        } => {
+            let flows =
+                learn::read_flows(&logs).map_err(|e| fail(format!("cannot read logs: {e}")))?;
+            let zones: Vec<String> = match policy {
+                Some(p) => load_policy(&p)?
+                    .compiled
+                    .policy()
+                    .zones
+                    .iter()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                None => Vec::new(),
+            };
+            let body = match output.extension().and_then(|e| e.to_str()) {
+                Some("svg") => graph::svg(&flows, &zones),
+                Some("dot") | Some("gv") => graph::dot(&flows, &zones),
+                _ => {
+                    return Err(fail(format!(
+                        "{}: the output must end in .svg or .dot",
+                        output.display()
+                    )))
+                }
+            };
+            std::fs::write(&output, body)
+                .map_err(|e| fail(format!("cannot write {}: {e}", output.display())))?;
+            println!("wrote {} ({} flows)", output.display(), flows.len());
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Rules proposed from observed flows (learn-mode audit records).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+
+/// One observed flow, as read back from an audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedFlow {
+    /// Source zone.
+    pub src_zone: String,
+    /// Destination zone.
+    pub dst_zone: String,
+    /// Source IP (to help name unknown peers).
+    pub src_ip: Option<String>,
+    /// Destination IP.
+    pub dst_ip: Option<String>,
+    /// Protocol name.
+    pub proto: String,
+    /// Destination port (0 when none).
+    pub dport: u16,
+    /// App detected.
+    pub app: Option<String>,
+    /// Verdict word: allowed, denied, would-deny, learned.
+    pub outcome: String,
+    /// The deciding rule, if any.
+    pub rule: Option<String>,
+}
+
+impl ObservedFlow {
+    /// Reads a flow from an OCSF record written by the audit log; `None` for other records.
+    pub fn from_record(v: &serde_json::Value) -> Option<ObservedFlow> {
+        if v.get("class_uid")?.as_u64()? != 4001 {
+            return None;
+        }
+        let s = |p: &[&str]| -> Option<String> {
+            let mut cur = v;
+            for k in p {
+                cur = cur.get(k)?;
+            }
+            cur.as_str().map(str::to_string)
+        };
+        let outcome = match v.get("disposition_id")?.as_u64()? {
+            1 => "allowed",
+            2 => "denied",
+            15 => "would-deny",
+            17 => "learned",
+            _ => "other",
+        };
+        Some(ObservedFlow {
+            src_zone: s(&["src_endpoint", "zone"]).unwrap_or_else(|| "unknown".into()),
+            dst_zone: s(&["dst_endpoint", "zone"]).unwrap_or_else(|| "unknown".into()),
+            src_ip: s(&["src_endpoint", "ip"]),
+            dst_ip: s(&["dst_endpoint", "ip"]),
+            proto: s(&["connection_info", "protocol_name"]).unwrap_or_else(|| "none".into()),
+            dport: v
+                .get("dst_endpoint")?
+                .get("port")
+                .and_then(|p| p.as_u64())
+                .unwrap_or(0) as u16,
+            app: s(&["unmapped", "enclave", "app_protocol_detected"]),
+            outcome: outcome.into(),
+            rule: s(&["firewall_rule", "name"]),
+        })
+    }
+}
+
+/// Proposes allow rules (YAML, ready to paste under `spec.rules`) for learned flows that
+/// no allow rule already covers. Flows of one zone pair, protocol and app share a rule.
+pub fn suggest(flows: &[ObservedFlow]) -> String {
+    #[derive(Default)]
+    struct Group {
+        ports: BTreeSet<u16>,
+        count: usize,
+        peers: BTreeSet<String>,
+    }
+    let mut groups: BTreeMap<(String, String, String, Option<String>), Group> = BTreeMap::new();
+    let mut learned = 0;
+    for f in flows
+        .iter()
+        .filter(|f| f.outcome == "learned" && f.proto != "none")
+    {
+        learned += 1;
+        // Already allowed by an allow rule: nothing to propose.
+        if f.rule.is_some() {
+            continue;
+        }
+        let g = groups
+            .entry((
+                f.src_zone.clone(),
+                f.dst_zone.clone(),
+                f.proto.clone(),
+                f.app.clone(),
+            ))
+            .or_default();
+        if f.dport != 0 && (f.proto == "tcp" || f.proto == "udp") {
+            g.ports.insert(f.dport);
+        }
+        g.count += 1;
+        for (z, ip) in [(&f.src_zone, &f.src_ip), (&f.dst_zone, &f.dst_ip)] {
+            if z == "unknown" {
+                if let Some(ip) = ip {
+                    g.peers.insert(ip.clone());
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Proposed from {learned} learn-mode flow records; {} rule(s).",
+        groups.len()
+    );
+    let _ = writeln!(out, "# Review each before adding it under spec.rules: learning records what happened, not what should.");
+    if groups.is_empty() {
+        let _ = writeln!(out, "rules: []");
+        return out;
+    }
+    let _ = writeln!(out, "rules:");
+    for ((from, to, proto, app), g) in &groups {
+        let mut name = format!("learned-{from}-to-{to}-{proto}");
+        if let Some(a) = app {
+            let _ = write!(name, "-{a}");
+        }
+        name.truncate(63);
+        let _ = writeln!(out, "  - name: {}", name.trim_end_matches('-'));
+        if !g.peers.is_empty() {
+            let ips: Vec<&str> = g.peers.iter().map(String::as_str).collect();
+            let _ = writeln!(
+                out,
+                "    # peer(s) in no zone: {}; give them a CIDR zone instead of `unknown`",
+                ips.join(", ")
+            );
+        }
+        let _ = writeln!(out, "    from: {from}");
+        let _ = writeln!(out, "    to: {to}");
+        let proto_word = match proto.as_str() {
+            "tcp" | "udp" | "icmp" | "icmpv6" => proto.as_str(),
+            _ => "any",
+        };
+        let _ = writeln!(out, "    protocol: {proto_word}");
+        if !g.ports.is_empty() {
+            let ports: Vec<String> = g.ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(out, "    ports: [{}]", ports.join(", "));
+        }
+        if let Some(a) = app {
+            let _ = writeln!(out, "    app: {a}");
+        }
+        let _ = writeln!(out, "    # seen {} time(s)", g.count);
+    }
+    out
+}
+
+/// Reads observed flows from audit log files (lines that are not flow records are skipped).
+pub fn read_flows(paths: &[std::path::PathBuf]) -> std::io::Result<Vec<ObservedFlow>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p)?;
+        for line in text.lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if let Some(f) = ObservedFlow::from_record(&v) {
+                    out.push(f);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(from: &str, to: &str, port: u16, app: Option<&str>, rule: Option<&str>) -> ObservedFlow {
+        ObservedFlow {
+            src_zone: from.into(),
+            dst_zone: to.into(),
+            src_ip: None,
+            dst_ip: Some("198.51.100.9".into()),
+            proto: "tcp".into(),
+            dport: port,
+            app: app.map(str::to_string),
+            outcome: "learned".into(),
+            rule: rule.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn groups_ports_per_zone_pair_and_app_and_skips_covered_flows() {
+        let out = suggest(&[
+            f("web", "api", 8080, Some("http"), None),
+            f("web", "api", 8081, Some("http"), None),
+            f("api", "db", 5432, Some("postgres"), None),
+            f("api", "db", 5432, Some("postgres"), Some("existing")),
+        ]);
+        assert!(out.contains("ports: [8080, 8081]"), "{out}");
+        assert!(out.contains("app: postgres"), "{out}");
+        assert!(out.contains("seen 1 time(s)"), "{out}");
+        assert!(out.contains("2 rule(s)"), "{out}");
+    }
+}

@@ -1,0 +1,1207 @@
+//! The per-frame decision for one workload: what `enclave-netd` asks of every frame.
+//!
+//! [`Enforcer::decide`] takes a whole Ethernet frame to or from the workload and returns
+//! pass or drop, a reason, and (for decisions worth keeping) a [`FlowEvent`] for the audit
+//! log. In order: parse (total), link checks (VLAN tags, MAC anti-spoofing), ARP / NDP /
+//! DHCP by their own rules, IP anti-spoofing, fragments, connection tracking, and for new
+//! flows the zone policy with L7 detection and the zone's mode.
+//!
+//! The caller passes the time, so the fast path makes no syscalls; it allocates nothing.
+//! The frame is the caller's private copy: guest memory must not be read twice.
+
+use crate::conntrack::{
+    octets, Admission, FlowEntry, FlowKey, FlowTable, FragKey, FragTable, L7Pending, TableStats,
+    TcpState, Timeouts,
+};
+use crate::identity::PeerDirectory;
+use crate::l7::{self, Detection, Side, DETECT_BYTES};
+use crate::packet::{
+    proto, ArpPacket, EthernetHeader, Frame, IcmpMessage, IpPacket, MacAddr, Net, TcpFlags,
+    ARP_REPLY, ARP_REQUEST, L4,
+};
+use crate::policy::{AppProto, CompiledPolicy, Lookup, Mode, RuleId, WorkloadIdentity, ZoneId};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+/// Which way a frame travels, seen from the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the workload (guest → network).
+    Egress,
+    /// To the workload (network → guest).
+    Ingress,
+}
+
+/// Pass or drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward the frame.
+    Pass,
+    /// Drop it.
+    Drop,
+}
+
+macro_rules! reasons {
+    ($($(#[$m:meta])* $v:ident => $s:literal,)*) => {
+        /// Why a frame got its verdict. Every reason has a counter.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum Reason { $($(#[$m])* $v,)* }
+        impl Reason {
+            /// All reasons, in counter order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$v,)*];
+            /// Number of reasons.
+            pub const COUNT: usize = Reason::ALL.len();
+            /// Stable snake-case name (audit records, metrics).
+            pub fn as_str(self) -> &'static str { match self { $(Reason::$v => $s,)* } }
+        }
+    };
+}
+
+reasons! {
+    /// Part of a tracked flow.
+    Established => "established",
+    /// A new flow a rule allows.
+    NewFlowAllowed => "new_flow_allowed",
+    /// A new flow whose app is still being detected.
+    AppPending => "app_pending",
+    /// Passed in monitor mode although the policy denies it.
+    Monitored => "monitored",
+    /// Passed in learn mode.
+    Learned => "learned",
+    /// ICMP error about a tracked flow.
+    Related => "related",
+    /// ARP that passed the anti-spoofing checks.
+    Arp => "arp",
+    /// Neighbour discovery that passed the checks.
+    Ndp => "ndp",
+    /// DHCP client traffic.
+    Dhcp => "dhcp",
+    /// Later fragment of an allowed packet.
+    Fragment => "fragment",
+    /// Not a parsable frame.
+    Malformed => "malformed",
+    /// VLAN-tagged frame (a workload has no business tagging).
+    VlanTagged => "vlan_tagged",
+    /// Source MAC is not the workload's.
+    SpoofedMac => "spoofed_mac",
+    /// Source IP is not the workload's.
+    SpoofedIp => "spoofed_ip",
+    /// Not addressed to the workload.
+    NotForWorkload => "not_for_workload",
+    /// ARP with a forged sender, or an unsupported operation.
+    BadArp => "bad_arp",
+    /// Router advertisement or redirect from the workload.
+    RogueRouter => "rogue_router",
+    /// DHCP server traffic from the workload.
+    RogueDhcp => "rogue_dhcp",
+    /// Neither IP nor ARP.
+    UnsupportedEthertype => "unsupported_ethertype",
+    /// IPv4 source route option or IPv6 type 0 routing header.
+    SourceRouted => "source_routed",
+    /// Fragment of a packet whose first fragment was not allowed (or not seen).
+    FragmentUnknown => "fragment_unknown",
+    /// Fragment that could overwrite the transport header.
+    FragmentOverlap => "fragment_overlap",
+    /// TCP segment that is not a SYN and has no flow, or does not fit the flow's state.
+    TcpInvalid => "tcp_invalid",
+    /// ICMP error about no tracked flow.
+    UnrelatedIcmpError => "unrelated_icmp_error",
+    /// No rule allows the flow (default deny).
+    NoRule => "no_rule",
+    /// A deny rule matches.
+    DenyRule => "deny_rule",
+    /// The payload is not the app the rule requires.
+    AppMismatch => "app_mismatch",
+    /// The flow was cut earlier (app mismatch or a reload).
+    FlowCut => "flow_cut",
+    /// Out-of-order or altered payload while the app is being detected.
+    AppReorder => "app_reorder",
+}
+
+impl Reason {
+    /// The verdict that goes with this reason.
+    pub fn verdict(self) -> Verdict {
+        match self {
+            Reason::Established
+            | Reason::NewFlowAllowed
+            | Reason::AppPending
+            | Reason::Monitored
+            | Reason::Learned
+            | Reason::Related
+            | Reason::Arp
+            | Reason::Ndp
+            | Reason::Dhcp
+            | Reason::Fragment => Verdict::Pass,
+            _ => Verdict::Drop,
+        }
+    }
+}
+
+/// What kind of decision an event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A new flow was allowed (with its app, if the rule required one).
+    Allowed,
+    /// A frame or flow was denied.
+    Denied,
+    /// Monitor mode: the policy would deny this, and it passed.
+    WouldDeny,
+    /// Learn mode: a flow was observed.
+    Learned,
+}
+
+/// A decision worth an audit record. Plain data; names are resolved when it is written.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlowEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// Why.
+    pub reason: Reason,
+    /// Direction seen from the workload.
+    pub dir: Direction,
+    /// IP protocol (0 for non-IP frames).
+    pub proto: u8,
+    /// Source MAC.
+    pub src_mac: MacAddr,
+    /// Destination MAC.
+    pub dst_mac: MacAddr,
+    /// Source address (unspecified for non-IP frames).
+    pub src: IpAddr,
+    /// Source port.
+    pub sport: u16,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Destination port.
+    pub dport: u16,
+    /// Zone of the source.
+    pub src_zone: ZoneId,
+    /// Zone of the destination.
+    pub dst_zone: ZoneId,
+    /// The rule that decided, if any.
+    pub rule: Option<RuleId>,
+    /// Apps a rule required (bit per [`AppProto::index`]).
+    pub app_required: u8,
+    /// App detected from the payload.
+    pub app_detected: Option<AppProto>,
+    /// Mode of the workload's zone.
+    pub mode: Mode,
+}
+
+/// The outcome for one frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// Pass or drop.
+    pub verdict: Verdict,
+    /// Why.
+    pub reason: Reason,
+    /// An audit event, for decisions worth keeping.
+    pub event: Option<FlowEvent>,
+}
+
+/// The workload this enforcer guards.
+#[derive(Debug, Clone)]
+pub struct LocalWorkload {
+    /// Identity (zone comes from it).
+    pub identity: Arc<WorkloadIdentity>,
+    /// The NIC's MAC.
+    pub mac: MacAddr,
+    /// IPv4 addresses.
+    pub ipv4: Vec<Ipv4Addr>,
+    /// IPv6 addresses (the EUI-64 link-local of `mac` is always added).
+    pub ipv6: Vec<Ipv6Addr>,
+    /// Whether the workload may act as a DHCP client.
+    pub dhcp: bool,
+}
+
+/// Sizing of the tables.
+#[derive(Debug, Clone, Copy)]
+pub struct EnforcerConfig {
+    /// Flow table slots.
+    pub flows: usize,
+    /// Fragment table slots.
+    pub fragments: usize,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Default for EnforcerConfig {
+    fn default() -> Self {
+        EnforcerConfig {
+            flows: 16384,
+            fragments: 1024,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Counters of one enforcer.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    /// Frames per reason.
+    pub frames: [u64; Reason::COUNT],
+    /// Bytes per reason.
+    pub bytes: [u64; Reason::COUNT],
+    /// New flows decided per rule (allowed or denied by it).
+    pub rule_flows: Vec<u64>,
+    /// New flows denied by default deny.
+    pub default_deny_flows: u64,
+}
+
+/// Decides frames for one workload.
+pub struct Enforcer {
+    policy: Arc<CompiledPolicy>,
+    peers: Arc<PeerDirectory>,
+    local: LocalWorkload,
+    link_local: Ipv6Addr,
+    zone: ZoneId,
+    mode: Mode,
+    flows: FlowTable,
+    frags: FragTable,
+    timeouts: Timeouts,
+    counters: Counters,
+}
+
+const ALL_APPS: [Option<RuleId>; AppProto::COUNT] = [Some(RuleId(u32::MAX)); AppProto::COUNT];
+
+impl Enforcer {
+    /// An enforcer for `local` under `policy`, resolving peers through `peers`.
+    pub fn new(
+        policy: Arc<CompiledPolicy>,
+        peers: Arc<PeerDirectory>,
+        local: LocalWorkload,
+        cfg: EnforcerConfig,
+    ) -> Self {
+        let zone = policy.policy().zone_of_workload(&local.identity);
+        let mode = policy.policy().zone_mode(zone);
+        let rules = policy.policy().rules.len();
+        Enforcer {
+            link_local: local.mac.ipv6_link_local(),
+            zone,
+            mode,
+            flows: FlowTable::new(cfg.flows),
+            frags: FragTable::new(cfg.fragments),
+            timeouts: cfg.timeouts,
+            counters: Counters {
+                frames: [0; Reason::COUNT],
+                bytes: [0; Reason::COUNT],
+                rule_flows: vec![0; rules],
+                default_deny_flows: 0,
+            },
+            policy,
+            peers,
+            local,
+        }
+    }
+
+    /// The workload's zone.
+    pub fn zone(&self) -> ZoneId {
+        self.zone
+    }
+
+    /// The workload's mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<CompiledPolicy> {
+        &self.policy
+    }
+
+    /// The peer directory in force.
+    pub fn peers(&self) -> &Arc<PeerDirectory> {
+        &self.peers
+    }
+
+    /// The guarded workload.
+    pub fn local(&self) -> &LocalWorkload {
+        &self.local
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Flow table counters.
+    pub fn flow_stats(&self) -> TableStats {
+        self.flows.stats()
+    }
+
+    /// Decides one frame. `now` is a monotonic time in nanoseconds.
+    pub fn decide(&mut self, dir: Direction, frame: &[u8], now: u64) -> Decision {
+        let d = self.decide_inner(dir, frame, now);
+        let i = d.reason as usize;
+        self.counters.frames[i] += 1;
+        self.counters.bytes[i] += frame.len() as u64;
+        d
+    }
+
+    fn decide_inner(&mut self, dir: Direction, frame: &[u8], now: u64) -> Decision {
+        let f = match Frame::parse(frame) {
+            Ok(f) => f,
+            Err(_) => return self.drop_link(Reason::Malformed, dir, None),
+        };
+        if f.eth.vlan_count > 0 {
+            return self.drop_link(Reason::VlanTagged, dir, Some(&f.eth));
+        }
+        match dir {
+            Direction::Egress if f.eth.src != self.local.mac => {
+                return self.drop_link(Reason::SpoofedMac, dir, Some(&f.eth));
+            }
+            Direction::Ingress if f.eth.dst != self.local.mac && !f.eth.dst.is_multicast() => {
+                return quiet(Reason::NotForWorkload);
+            }
+            _ => {}
+        }
+        match f.net {
+            Net::Arp(a) => self.arp(dir, &f.eth, &a),
+            Net::Ip(ip) => self.ip(dir, &f.eth, &ip, now),
+            Net::Other(_) => self.drop_link(Reason::UnsupportedEthertype, dir, Some(&f.eth)),
+        }
+    }
+
+    /// A drop for a link-level reason, audited (except where noted by the caller).
+    fn drop_link(&self, reason: Reason, dir: Direction, eth: Option<&EthernetHeader>) -> Decision {
+        let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let ev = FlowEvent {
+            kind: EventKind::Denied,
+            reason,
+            dir,
+            proto: 0,
+            src_mac: eth.map_or(MacAddr::default(), |e| e.src),
+            dst_mac: eth.map_or(MacAddr::default(), |e| e.dst),
+            src: unspecified,
+            sport: 0,
+            dst: unspecified,
+            dport: 0,
+            src_zone: if dir == Direction::Egress {
+                self.zone
+            } else {
+                ZoneId::UNKNOWN
+            },
+            dst_zone: if dir == Direction::Egress {
+                ZoneId::UNKNOWN
+            } else {
+                self.zone
+            },
+            rule: None,
+            app_required: 0,
+            app_detected: None,
+            mode: self.mode,
+        };
+        Decision {
+            verdict: Verdict::Drop,
+            reason,
+            event: Some(ev),
+        }
+    }
+
+    fn is_own_v4(&self, a: Ipv4Addr) -> bool {
+        self.local.ipv4.contains(&a)
+    }
+
+    fn is_own_ip(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => self.is_own_v4(a),
+            IpAddr::V6(a) => a == self.link_local || self.local.ipv6.contains(&a),
+        }
+    }
+
+    fn arp(&self, dir: Direction, eth: &EthernetHeader, a: &ArpPacket) -> Decision {
+        if a.op != ARP_REQUEST && a.op != ARP_REPLY {
+            return self.drop_link(Reason::BadArp, dir, Some(eth));
+        }
+        let ok = match dir {
+            // The sender must be us, claiming our own address (or 0.0.0.0 for a probe).
+            Direction::Egress => {
+                a.sha == self.local.mac && (self.is_own_v4(a.spa) || a.spa.is_unspecified())
+            }
+            // Only ARP about our addresses reaches us.
+            Direction::Ingress => self.is_own_v4(a.tpa),
+        };
+        if ok {
+            quiet(Reason::Arp)
+        } else if dir == Direction::Egress {
+            self.drop_link(Reason::BadArp, dir, Some(eth))
+        } else {
+            quiet(Reason::NotForWorkload)
+        }
+    }
+
+    fn ip(
+        &mut self,
+        dir: Direction,
+        eth: &EthernetHeader,
+        ip: &IpPacket<'_>,
+        now: u64,
+    ) -> Decision {
+        if ip.source_routed {
+            return self.deny_ip(Reason::SourceRouted, dir, eth, ip, None);
+        }
+        // Link-local control traffic, each by its own rules.
+        if let L4::Icmp(m) = &ip.l4 {
+            if ip.proto == proto::ICMPV6 && matches!(m.ty, 130..=137 | 143) {
+                return self.ndp(dir, eth, ip, m);
+            }
+        }
+        if let L4::Udp(u) = &ip.l4 {
+            let (client, server) = if ip.is_v6() { (546, 547) } else { (68, 67) };
+            if (u.sport, u.dport) == (client, server) || (u.sport, u.dport) == (server, client) {
+                return self.dhcp(dir, eth, ip, u.sport == server);
+            }
+        }
+        match dir {
+            Direction::Egress if !self.is_own_ip(ip.src) => {
+                return self.deny_ip(Reason::SpoofedIp, dir, eth, ip, None);
+            }
+            Direction::Ingress if !self.is_own_ip(ip.dst) => return quiet(Reason::NotForWorkload),
+            _ => {}
+        }
+        if let Some(fr) = ip.frag {
+            if fr.offset != 0 {
+                let min_off = if ip.proto == proto::TCP { 20 } else { 8 };
+                if usize::from(fr.offset) * 8 < min_off {
+                    return self.deny_ip(Reason::FragmentOverlap, dir, eth, ip, None);
+                }
+                let key = FragKey {
+                    src: octets(ip.src),
+                    dst: octets(ip.dst),
+                    id: fr.id,
+                    proto: ip.proto,
+                };
+                return match self.frags.get_mut(&key, now) {
+                    Some(true) => quiet(Reason::Fragment),
+                    _ => quiet(Reason::FragmentUnknown),
+                };
+            }
+        }
+        let d = self.flow(dir, eth, ip, now);
+        if let (Some(fr), Verdict::Pass) = (ip.frag, d.verdict) {
+            let key = FragKey {
+                src: octets(ip.src),
+                dst: octets(ip.dst),
+                id: fr.id,
+                proto: ip.proto,
+            };
+            self.frags
+                .insert(key, true, now, now + self.timeouts.fragment);
+        }
+        d
+    }
+
+    fn ndp(
+        &self,
+        dir: Direction,
+        eth: &EthernetHeader,
+        ip: &IpPacket<'_>,
+        m: &IcmpMessage<'_>,
+    ) -> Decision {
+        let unspecified = ip.src == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        match (dir, m.ty) {
+            // Router advertisements and redirects come from routers, never from a pod.
+            (Direction::Egress, 134 | 137) => self.deny_ip(Reason::RogueRouter, dir, eth, ip, None),
+            (Direction::Egress, _) => {
+                // Our own address (or :: for duplicate address detection and MLD), and for
+                // NA, the target must be ours.
+                let target_ok = m.ty != 136
+                    || m.body.get(..16).is_some_and(|t| {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(t);
+                        self.is_own_ip(IpAddr::V6(Ipv6Addr::from(a)))
+                    });
+                if (self.is_own_ip(ip.src) || unspecified) && target_ok && ip.ttl == 255
+                    || matches!(m.ty, 130..=132 | 143) && (self.is_own_ip(ip.src) || unspecified)
+                {
+                    quiet(Reason::Ndp)
+                } else {
+                    self.deny_ip(Reason::SpoofedIp, dir, eth, ip, None)
+                }
+            }
+            (Direction::Ingress, 137) => quiet(Reason::NotForWorkload),
+            // NDP must arrive with hop limit 255 (RFC 4861): it was not routed.
+            (Direction::Ingress, 133..=136) if ip.ttl != 255 => quiet(Reason::NotForWorkload),
+            (Direction::Ingress, _) => quiet(Reason::Ndp),
+        }
+    }
+
+    fn dhcp(
+        &self,
+        dir: Direction,
+        eth: &EthernetHeader,
+        ip: &IpPacket<'_>,
+        from_server: bool,
+    ) -> Decision {
+        if !self.local.dhcp {
+            return self.deny_ip(Reason::RogueDhcp, dir, eth, ip, None);
+        }
+        match (dir, from_server) {
+            (Direction::Egress, true) => self.deny_ip(Reason::RogueDhcp, dir, eth, ip, None),
+            (Direction::Egress, false)
+                if self.is_own_ip(ip.src)
+                    || ip.src.is_unspecified()
+                    || ip.src == IpAddr::V6(self.link_local) =>
+            {
+                quiet(Reason::Dhcp)
+            }
+            (Direction::Egress, false) => self.deny_ip(Reason::SpoofedIp, dir, eth, ip, None),
+            (Direction::Ingress, true) => quiet(Reason::Dhcp),
+            (Direction::Ingress, false) => quiet(Reason::NotForWorkload),
+        }
+    }
+
+    fn event(
+        &self,
+        kind: EventKind,
+        reason: Reason,
+        dir: Direction,
+        eth: &EthernetHeader,
+        ip: &IpPacket<'_>,
+    ) -> FlowEvent {
+        let (sport, dport) = ip.l4.ports();
+        let (src_zone, dst_zone) = match dir {
+            Direction::Egress => (self.zone, self.peers.zone_of(&self.policy, ip.dst)),
+            Direction::Ingress => (self.peers.zone_of(&self.policy, ip.src), self.zone),
+        };
+        FlowEvent {
+            kind,
+            reason,
+            dir,
+            proto: ip.proto,
+            src_mac: eth.src,
+            dst_mac: eth.dst,
+            src: ip.src,
+            sport,
+            dst: ip.dst,
+            dport,
+            src_zone,
+            dst_zone,
+            rule: None,
+            app_required: 0,
+            app_detected: None,
+            mode: self.mode,
+        }
+    }
+
+    fn deny_ip(
+        &self,
+        reason: Reason,
+        dir: Direction,
+        eth: &EthernetHeader,
+        ip: &IpPacket<'_>,
+        rule: Option<RuleId>,
+    ) -> Decision {
+        let mut ev = self.event(EventKind::Denied, reason, dir, eth, ip);
+        ev.rule = rule;
+        Decision {
+            verdict: Verdict::Drop,
+            reason,
+            event: Some(ev),
+        }
+    }
+
+    /// The flow key of a packet: ports for TCP/UDP, the echo identifier for ICMP echo.
+    fn key_of(ip: &IpPacket<'_>) -> (FlowKey, bool) {
+        let (sport, dport) = match &ip.l4 {
+            L4::Icmp(m) => match (ip.proto, m.ty) {
+                (proto::ICMP, 8) | (proto::ICMPV6, 128) => (m.echo_id(), 0),
+                (proto::ICMP, 0) | (proto::ICMPV6, 129) => (0, m.echo_id()),
+                _ => (0, 0),
+            },
+            l4 => l4.ports(),
+        };
+        FlowKey::new(ip.proto, ip.src, sport, ip.dst, dport)
+    }
+
+    fn flow(
+        &mut self,
+        dir: Direction,
+        eth: &EthernetHeader,
+        ip: &IpPacket<'_>,
+        now: u64,
+    ) -> Decision {
+        if let L4::Icmp(m) = &ip.l4 {
+            if is_icmp_error(ip.proto, m.ty) {
+                return self.related(ip, m, now);
+            }
+        }
+        let (key, src_is_a) = Self::key_of(ip);
+        let outcome = self.track(&key, src_is_a, ip, now);
+        let (orig, step, info) = match outcome {
+            Tracked::Quiet(r) => return quiet(r),
+            Tracked::New => return self.new_flow(dir, eth, ip, key, src_is_a, now),
+            Tracked::Step { orig, step, info } => (orig, step, info),
+        };
+        let L7Step::Decided { kind, reason, app } = step else {
+            return quiet(if matches!(step, L7Step::Reorder) {
+                Reason::AppReorder
+            } else {
+                Reason::Established
+            });
+        };
+        let mut ev = self.event(kind, reason, dir, eth, ip);
+        // Record the flow the way its initiator opened it.
+        if !orig {
+            std::mem::swap(&mut ev.src, &mut ev.dst);
+            std::mem::swap(&mut ev.sport, &mut ev.dport);
+            std::mem::swap(&mut ev.src_mac, &mut ev.dst_mac);
+            ev.dir = if info.outbound {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            };
+        }
+        (ev.src_zone, ev.dst_zone) = info.zones;
+        ev.rule = info.rule;
+        ev.app_required = if self.mode == Mode::Learn {
+            0
+        } else {
+            info.required
+        };
+        ev.app_detected = app;
+        if kind == EventKind::Allowed {
+            if let Some(r) = info.rule {
+                self.counters.rule_flows[r.0 as usize] += 1;
+            }
+        }
+        let verdict = if kind == EventKind::Denied {
+            Verdict::Drop
+        } else {
+            Verdict::Pass
+        };
+        Decision {
+            verdict,
+            reason,
+            event: Some(ev),
+        }
+    }
+
+    /// Looks the packet up in the flow table and advances the flow's state.
+    fn track(&mut self, key: &FlowKey, src_is_a: bool, ip: &IpPacket<'_>, now: u64) -> Tracked {
+        let mode = self.mode;
+        let to = self.timeouts;
+        let Some((e, expires)) = self.flows.get_mut_exp(key, now) else {
+            return Tracked::New;
+        };
+        let orig = src_is_a == e.a_is_initiator;
+        if e.admission == Admission::Cut {
+            return Tracked::Quiet(Reason::FlowCut);
+        }
+        if let (L4::Tcp(t), Some(st)) = (&ip.l4, e.tcp) {
+            match st.advance(orig, t.flags) {
+                Some(next) => e.tcp = Some(next),
+                None if orig
+                    && t.flags.has(TcpFlags::SYN)
+                    && !t.flags.has(TcpFlags::ACK)
+                    && matches!(st, TcpState::Reset | TcpState::Closing | TcpState::FinWait) =>
+                {
+                    self.flows.remove(key);
+                    return Tracked::New;
+                }
+                None => return Tracked::Quiet(Reason::TcpInvalid),
+            }
+        }
+        let side = usize::from(!orig);
+        e.frames[side] += 1;
+        e.bytes[side] += ip.len as u64;
+        e.replied |= !orig;
+        *expires = now + expiry(e, &to);
+        let required = e.l7.as_ref().map_or(0, |p| app_mask(&p.candidates));
+        let step = step_l7(e, orig, ip, mode);
+        if let L7Step::Decided { kind, app, .. } = step {
+            e.l7 = None;
+            e.app = app;
+            match kind {
+                EventKind::Denied => e.admission = Admission::Cut,
+                EventKind::WouldDeny => e.admission = Admission::Monitored,
+                _ => {}
+            }
+        }
+        let info = FlowInfo {
+            rule: e.rule,
+            required,
+            zones: e.zones,
+            outbound: e.outbound,
+        };
+        Tracked::Step { orig, step, info }
+    }
+
+    fn new_flow(
+        &mut self,
+        dir: Direction,
+        eth: &EthernetHeader,
+        ip: &IpPacket<'_>,
+        key: FlowKey,
+        src_is_a: bool,
+        now: u64,
+    ) -> Decision {
+        if let L4::Tcp(t) = &ip.l4 {
+            if !t.flags.has(TcpFlags::SYN)
+                || t.flags.has(TcpFlags::ACK)
+                || t.flags.has(TcpFlags::RST)
+            {
+                return quiet(Reason::TcpInvalid);
+            }
+        }
+        let (_, dport) = ip.l4.ports();
+        let peer = if dir == Direction::Egress {
+            ip.dst
+        } else {
+            ip.src
+        };
+        let peer_zone = self.peers.zone_of(&self.policy, peer);
+        let (from, to) = if dir == Direction::Egress {
+            (self.zone, peer_zone)
+        } else {
+            (peer_zone, self.zone)
+        };
+        let lookup = self.policy.lookup(from, to, ip.proto, dport);
+
+        let mut entry = FlowEntry {
+            a_is_initiator: src_is_a,
+            outbound: dir == Direction::Egress,
+            tcp: matches!(ip.l4, L4::Tcp(_)).then_some(TcpState::SynSent),
+            replied: false,
+            admission: Admission::Allowed,
+            rule: None,
+            app: None,
+            l7: None,
+            zones: (from, to),
+            frames: [1, 0],
+            bytes: [ip.len as u64, 0],
+        };
+        let mut ev = self.event(EventKind::Allowed, Reason::NewFlowAllowed, dir, eth, ip);
+        ev.src_zone = from;
+        ev.dst_zone = to;
+
+        let (reason, emit) = match (self.mode, lookup) {
+            (Mode::Learn, l) => {
+                entry.admission = Admission::Learned;
+                entry.rule = match l {
+                    Lookup::Allowed(r) | Lookup::Denied(r) => Some(r),
+                    _ => None,
+                };
+                entry.l7 = Some(L7Pending::new(ALL_APPS));
+                ev.kind = EventKind::Learned;
+                ev.reason = Reason::Learned;
+                ev.rule = entry.rule;
+                // Recorded when the app is known (first payload); a flow with no payload
+                // is recorded now.
+                (
+                    Reason::Learned,
+                    ip.l4.payload().is_empty() && !matches!(ip.l4, L4::Tcp(_)),
+                )
+            }
+            (_, Lookup::Allowed(r)) => {
+                entry.rule = Some(r);
+                self.counters.rule_flows[r.0 as usize] += 1;
+                ev.rule = Some(r);
+                (Reason::NewFlowAllowed, true)
+            }
+            (_, Lookup::NeedsApp(c)) => {
+                entry.l7 = Some(L7Pending::new(c));
+                entry.rule = c.iter().flatten().next().copied();
+                (Reason::AppPending, false)
+            }
+            (Mode::Monitor, l) => {
+                let rule = if let Lookup::Denied(r) = l {
+                    Some(r)
+                } else {
+                    None
+                };
+                entry.admission = Admission::Monitored;
+                entry.rule = rule;
+                ev.kind = EventKind::WouldDeny;
+                ev.reason = if rule.is_some() {
+                    Reason::DenyRule
+                } else {
+                    Reason::NoRule
+                };
+                ev.rule = rule;
+                (Reason::Monitored, true)
+            }
+            (Mode::Enforce, l) => {
+                let (reason, rule) = match l {
+                    Lookup::Denied(r) => (Reason::DenyRule, Some(r)),
+                    _ => (Reason::NoRule, None),
+                };
+                match rule {
+                    Some(r) => self.counters.rule_flows[r.0 as usize] += 1,
+                    None => self.counters.default_deny_flows += 1,
+                }
+                return self
+                    .deny_ip(reason, dir, eth, ip, rule)
+                    .with_zones(from, to);
+            }
+        };
+        if let L4::Tcp(t) = &ip.l4 {
+            if let Some(p) = entry.l7.as_mut() {
+                p.next_seq[0] = Some(t.seq.wrapping_add(1));
+            }
+        }
+        let expires = now + expiry(&entry, &self.timeouts);
+        let mut d = Decision {
+            verdict: Verdict::Pass,
+            reason,
+            event: emit.then_some(ev),
+        };
+        // A first datagram carries the payload: detect now.
+        if entry.l7.is_some() && !ip.l4.payload().is_empty() {
+            if let L7Step::Decided { kind, reason, app } = step_l7(&mut entry, true, ip, self.mode)
+            {
+                entry.l7 = None;
+                entry.app = app;
+                ev.kind = kind;
+                ev.reason = reason;
+                ev.rule = entry.rule;
+                ev.app_detected = app;
+                ev.app_required = if self.mode == Mode::Learn {
+                    0
+                } else {
+                    required_of(lookup)
+                };
+                match kind {
+                    EventKind::Denied => entry.admission = Admission::Cut,
+                    EventKind::WouldDeny => entry.admission = Admission::Monitored,
+                    _ => {}
+                }
+                d = Decision {
+                    verdict: if kind == EventKind::Denied {
+                        Verdict::Drop
+                    } else {
+                        Verdict::Pass
+                    },
+                    reason,
+                    event: Some(ev),
+                };
+            }
+        }
+        self.flows.insert(key, entry, now, expires);
+        d
+    }
+
+    /// ICMP errors pass when they are about a tracked, uncut flow.
+    fn related(&mut self, ip: &IpPacket<'_>, m: &IcmpMessage<'_>, now: u64) -> Decision {
+        let inner = if ip.is_v6() {
+            inner_v6(m.body)
+        } else {
+            inner_v4(m.body)
+        };
+        if let Some((p, s, sp, d, dp)) = inner {
+            let (key, _) = FlowKey::new(p, s, sp, d, dp);
+            if let Some(e) = self.flows.get_mut(&key, now) {
+                if e.admission != Admission::Cut {
+                    return quiet(Reason::Related);
+                }
+            }
+        }
+        quiet(Reason::UnrelatedIcmpError)
+    }
+
+    /// Installs a new policy and peer directory. Live flows are decided again: those still
+    /// allowed keep going (their rule updated), those now denied are cut and reported.
+    pub fn reload(
+        &mut self,
+        policy: Arc<CompiledPolicy>,
+        peers: Arc<PeerDirectory>,
+    ) -> Vec<FlowEvent> {
+        self.zone = policy.policy().zone_of_workload(&self.local.identity);
+        self.mode = policy.policy().zone_mode(self.zone);
+        self.counters.rule_flows = vec![0; policy.policy().rules.len()];
+        self.policy = policy;
+        self.peers = peers;
+        let mut events = Vec::new();
+        let (zone, mode) = (self.zone, self.mode);
+        let (pol, peers) = (self.policy.clone(), self.peers.clone());
+        for (k, e) in self.flows.iter_mut() {
+            if e.admission == Admission::Cut {
+                continue;
+            }
+            let (ia, ip_, ib, ip_b) = (k.a, k.pa, k.b, k.pb);
+            let ((src, sport), (dst, dport)) = if e.a_is_initiator {
+                ((ia, ip_), (ib, ip_b))
+            } else {
+                ((ib, ip_b), (ia, ip_))
+            };
+            let (src, dst) = (from_octets(src), from_octets(dst));
+            let peer = if e.outbound { dst } else { src };
+            let peer_zone = peers.zone_of(&pol, peer);
+            let (from, to) = if e.outbound {
+                (zone, peer_zone)
+            } else {
+                (peer_zone, zone)
+            };
+            e.zones = (from, to);
+            let verdict = pol.lookup(from, to, k.proto, dport);
+            let allowed = match verdict {
+                Lookup::Allowed(r) => {
+                    e.rule = Some(r);
+                    true
+                }
+                Lookup::NeedsApp(c) => match e.app {
+                    Some(app) if c[app.index()].is_some() => {
+                        e.rule = c[app.index()];
+                        true
+                    }
+                    // Still detecting: keep going with the new candidates.
+                    None if e.l7.is_some() => {
+                        if let Some(p) = e.l7.as_mut() {
+                            p.candidates = c;
+                        }
+                        true
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            if allowed || mode != Mode::Enforce {
+                if !allowed {
+                    e.admission = if mode == Mode::Learn {
+                        Admission::Learned
+                    } else {
+                        Admission::Monitored
+                    };
+                }
+                continue;
+            }
+            e.admission = Admission::Cut;
+            let rule = if let Lookup::Denied(r) = verdict {
+                Some(r)
+            } else {
+                None
+            };
+            events.push(FlowEvent {
+                kind: EventKind::Denied,
+                reason: Reason::FlowCut,
+                dir: if e.outbound {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                },
+                proto: k.proto,
+                src_mac: MacAddr::default(),
+                dst_mac: MacAddr::default(),
+                src,
+                sport,
+                dst,
+                dport,
+                src_zone: from,
+                dst_zone: to,
+                rule,
+                app_required: 0,
+                app_detected: e.app,
+                mode,
+            });
+        }
+        events
+    }
+}
+
+impl Decision {
+    fn with_zones(mut self, from: ZoneId, to: ZoneId) -> Self {
+        if let Some(ev) = self.event.as_mut() {
+            ev.src_zone = from;
+            ev.dst_zone = to;
+        }
+        self
+    }
+}
+
+fn quiet(reason: Reason) -> Decision {
+    Decision {
+        verdict: reason.verdict(),
+        reason,
+        event: None,
+    }
+}
+
+fn app_mask(c: &[Option<RuleId>; AppProto::COUNT]) -> u8 {
+    c.iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_some())
+        .fold(0, |m, (i, _)| m | 1 << i)
+}
+
+fn required_of(l: Lookup) -> u8 {
+    match l {
+        Lookup::NeedsApp(c) => app_mask(&c),
+        _ => 0,
+    }
+}
+
+fn is_icmp_error(p: u8, ty: u8) -> bool {
+    match p {
+        proto::ICMP => matches!(ty, 3 | 11 | 12),
+        proto::ICMPV6 => matches!(ty, 1..=4),
+        _ => false,
+    }
+}
+
+type Tuple = (u8, IpAddr, u16, IpAddr, u16);
+
+/// The flow an ICMPv4 error quotes (header plus 8 bytes of transport).
+fn inner_v4(b: &[u8]) -> Option<Tuple> {
+    let ihl = usize::from(*b.first()? & 0x0f) * 4;
+    if *b.first()? >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let p = *b.get(9)?;
+    let s = Ipv4Addr::new(*b.get(12)?, b[13], b[14], b[15]);
+    let d = Ipv4Addr::new(*b.get(16)?, b[17], b[18], b[19]);
+    let sp = u16::from_be_bytes([*b.get(ihl)?, *b.get(ihl + 1)?]);
+    let dp = u16::from_be_bytes([*b.get(ihl + 2)?, *b.get(ihl + 3)?]);
+    Some((p, IpAddr::V4(s), sp, IpAddr::V4(d), dp))
+}
+
+/// The flow an ICMPv6 error quotes (no extension headers followed).
+fn inner_v6(b: &[u8]) -> Option<Tuple> {
+    if *b.first()? >> 4 != 6 {
+        return None;
+    }
+    let p = *b.get(6)?;
+    let mut s = [0u8; 16];
+    s.copy_from_slice(b.get(8..24)?);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(b.get(24..40)?);
+    let sp = u16::from_be_bytes([*b.get(40)?, *b.get(41)?]);
+    let dp = u16::from_be_bytes([*b.get(42)?, *b.get(43)?]);
+    Some((p, IpAddr::V6(s.into()), sp, IpAddr::V6(d.into()), dp))
+}
+
+fn from_octets(o: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn expiry(e: &FlowEntry, t: &Timeouts) -> u64 {
+    match e.tcp {
+        Some(TcpState::SynSent | TcpState::SynRecv) => t.tcp_handshake,
+        Some(TcpState::Established) => t.tcp_established,
+        Some(TcpState::FinWait | TcpState::Closing | TcpState::Reset) => t.tcp_closing,
+        None if e.replied => t.udp_stream,
+        None => t.udp.max(t.other),
+    }
+}
+
+/// What the flow table said about a packet.
+enum Tracked {
+    /// No live flow (or one that a new SYN restarts).
+    New,
+    /// A verdict with nothing to record.
+    Quiet(Reason),
+    /// A tracked packet, and what detection made of it.
+    Step {
+        orig: bool,
+        step: L7Step,
+        info: FlowInfo,
+    },
+}
+
+/// What an event about a tracked flow needs from its entry.
+struct FlowInfo {
+    rule: Option<RuleId>,
+    required: u8,
+    zones: (ZoneId, ZoneId),
+    outbound: bool,
+}
+
+enum L7Step {
+    /// Nothing to decide (or not yet): pass.
+    Pass,
+    /// Payload out of order or altered while detecting: drop this segment.
+    Reorder,
+    /// Detection finished.
+    Decided {
+        kind: EventKind,
+        reason: Reason,
+        app: Option<AppProto>,
+    },
+}
+
+/// Feeds a packet's payload to the flow's pending detection.
+fn step_l7(e: &mut FlowEntry, orig: bool, ip: &IpPacket<'_>, mode: Mode) -> L7Step {
+    let Some(p) = e.l7.as_mut() else {
+        return L7Step::Pass;
+    };
+    let side_i = usize::from(!orig);
+    let side = if orig { Side::Client } else { Side::Server };
+    let datagram = !matches!(ip.l4, L4::Tcp(_));
+    if let L4::Tcp(t) = &ip.l4 {
+        if t.flags.has(TcpFlags::SYN) {
+            p.next_seq[side_i] = Some(t.seq.wrapping_add(1));
+        }
+    }
+    let payload = ip.l4.payload();
+    if payload.is_empty() {
+        return L7Step::Pass;
+    }
+    let held = usize::from(p.len[side_i]);
+    if let L4::Tcp(t) = &ip.l4 {
+        let expect = *p.next_seq[side_i].get_or_insert(t.seq);
+        if t.seq != expect {
+            // A retransmission of bytes already held passes only if it is byte-identical.
+            let back = expect.wrapping_sub(t.seq) as usize;
+            let same = back <= held
+                && payload.len() <= back
+                && p.buf[side_i][held - back..held - back + payload.len()] == *payload;
+            return if same { L7Step::Pass } else { L7Step::Reorder };
+        }
+        p.next_seq[side_i] = Some(t.seq.wrapping_add(payload.len() as u32));
+    }
+    let take = payload.len().min(DETECT_BYTES - held);
+    p.buf[side_i][held..held + take].copy_from_slice(&payload[..take]);
+    p.len[side_i] = (held + take) as u8;
+    let data = &p.buf[side_i][..held + take];
+
+    if mode == Mode::Learn {
+        let app = l7::identify(side, data, datagram);
+        let full = held + take == DETECT_BYTES;
+        return if app.is_some() || datagram || full {
+            L7Step::Decided {
+                kind: EventKind::Learned,
+                reason: Reason::Learned,
+                app,
+            }
+        } else {
+            L7Step::Pass
+        };
+    }
+    let mut pending = false;
+    for app in AppProto::ALL {
+        let Some(rule) = p.candidates[app.index()] else {
+            continue;
+        };
+        match l7::detect(app, side, data, datagram) {
+            Detection::Match => {
+                e.rule = Some(rule);
+                return L7Step::Decided {
+                    kind: EventKind::Allowed,
+                    reason: Reason::NewFlowAllowed,
+                    app: Some(app),
+                };
+            }
+            Detection::NeedMore => pending = true,
+            Detection::NoMatch => {}
+        }
+    }
+    if pending && held + take < DETECT_BYTES {
+        return L7Step::Pass;
+    }
+    let app = l7::identify(side, data, datagram);
+    match mode {
+        Mode::Monitor => L7Step::Decided {
+            kind: EventKind::WouldDeny,
+            reason: Reason::AppMismatch,
+            app,
+        },
+        _ => L7Step::Decided {
+            kind: EventKind::Denied,
+            reason: Reason::AppMismatch,
+            app,
+        },
+    }
+}

@@ -1,0 +1,293 @@
+//! Installs and removes a rendered table through netlink (nftnl), in a network namespace.
+
+use super::{Hook, Match, NftTable, NftVerdict};
+use crate::packet::proto;
+use nftnl::expr::{Bitwise, Cmp, CmpOp, Counter, InterfaceName, Meta};
+use nftnl::{nft_expr, Batch, Chain, FinalizedBatch, ProtoFamily, Rule, Table};
+use std::ffi::CString;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// Why a table could not be applied or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// The network namespace could not be entered.
+    #[error("cannot enter network namespace {path}: {source}")]
+    Netns {
+        /// The namespace file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Netlink refused the batch (the kernel's reason is in the cause).
+    #[error("nftables refused the {what} of table {table}: {source}")]
+    Netlink {
+        /// Apply or remove.
+        what: &'static str,
+        /// The table.
+        table: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A name contained a NUL byte.
+    #[error("invalid name {0:?} (contains NUL)")]
+    BadName(String),
+    /// The worker thread died.
+    #[error("nftables worker thread panicked")]
+    Thread,
+}
+
+fn cstr(s: &str) -> Result<CString, NftError> {
+    CString::new(s).map_err(|_| NftError::BadName(s.to_string()))
+}
+
+/// Installs `table` (family inet) in the namespace at `netns` (a `/run/netns/NAME` or
+/// `/proc/PID/ns/net` path; `None` for the caller's own). Replaces any table of the same
+/// name in one atomic transaction, so applying twice gives the same ruleset.
+pub fn apply(table: &NftTable, netns: Option<&Path>) -> Result<(), NftError> {
+    let t = table.clone();
+    in_netns(netns, move || {
+        let batch = build(&t, true)?;
+        send(&batch).map_err(|source| NftError::Netlink {
+            what: "apply",
+            table: t.name.clone(),
+            source,
+        })
+    })
+}
+
+/// Removes the table named `name` from the namespace; a missing table is not an error.
+pub fn remove(name: &str, netns: Option<&Path>) -> Result<(), NftError> {
+    let name = name.to_string();
+    in_netns(netns, move || {
+        let mut batch = Batch::new();
+        let table = Table::new(cstr(&name)?, ProtoFamily::Inet);
+        // Add-then-delete: removes it if present, and is not an error if it is not.
+        batch.add(&table, nftnl::MsgType::Add);
+        batch.add(&table, nftnl::MsgType::Del);
+        send(&batch.finalize()).map_err(|source| NftError::Netlink {
+            what: "removal",
+            table: name.clone(),
+            source,
+        })
+    })
+}
+
+/// Runs `f` on a thread that has joined the namespace (setns affects only that thread; the
+/// netlink socket it opens stays bound to the namespace).
+fn in_netns<T: Send + 'static>(
+    netns: Option<&Path>,
+    f: impl FnOnce() -> Result<T, NftError> + Send + 'static,
+) -> Result<T, NftError> {
+    let netns: Option<PathBuf> = netns.map(Path::to_path_buf);
+    std::thread::Builder::new()
+        .name("nft-apply".into())
+        .spawn(move || {
+            if let Some(p) = &netns {
+                let file = std::fs::File::open(p).map_err(|source| NftError::Netns {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a file descriptor we own, for this thread only; the thread
+                // ends after `f`, so no other code runs in the namespace.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(NftError::Netns {
+                        path: p.display().to_string(),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+            }
+            f()
+        })
+        .map_err(|source| NftError::Netns {
+            path: "(thread)".into(),
+            source,
+        })?
+        .join()
+        .map_err(|_| NftError::Thread)?
+}
+
+fn build(t: &NftTable, replace: bool) -> Result<FinalizedBatch, NftError> {
+    let mut batch = Batch::new();
+    let table = Table::new(cstr(&t.name)?, ProtoFamily::Inet);
+    if replace {
+        batch.add(&table, nftnl::MsgType::Add);
+        batch.add(&table, nftnl::MsgType::Del);
+    }
+    batch.add(&table, nftnl::MsgType::Add);
+    let mut chains = Vec::new();
+    for c in &t.chains {
+        let mut chain = Chain::new(cstr(&c.name)?, &table);
+        if let Some((hook, prio)) = c.hook {
+            chain.set_hook(
+                match hook {
+                    Hook::Input => nftnl::Hook::In,
+                    Hook::Output => nftnl::Hook::Out,
+                    Hook::Forward => nftnl::Hook::Forward,
+                },
+                prio,
+            );
+            chain.set_type(nftnl::ChainType::Filter);
+            chain.set_policy(nftnl::Policy::Accept);
+        }
+        chains.push(chain);
+    }
+    for ch in &chains {
+        batch.add(ch, nftnl::MsgType::Add);
+    }
+    for (c, chain) in t.chains.iter().zip(&chains) {
+        for r in &c.rules {
+            let mut rule = Rule::new(chain);
+            let mut l4: Option<u8> = None;
+            for m in &r.matches {
+                add_match(&mut rule, m, &mut l4)?;
+            }
+            rule.add_expr(&Counter);
+            match &r.verdict {
+                NftVerdict::Accept => rule.add_expr(&nft_expr!(verdict accept)),
+                NftVerdict::Drop => rule.add_expr(&nft_expr!(verdict drop)),
+                NftVerdict::Jump(to) => {
+                    rule.add_expr(&nftnl::expr::Verdict::Jump { chain: cstr(to)? })
+                }
+            }
+            let mut comment = r.comment.replace('\0', " ");
+            while comment.len() > 127 {
+                comment.pop();
+            }
+            let _ = rule.set_comment(cstr(&comment)?);
+            batch.add(&rule, nftnl::MsgType::Add);
+        }
+    }
+    Ok(batch.finalize())
+}
+
+fn add_match(rule: &mut Rule<'_>, m: &Match, l4: &mut Option<u8>) -> Result<(), NftError> {
+    match m {
+        Match::Iifname(n) => {
+            rule.add_expr(&Meta::IifName);
+            rule.add_expr(&Cmp::new(CmpOp::Eq, InterfaceName::Exact(cstr(n)?)));
+        }
+        Match::Oifname(n) => {
+            rule.add_expr(&Meta::OifName);
+            rule.add_expr(&Cmp::new(CmpOp::Eq, InterfaceName::Exact(cstr(n)?)));
+        }
+        Match::CtState { established } => {
+            use nftnl::expr::States;
+            let states = if *established {
+                States::ESTABLISHED | States::RELATED
+            } else {
+                States::INVALID
+            };
+            rule.add_expr(&nft_expr!(ct state));
+            rule.add_expr(&Bitwise::new(states.bits(), 0u32));
+            rule.add_expr(&Cmp::new(CmpOp::Neq, 0u32));
+        }
+        Match::L4Proto(p) => {
+            *l4 = Some(*p);
+            rule.add_expr(&Meta::L4Proto);
+            rule.add_expr(&Cmp::new(CmpOp::Eq, *p));
+        }
+        Match::Saddr(c) | Match::Daddr(c) => {
+            let src = matches!(m, Match::Saddr(_));
+            nfproto(rule, c.addr);
+            rule.add_expr(&addr_payload(c.addr, src));
+            let full = if c.addr.is_ipv4() { 32 } else { 128 };
+            let net = octets(c.addr);
+            if c.len != full {
+                let mask = mask_bytes(c.addr.is_ipv4(), c.len);
+                let zero = vec![0u8; mask.len()];
+                rule.add_expr(&Bitwise::new(mask.as_slice(), zero.as_slice()));
+            }
+            rule.add_expr(&Cmp::new(CmpOp::Eq, net.as_slice()));
+        }
+        Match::SaddrNot(a) => {
+            nfproto(rule, *a);
+            rule.add_expr(&addr_payload(*a, true));
+            rule.add_expr(&Cmp::new(CmpOp::Neq, octets(*a).as_slice()));
+        }
+        Match::Dport(r) => {
+            // TCP and UDP both keep the destination port at offset 2.
+            rule.add_expr(&nftnl::expr::Payload::Transport(
+                nftnl::expr::TransportHeaderField::Tcp(nftnl::expr::TcpHeaderField::Dport),
+            ));
+            let (lo, hi) = (r.lo.to_be_bytes(), r.hi.to_be_bytes());
+            if r.lo == r.hi {
+                rule.add_expr(&Cmp::new(CmpOp::Eq, &lo[..]));
+            } else {
+                // Big-endian bytes compare in numeric order.
+                rule.add_expr(&Cmp::new(CmpOp::Gte, &lo[..]));
+                rule.add_expr(&Cmp::new(CmpOp::Lte, &hi[..]));
+            }
+            let _ = l4;
+        }
+        Match::Icmpv6Type(t) => {
+            if *l4 != Some(proto::ICMPV6) {
+                rule.add_expr(&Meta::L4Proto);
+                rule.add_expr(&Cmp::new(CmpOp::Eq, proto::ICMPV6));
+            }
+            rule.add_expr(&nftnl::expr::Payload::Transport(
+                nftnl::expr::TransportHeaderField::Icmpv6(nftnl::expr::Icmpv6HeaderField::Type),
+            ));
+            rule.add_expr(&Cmp::new(CmpOp::Eq, *t));
+        }
+    }
+    Ok(())
+}
+
+fn nfproto(rule: &mut Rule<'_>, a: IpAddr) {
+    rule.add_expr(&Meta::NfProto);
+    let p = if a.is_ipv4() {
+        libc::NFPROTO_IPV4
+    } else {
+        libc::NFPROTO_IPV6
+    } as u8;
+    rule.add_expr(&Cmp::new(CmpOp::Eq, p));
+}
+
+fn addr_payload(a: IpAddr, src: bool) -> nftnl::expr::Payload {
+    use nftnl::expr::{
+        Ipv4HeaderField as V4, Ipv6HeaderField as V6, NetworkHeaderField as N, Payload,
+    };
+    match (a.is_ipv4(), src) {
+        (true, true) => Payload::Network(N::Ipv4(V4::Saddr)),
+        (true, false) => Payload::Network(N::Ipv4(V4::Daddr)),
+        (false, true) => Payload::Network(N::Ipv6(V6::Saddr)),
+        (false, false) => Payload::Network(N::Ipv6(V6::Daddr)),
+    }
+}
+
+fn octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn mask_bytes(v4: bool, len: u8) -> Vec<u8> {
+    if v4 {
+        crate::policy::v4_mask(len).to_be_bytes().to_vec()
+    } else {
+        crate::policy::v6_mask(len).to_be_bytes().to_vec()
+    }
+}
+
+/// Sends a batch and waits for every acknowledgement.
+fn send(batch: &FinalizedBatch) -> std::io::Result<()> {
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
+    let portid = socket.portid();
+    socket.send_all(batch)?;
+    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+    let mut expected = batch.sequence_numbers();
+    while !expected.is_empty() {
+        for message in socket.recv(&mut buffer[..])? {
+            let message = message?;
+            let Some(seq) = expected.next() else { break };
+            mnl::cb_run(message, seq, portid)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,447 @@
+//! The host-kernel wall: a workload's zone policy rendered as an nftables table.
+//!
+//! [`render`] turns the policy, as it applies to one workload, into a small IR
+//! ([`NftTable`]); [`NftTable::to_nft_text`] prints it in `nft -f` syntax for review, and
+//! [`apply`] installs it through netlink (`nftnl`) in a network namespace, atomically and
+//! idempotently, with a counter on every rule. The kernel layer is L4 and stateful
+//! (conntrack); application protocols are enforced by `enclave-netd` and noted in comments.
+
+mod apply;
+mod text;
+
+pub use apply::{apply, remove, NftError};
+
+use crate::identity::PeerDirectory;
+use crate::packet::proto;
+use crate::policy::{
+    Action, Cidr, CompiledPolicy, Mode, PortRange, Protocol, WorkloadIdentity, ZoneId,
+};
+use std::net::IpAddr;
+
+/// Where the workload sits relative to the namespace the table goes into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// The namespace's own stack is the workload (input/output hooks).
+    Local,
+    /// The workload's traffic is forwarded through this namespace on `interface`.
+    Forward {
+        /// The interface facing the workload (the pod's tap).
+        interface: String,
+    },
+}
+
+/// Base chain hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Local input.
+    Input,
+    /// Local output.
+    Output,
+    /// Forwarding.
+    Forward,
+}
+
+/// Rule verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NftVerdict {
+    /// Accept.
+    Accept,
+    /// Drop.
+    Drop,
+    /// Jump to a chain.
+    Jump(String),
+}
+
+/// One match of a rule (all matches of a rule must hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// Input interface name.
+    Iifname(String),
+    /// Output interface name.
+    Oifname(String),
+    /// Conntrack state is one of: established/related (`true`) or invalid (`false`).
+    CtState {
+        /// `true`: established or related; `false`: invalid.
+        established: bool,
+    },
+    /// Layer 4 protocol number.
+    L4Proto(u8),
+    /// Source address in the network.
+    Saddr(Cidr),
+    /// Destination address in the network.
+    Daddr(Cidr),
+    /// Source address is not this one (anti-spoofing).
+    SaddrNot(IpAddr),
+    /// Destination port in the range (the protocol must be matched before).
+    Dport(PortRange),
+    /// ICMPv6 type.
+    Icmpv6Type(u8),
+}
+
+/// One rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftRule {
+    /// Matches.
+    pub matches: Vec<Match>,
+    /// Verdict.
+    pub verdict: NftVerdict,
+    /// Comment (names the policy rule); every rule also counts.
+    pub comment: String,
+}
+
+/// One chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftChain {
+    /// Name.
+    pub name: String,
+    /// Base chain hook and priority (policy is always accept: rules decide).
+    pub hook: Option<(Hook, i32)>,
+    /// Rules in order.
+    pub rules: Vec<NftRule>,
+}
+
+/// A table of family `inet`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftTable {
+    /// Name.
+    pub name: String,
+    /// Chains.
+    pub chains: Vec<NftChain>,
+}
+
+/// The workload a table is rendered for.
+#[derive(Debug, Clone)]
+pub struct NftWorkload<'a> {
+    /// Identity (its zone follows from it).
+    pub identity: &'a WorkloadIdentity,
+    /// Its addresses.
+    pub ips: &'a [IpAddr],
+}
+
+const NDP_TYPES: [u8; 5] = [133, 134, 135, 136, 143];
+
+/// A table name for a workload: `enclave_<namespace>_<pod>`, sanitised.
+pub fn table_name(w: &WorkloadIdentity) -> String {
+    let raw = format!("enclave_{}_{}", w.namespace, w.name);
+    let mut s: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    s.truncate(200);
+    s
+}
+
+/// Renders the policy as it applies to `w` into a table.
+pub fn render(
+    policy: &CompiledPolicy,
+    peers: &PeerDirectory,
+    w: &NftWorkload<'_>,
+    placement: &Placement,
+) -> NftTable {
+    let p = policy.policy();
+    let zone = p.zone_of_workload(w.identity);
+    let mode = p.zone_mode(zone);
+    let workloads: Vec<(IpAddr, ZoneId)> = peers.iter().map(|(ip, p)| (ip, p.zone)).collect();
+
+    // Addresses of every zone: its CIDRs, and the workloads the node knows in it.
+    let zone_addrs = |z: ZoneId| -> Vec<Cidr> {
+        let mut v: Vec<Cidr> = if z == ZoneId::UNKNOWN {
+            Vec::new()
+        } else {
+            p.zones
+                .get(usize::from(z.0) - 1)
+                .map(|zz| zz.cidrs.clone())
+                .unwrap_or_default()
+        };
+        for (ip, wz) in &workloads {
+            if *wz == z && !w.ips.contains(ip) {
+                v.push(host(*ip));
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
+    };
+    let all_known: Vec<Cidr> = {
+        let mut v: Vec<Cidr> = p
+            .zones
+            .iter()
+            .flat_map(|z| z.cidrs.iter().copied())
+            .collect();
+        v.extend(
+            workloads
+                .iter()
+                .filter(|(ip, _)| !w.ips.contains(ip))
+                .map(|(ip, _)| host(*ip)),
+        );
+        v.sort();
+        v.dedup();
+        v
+    };
+
+    let mut to_w = vec![
+        rule(
+            vec![Match::CtState { established: true }],
+            NftVerdict::Accept,
+            "established and related flows",
+        ),
+        rule(
+            vec![Match::CtState { established: false }],
+            NftVerdict::Drop,
+            "invalid conntrack state",
+        ),
+    ];
+    let mut from_w = to_w.clone();
+    for t in NDP_TYPES {
+        let ndp = vec![Match::L4Proto(proto::ICMPV6), Match::Icmpv6Type(t)];
+        to_w.push(rule(
+            ndp.clone(),
+            NftVerdict::Accept,
+            "IPv6 neighbour discovery",
+        ));
+        if t != 134 {
+            from_w.push(rule(ndp, NftVerdict::Accept, "IPv6 neighbour discovery"));
+        }
+    }
+    if let Placement::Forward { .. } = placement {
+        for ip in w.ips {
+            // One address per family can be pinned this way; netd checks them all.
+            if w.ips.iter().filter(|o| o.is_ipv4() == ip.is_ipv4()).count() == 1 {
+                from_w.push(NftRule {
+                    matches: vec![Match::SaddrNot(*ip)],
+                    verdict: NftVerdict::Drop,
+                    comment: format!("anti-spoofing: only {ip} may leave the workload"),
+                });
+            }
+        }
+    }
+
+    // Deny rules first, then allows for known zones, then allows for `unknown` behind a
+    // guard that drops every known address (so `unknown` never widens to a known zone).
+    for (dir_rules, egress) in [(&mut from_w, true), (&mut to_w, false)] {
+        let mut denies = Vec::new();
+        let mut allows = Vec::new();
+        let mut unknown_allows = Vec::new();
+        for r in &p.rules {
+            let (ours, peers_of) = if egress {
+                (&r.from, &r.to)
+            } else {
+                (&r.to, &r.from)
+            };
+            if !ours.contains(&zone) {
+                continue;
+            }
+            let app = r
+                .app
+                .map(|a| format!("; app {a} enforced by enclave-netd"))
+                .unwrap_or_default();
+            let comment = format!(
+                "{} rule {}{app}",
+                if r.action == Action::Allow {
+                    "allow"
+                } else {
+                    "deny"
+                },
+                r.name
+            );
+            let verdict = if r.action == Action::Allow {
+                NftVerdict::Accept
+            } else {
+                NftVerdict::Drop
+            };
+            for &pz in peers_of {
+                let addrs = if pz == ZoneId::UNKNOWN {
+                    vec![]
+                } else {
+                    zone_addrs(pz)
+                };
+                if pz != ZoneId::UNKNOWN && addrs.is_empty() {
+                    continue;
+                }
+                let addr_matches: Vec<Option<Match>> = if pz == ZoneId::UNKNOWN {
+                    vec![None]
+                } else {
+                    addrs
+                        .iter()
+                        .map(|c| {
+                            Some(if egress {
+                                Match::Daddr(*c)
+                            } else {
+                                Match::Saddr(*c)
+                            })
+                        })
+                        .collect()
+                };
+                for am in addr_matches {
+                    for l4 in l4_matches(r.protocol, &r.ports) {
+                        let mut m: Vec<Match> = am.iter().cloned().collect();
+                        m.extend(l4);
+                        let nr = NftRule {
+                            matches: m,
+                            verdict: verdict.clone(),
+                            comment: comment.clone(),
+                        };
+                        match (r.action, pz == ZoneId::UNKNOWN) {
+                            (Action::Deny, _) => denies.push(nr),
+                            (Action::Allow, false) => allows.push(nr),
+                            (Action::Allow, true) => unknown_allows.push(nr),
+                        }
+                    }
+                }
+            }
+        }
+        dir_rules.extend(denies);
+        dir_rules.extend(allows);
+        if !unknown_allows.is_empty() {
+            for c in &all_known {
+                let m = if egress {
+                    Match::Daddr(*c)
+                } else {
+                    Match::Saddr(*c)
+                };
+                dir_rules.push(rule(
+                    vec![m],
+                    NftVerdict::Drop,
+                    "known zone not allowed above",
+                ));
+            }
+            dir_rules.extend(unknown_allows);
+        }
+        let (verdict, comment) = match mode {
+            Mode::Enforce => (NftVerdict::Drop, "default deny".to_string()),
+            m => (
+                NftVerdict::Accept,
+                format!(
+                    "default deny (zone in {} mode: counted, passed)",
+                    m.as_str()
+                ),
+            ),
+        };
+        dir_rules.push(NftRule {
+            matches: vec![],
+            verdict,
+            comment,
+        });
+    }
+
+    let mut chains = Vec::new();
+    match placement {
+        Placement::Local => {
+            chains.push(NftChain {
+                name: "input".into(),
+                hook: Some((Hook::Input, 0)),
+                rules: vec![
+                    rule(
+                        vec![Match::Iifname("lo".into())],
+                        NftVerdict::Accept,
+                        "loopback",
+                    ),
+                    rule(
+                        vec![],
+                        NftVerdict::Jump("to_workload".into()),
+                        "zone policy, inbound",
+                    ),
+                ],
+            });
+            chains.push(NftChain {
+                name: "output".into(),
+                hook: Some((Hook::Output, 0)),
+                rules: vec![
+                    rule(
+                        vec![Match::Oifname("lo".into())],
+                        NftVerdict::Accept,
+                        "loopback",
+                    ),
+                    rule(
+                        vec![],
+                        NftVerdict::Jump("from_workload".into()),
+                        "zone policy, outbound",
+                    ),
+                ],
+            });
+        }
+        Placement::Forward { interface } => {
+            chains.push(NftChain {
+                name: "forward".into(),
+                hook: Some((Hook::Forward, 0)),
+                rules: vec![
+                    rule(
+                        vec![Match::Oifname(interface.clone())],
+                        NftVerdict::Jump("to_workload".into()),
+                        "zone policy, inbound",
+                    ),
+                    rule(
+                        vec![Match::Iifname(interface.clone())],
+                        NftVerdict::Jump("from_workload".into()),
+                        "zone policy, outbound",
+                    ),
+                ],
+            });
+        }
+    }
+    chains.push(NftChain {
+        name: "to_workload".into(),
+        hook: None,
+        rules: to_w,
+    });
+    chains.push(NftChain {
+        name: "from_workload".into(),
+        hook: None,
+        rules: from_w,
+    });
+    NftTable {
+        name: table_name(w.identity),
+        chains,
+    }
+}
+
+fn rule(matches: Vec<Match>, verdict: NftVerdict, comment: &str) -> NftRule {
+    NftRule {
+        matches,
+        verdict,
+        comment: comment.to_string(),
+    }
+}
+
+fn host(ip: IpAddr) -> Cidr {
+    Cidr {
+        addr: ip,
+        len: if ip.is_ipv4() { 32 } else { 128 },
+    }
+}
+
+/// Protocol and port matches of a rule, one alternative per element.
+fn l4_matches(p: Protocol, ports: &[PortRange]) -> Vec<Vec<Match>> {
+    let with_ports = |proto: u8| -> Vec<Vec<Match>> {
+        ports
+            .iter()
+            .map(|r| {
+                if *r == PortRange::ALL {
+                    vec![Match::L4Proto(proto)]
+                } else {
+                    vec![Match::L4Proto(proto), Match::Dport(*r)]
+                }
+            })
+            .collect()
+    };
+    match p {
+        Protocol::Tcp => with_ports(proto::TCP),
+        Protocol::Udp => with_ports(proto::UDP),
+        Protocol::Icmp => vec![vec![Match::L4Proto(proto::ICMP)]],
+        Protocol::Icmpv6 => vec![vec![Match::L4Proto(proto::ICMPV6)]],
+        Protocol::Any => vec![vec![]],
+    }
+}
+
+impl NftTable {
+    /// Number of rules.
+    pub fn rule_count(&self) -> usize {
+        self.chains.iter().map(|c| c.rules.len()).sum()
+    }
+}

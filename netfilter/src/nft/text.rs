@@ -1,0 +1,103 @@
+//! `nft -f` syntax for a rendered table, for review and for `nft` users.
+
+use super::{Hook, Match, NftTable, NftVerdict};
+use crate::packet::proto;
+use std::fmt::Write;
+use std::net::IpAddr;
+
+impl NftTable {
+    /// The table in `nft -f` syntax (`flush`-free: apply replaces the whole table).
+    pub fn to_nft_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "table inet {} {{", self.name);
+        for (i, c) in self.chains.iter().enumerate() {
+            if i > 0 {
+                s.push('\n');
+            }
+            let _ = writeln!(s, "\tchain {} {{", c.name);
+            if let Some((hook, prio)) = c.hook {
+                let h = match hook {
+                    Hook::Input => "input",
+                    Hook::Output => "output",
+                    Hook::Forward => "forward",
+                };
+                let _ = writeln!(
+                    s,
+                    "\t\ttype filter hook {h} priority {prio}; policy accept;"
+                );
+            }
+            for r in &c.rules {
+                let mut parts: Vec<String> = Vec::new();
+                let mut l4 = None;
+                for m in &r.matches {
+                    let word = match m {
+                        Match::Iifname(n) => format!("iifname \"{n}\""),
+                        Match::Oifname(n) => format!("oifname \"{n}\""),
+                        Match::CtState { established: true } => {
+                            "ct state established,related".into()
+                        }
+                        Match::CtState { established: false } => "ct state invalid".into(),
+                        Match::L4Proto(p) => {
+                            l4 = Some(*p);
+                            format!("meta l4proto {}", proto_word(*p))
+                        }
+                        Match::Saddr(c) => format!("{} saddr {c}", fam(c.addr)),
+                        Match::Daddr(c) => format!("{} daddr {c}", fam(c.addr)),
+                        Match::SaddrNot(a) => format!("{} saddr != {a}", fam(*a)),
+                        Match::Dport(r) => {
+                            // `meta l4proto tcp tcp dport` reads twice; say it once.
+                            if let Some(last) = parts.pop() {
+                                if !last.starts_with("meta l4proto") {
+                                    parts.push(last);
+                                }
+                            }
+                            format!("{} dport {r}", l4.map_or("th", proto_word))
+                        }
+                        Match::Icmpv6Type(t) => {
+                            if let Some(last) = parts.pop() {
+                                if !last.starts_with("meta l4proto") {
+                                    parts.push(last);
+                                }
+                            }
+                            format!("icmpv6 type {t}")
+                        }
+                    };
+                    parts.push(word);
+                }
+                parts.push("counter".into());
+                parts.push(match &r.verdict {
+                    NftVerdict::Accept => "accept".into(),
+                    NftVerdict::Drop => "drop".into(),
+                    NftVerdict::Jump(c) => format!("jump {c}"),
+                });
+                let _ = writeln!(
+                    s,
+                    "\t\t{} comment \"{}\"",
+                    parts.join(" "),
+                    r.comment.replace('"', "'")
+                );
+            }
+            let _ = writeln!(s, "\t}}");
+        }
+        s.push_str("}\n");
+        s
+    }
+}
+
+fn fam(a: IpAddr) -> &'static str {
+    if a.is_ipv4() {
+        "ip"
+    } else {
+        "ip6"
+    }
+}
+
+fn proto_word(p: u8) -> &'static str {
+    match p {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        proto::ICMP => "icmp",
+        proto::ICMPV6 => "ipv6-icmp",
+        _ => "th",
+    }
+}

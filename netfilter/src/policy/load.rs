@@ -1,0 +1,434 @@
+//! Reading a policy: YAML → serde document → validated [`Policy`] → [`CompiledPolicy`].
+
+use super::compile::{CompiledPolicy, Finding};
+use super::model::*;
+use super::span::SpanIndex;
+use super::{Diagnostic, LoadedPolicy, PolicyError, Severity};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// Loads and compiles a policy file.
+pub fn load_file(path: impl AsRef<Path>) -> Result<LoadedPolicy, PolicyError> {
+    let path = path.as_ref();
+    let src = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    load_str(&src, &path.display().to_string())
+}
+
+/// Loads and compiles policy text; `file` names it in diagnostics.
+pub fn load_str(src: &str, file: &str) -> Result<LoadedPolicy, PolicyError> {
+    let mut cx = Ctx {
+        file,
+        spans: SpanIndex::build(src),
+        diags: Vec::new(),
+    };
+    let doc: PolicyDocument = match serde_yaml::from_str(src) {
+        Ok(d) => d,
+        Err(e) => {
+            cx.serde_error(&e);
+            return Err(PolicyError::Invalid {
+                diagnostics: cx.diags,
+            });
+        }
+    };
+    let policy = cx.validate(doc);
+    if cx.has_errors() {
+        return Err(cx.finish_err());
+    }
+    let (compiled, findings) = CompiledPolicy::compile(policy);
+    for f in findings {
+        match f {
+            Finding::Contradiction { rule, by } => {
+                let (r, b) = (rule_name(&compiled, rule), rule_name(&compiled, by));
+                cx.err(
+                    format!("spec.rules[{}]", rule.0),
+                    format!("allow rule `{r}` can never take effect: every flow it allows is denied by rule `{b}`"),
+                );
+            }
+            Finding::Shadowed { rule, by } => {
+                let (r, b) = (rule_name(&compiled, rule), rule_name(&compiled, by));
+                cx.warn(
+                    format!("spec.rules[{}]", rule.0),
+                    format!("rule `{r}` is unreachable: rule `{b}` already decides every flow it covers"),
+                );
+            }
+        }
+    }
+    if cx.has_errors() {
+        return Err(cx.finish_err());
+    }
+    Ok(LoadedPolicy {
+        compiled,
+        warnings: cx.diags,
+    })
+}
+
+fn rule_name(c: &CompiledPolicy, id: RuleId) -> String {
+    c.policy()
+        .rule(id)
+        .map_or_else(|| format!("#{}", id.0), |r| r.name.clone())
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    spans: SpanIndex,
+    diags: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn push(&mut self, severity: Severity, field: String, message: String) {
+        let pos = self.spans.locate(&field);
+        self.diags.push(Diagnostic {
+            severity,
+            file: self.file.to_string(),
+            pos,
+            field,
+            message,
+        });
+    }
+    fn err(&mut self, field: impl Into<String>, msg: impl Into<String>) {
+        self.push(Severity::Error, field.into(), msg.into());
+    }
+    fn warn(&mut self, field: impl Into<String>, msg: impl Into<String>) {
+        self.push(Severity::Warning, field.into(), msg.into());
+    }
+    fn has_errors(&self) -> bool {
+        self.diags.iter().any(|d| d.severity == Severity::Error)
+    }
+    fn finish_err(mut self) -> PolicyError {
+        self.diags
+            .sort_by_key(|d| (d.severity, d.pos.line, d.pos.col));
+        PolicyError::Invalid {
+            diagnostics: self.diags,
+        }
+    }
+
+    /// Turns a serde_yaml error into a located diagnostic with a readable message.
+    fn serde_error(&mut self, e: &serde_yaml::Error) {
+        let mut msg = e.to_string();
+        if let Some(i) = msg.rfind(" at line ") {
+            msg.truncate(i);
+        }
+        let (field, mut message) = match msg.split_once(": ") {
+            Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
+            _ => ("(document)".to_string(), msg.clone()),
+        };
+        for (needle, better) in [
+            (
+                "untagged enum OneOrMany",
+                "expected a zone name or a list of zone names",
+            ),
+            (
+                "untagged enum PortDoc",
+                "expected a port number or a \"low-high\" range string",
+            ),
+            (
+                "untagged enum StringOrNumber",
+                "expected a string or a number",
+            ),
+        ] {
+            if message.contains(needle) {
+                message = better.to_string();
+            }
+        }
+        let pos = match e.location() {
+            Some(l) => super::Pos {
+                line: l.line(),
+                col: l.column(),
+            },
+            None => self.spans.locate(&field),
+        };
+        self.diags.push(Diagnostic {
+            severity: Severity::Error,
+            file: self.file.to_string(),
+            pos,
+            field,
+            message,
+        });
+    }
+
+    fn validate(&mut self, doc: PolicyDocument) -> Policy {
+        if doc.api_version != API_VERSION {
+            self.err(
+                "apiVersion",
+                format!(
+                    "unsupported apiVersion `{}`, expected `{API_VERSION}`",
+                    doc.api_version
+                ),
+            );
+        }
+        if doc.kind != KIND {
+            self.err(
+                "kind",
+                format!("unsupported kind `{}`, expected `{KIND}`", doc.kind),
+            );
+        }
+        if !is_name(&doc.metadata.name) {
+            self.err("metadata.name", name_msg(&doc.metadata.name));
+        }
+        let version = doc.metadata.version.to_string();
+        if version.trim().is_empty() {
+            self.err(
+                "metadata.version",
+                "must not be empty; every audit record carries it",
+            );
+        }
+        let default_mode = doc.spec.default_mode;
+
+        if doc.spec.zones.is_empty() {
+            self.err("spec.zones", "at least one zone is required");
+        }
+        let mut zones = Vec::new();
+        let mut seen = HashSet::new();
+        let mut cidr_owner: HashMap<Cidr, String> = HashMap::new();
+        for (i, z) in doc.spec.zones.into_iter().enumerate() {
+            let at = format!("spec.zones[{i}]");
+            if z.name == UNKNOWN_ZONE {
+                self.err(
+                    format!("{at}.name"),
+                    "`unknown` is reserved for peers no zone claims",
+                );
+            } else if !is_name(&z.name) {
+                self.err(format!("{at}.name"), name_msg(&z.name));
+            } else if !seen.insert(z.name.clone()) {
+                self.err(
+                    format!("{at}.name"),
+                    format!("zone `{}` is defined twice", z.name),
+                );
+            }
+            if let Some(s) = &z.selector {
+                if s.is_empty() {
+                    self.err(format!("{at}.selector"), "an empty selector would select every workload; give namespaces, labels or annotations");
+                }
+            }
+            if z.selector.is_none() && z.cidrs.is_empty() {
+                self.err(
+                    at.clone(),
+                    format!(
+                        "zone `{}` selects nothing: give a `selector`, `cidrs` or both",
+                        z.name
+                    ),
+                );
+            }
+            let mut cidrs = Vec::new();
+            for (j, c) in z.cidrs.iter().enumerate() {
+                match Cidr::parse(c) {
+                    Ok(c) => {
+                        if let Some(other) = cidr_owner.get(&c) {
+                            self.err(format!("{at}.cidrs[{j}]"), format!("{c} is already in zone `{other}`; a network belongs to one zone"));
+                        } else {
+                            cidr_owner.insert(c, z.name.clone());
+                        }
+                        cidrs.push(c);
+                    }
+                    Err(m) => self.err(format!("{at}.cidrs[{j}]"), m),
+                }
+            }
+            zones.push(Zone {
+                name: z.name,
+                description: z.description,
+                mode: z.mode.unwrap_or(default_mode),
+                selector: z.selector,
+                cidrs,
+            });
+        }
+
+        let zone_ids: HashMap<&str, ZoneId> = std::iter::once((UNKNOWN_ZONE, ZoneId::UNKNOWN))
+            .chain(
+                zones
+                    .iter()
+                    .enumerate()
+                    .map(|(i, z)| (z.name.as_str(), ZoneId((i + 1) as u16))),
+            )
+            .collect();
+        let mut rules = Vec::new();
+        let mut rule_names = HashSet::new();
+        for (i, r) in doc.spec.rules.into_iter().enumerate() {
+            let at = format!("spec.rules[{i}]");
+            let name = r.name.clone().unwrap_or_else(|| format!("rule-{}", i + 1));
+            if !is_name(&name) {
+                self.err(format!("{at}.name"), name_msg(&name));
+            } else if !rule_names.insert(name.clone()) {
+                self.err(
+                    format!("{at}.name"),
+                    format!("rule name `{name}` is used twice; audit records must name one rule"),
+                );
+            }
+            let from = self.zone_refs(&zone_ids, &r.from, &format!("{at}.from"));
+            let to = self.zone_refs(&zone_ids, &r.to, &format!("{at}.to"));
+            let ports = self.ports(&r, &at);
+            if let Some(app) = r.app {
+                if r.action == Action::Deny {
+                    self.err(
+                        format!("{at}.app"),
+                        "a deny rule cannot name an app: it denies the ports whatever the payload",
+                    );
+                }
+                let ok = match r.protocol {
+                    Protocol::Tcp => true,
+                    Protocol::Udp => app == AppProto::Dns,
+                    _ => false,
+                };
+                if !ok {
+                    let want = if app == AppProto::Dns {
+                        "tcp or udp"
+                    } else {
+                        "tcp"
+                    };
+                    self.err(
+                        format!("{at}.app"),
+                        format!(
+                            "app `{app}` needs protocol {want}, not `{}`",
+                            r.protocol.as_str()
+                        ),
+                    );
+                }
+            }
+            rules.push(Rule {
+                name,
+                description: r.description,
+                action: r.action,
+                from,
+                to,
+                protocol: r.protocol,
+                ports,
+                app: r.app,
+            });
+        }
+        Policy {
+            name: doc.metadata.name,
+            version,
+            description: doc.metadata.description,
+            default_mode,
+            zones,
+            rules,
+        }
+    }
+
+    fn zone_refs(
+        &mut self,
+        ids: &HashMap<&str, ZoneId>,
+        refs: &OneOrMany,
+        at: &str,
+    ) -> Vec<ZoneId> {
+        let names = refs.names();
+        if names.is_empty() {
+            self.err(at, "at least one zone is required");
+        }
+        let many = matches!(refs, OneOrMany::Many(_));
+        let mut out = Vec::new();
+        for (j, n) in names.into_iter().enumerate() {
+            let field = if many {
+                format!("{at}[{j}]")
+            } else {
+                at.to_string()
+            };
+            match ids.get(n) {
+                Some(id) => out.push(*id),
+                None => {
+                    let hint = closest(n, ids.keys().copied())
+                        .map(|c| format!("; did you mean `{c}`?"))
+                        .unwrap_or_default();
+                    self.err(field, format!("no zone named `{n}`{hint}"));
+                }
+            }
+        }
+        out
+    }
+
+    fn ports(&mut self, r: &RuleDoc, at: &str) -> Vec<PortRange> {
+        if r.ports.is_empty() {
+            return vec![PortRange::ALL];
+        }
+        if !r.protocol.has_ports() {
+            self.err(
+                format!("{at}.ports"),
+                format!(
+                    "ports need protocol tcp or udp, not `{}`",
+                    r.protocol.as_str()
+                ),
+            );
+            return vec![PortRange::ALL];
+        }
+        let mut out = Vec::new();
+        for (j, p) in r.ports.iter().enumerate() {
+            let field = format!("{at}.ports[{j}]");
+            let parsed = match p {
+                PortDoc::Num(n) => port(*n).map(|p| PortRange { lo: p, hi: p }),
+                PortDoc::Range(s) => match s.split_once('-') {
+                    Some((a, b)) => match (a.trim().parse::<i64>(), b.trim().parse::<i64>()) {
+                        (Ok(a), Ok(b)) => match (port(a), port(b)) {
+                            (Ok(lo), Ok(hi)) if lo <= hi => Ok(PortRange { lo, hi }),
+                            (Ok(lo), Ok(hi)) => {
+                                Err(format!("range `{s}` is backwards; write `{hi}-{lo}`"))
+                            }
+                            (Err(e), _) | (_, Err(e)) => Err(e),
+                        },
+                        _ => Err(format!(
+                            "`{s}` is not a port range; expected \"low-high\" like \"8000-8080\""
+                        )),
+                    },
+                    None => match s.trim().parse::<i64>() {
+                        Ok(n) => port(n).map(|p| PortRange { lo: p, hi: p }),
+                        Err(_) => Err(format!(
+                            "`{s}` is not a port; expected a number 1-65535 or \"low-high\""
+                        )),
+                    },
+                },
+            };
+            match parsed {
+                Ok(p) => out.push(p),
+                Err(m) => self.err(field, m),
+            }
+        }
+        out
+    }
+}
+
+fn port(n: i64) -> Result<u16, String> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port {n} is out of range; expected 1-65535"))
+}
+
+/// Lower-case letters, digits and `-`, starting with a letter, at most 63 characters.
+fn is_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && !s.ends_with('-')
+}
+
+fn name_msg(s: &str) -> String {
+    format!("`{s}` is not a valid name: use lower-case letters, digits and `-`, starting with a letter, at most 63 characters")
+}
+
+/// The candidate nearest to `s` by edit distance, if it is close enough to be a typo.
+fn closest<'a>(s: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (edit_distance(s, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min()
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

@@ -1,0 +1,572 @@
+//! The zone policy as written (serde) and as validated (plain data, no I/O).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// The API version this build reads.
+pub const API_VERSION: &str = "enclave.io/v1alpha1";
+/// The document kind.
+pub const KIND: &str = "ZonePolicy";
+/// The zone every peer falls into when nothing else claims it. Default deny covers it.
+pub const UNKNOWN_ZONE: &str = "unknown";
+/// The annotation that assigns a workload to a zone by name.
+pub const ZONE_ANNOTATION: &str = "enclave.io/zone";
+
+// ---------------------------------------------------------------------------------------
+// As written.
+
+/// A policy file as written. Unknown fields are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyDocument {
+    /// Must be [`API_VERSION`].
+    pub api_version: String,
+    /// Must be [`KIND`].
+    pub kind: String,
+    /// Name, version, description.
+    pub metadata: MetadataDoc,
+    /// Zones and rules.
+    pub spec: SpecDoc,
+}
+
+/// Policy identity; both name and version go into every audit record.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataDoc {
+    /// Policy name.
+    pub name: String,
+    /// Policy version (string or number).
+    pub version: StringOrNumber,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A scalar that may be written as a number or a string.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum StringOrNumber {
+    /// `version: "2026.11"`.
+    Str(String),
+    /// `version: 3`.
+    Int(i64),
+    /// `version: 1.2`.
+    Float(f64),
+}
+
+impl fmt::Display for StringOrNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StringOrNumber::Str(s) => f.write_str(s),
+            StringOrNumber::Int(i) => write!(f, "{i}"),
+            StringOrNumber::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// Zones and rules.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SpecDoc {
+    /// Mode of zones that do not set their own, and of the `unknown` zone.
+    #[serde(default)]
+    pub default_mode: Mode,
+    /// The zones.
+    pub zones: Vec<ZoneDoc>,
+    /// Allow and deny rules; everything not allowed is denied.
+    #[serde(default)]
+    pub rules: Vec<RuleDoc>,
+}
+
+/// A zone as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneDoc {
+    /// Name, referenced by rules.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Mode for workloads in this zone.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// Workloads (pods) that belong to the zone.
+    #[serde(default)]
+    pub selector: Option<Selector>,
+    /// Addresses outside the cluster that belong to the zone.
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+}
+
+/// Chooses workloads by identity. All given criteria must match.
+#[derive(Debug, Deserialize, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// The workload's namespace is one of these.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Every label listed is present with this value.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Every annotation listed is present with this value.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Selector {
+    /// True when no criterion is given (which would select everything: refused).
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && self.labels.is_empty() && self.annotations.is_empty()
+    }
+
+    /// True when `w` satisfies every criterion.
+    pub fn matches(&self, w: &WorkloadIdentity) -> bool {
+        (self.namespaces.is_empty() || self.namespaces.iter().any(|n| *n == w.namespace))
+            && self.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            && self
+                .annotations
+                .iter()
+                .all(|(k, v)| w.annotations.get(k) == Some(v))
+    }
+}
+
+/// A rule as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleDoc {
+    /// Name, used in audit records (default `rule-N`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// `allow` (default) or `deny`; deny wins over allow.
+    #[serde(default)]
+    pub action: Action,
+    /// Source zone(s).
+    pub from: OneOrMany,
+    /// Destination zone(s).
+    pub to: OneOrMany,
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or `any` (default).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Destination ports: numbers or `"low-high"` ranges; empty means all.
+    #[serde(default)]
+    pub ports: Vec<PortDoc>,
+    /// Application protocol the flow must be detected as.
+    #[serde(default)]
+    pub app: Option<AppProto>,
+}
+
+/// One zone name or a list of them.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// `from: web`.
+    One(String),
+    /// `from: [web, api]`.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// A port as written.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum PortDoc {
+    /// `443`.
+    Num(i64),
+    /// `"8000-8080"`.
+    Range(String),
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared enums.
+
+/// What happens to flows of a zone that the policy does not allow.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Denied flows are dropped.
+    #[default]
+    Enforce,
+    /// Denied flows pass and are logged as `would deny`.
+    Monitor,
+    /// Every new flow passes and is recorded, to propose rules.
+    Learn,
+}
+
+impl Mode {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+            Mode::Learn => "learn",
+        }
+    }
+}
+
+/// Rule action.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Allow matching flows.
+    #[default]
+    Allow,
+    /// Deny matching flows, whatever allows them.
+    Deny,
+}
+
+/// Transport protocol selector.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP (IPv4).
+    Icmp,
+    /// ICMPv6 (beyond the neighbour discovery that anti-spoofing handles).
+    Icmpv6,
+    /// Any IP protocol.
+    #[default]
+    Any,
+}
+
+impl Protocol {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+            Protocol::Icmpv6 => "icmpv6",
+            Protocol::Any => "any",
+        }
+    }
+
+    /// True for protocols with ports.
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+}
+
+/// Application protocols detected from payload bytes.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProto {
+    /// HTTP/1.x requests (and the HTTP/2 prior-knowledge preface).
+    Http,
+    /// TLS (a ClientHello).
+    Tls,
+    /// DNS over UDP or TCP.
+    Dns,
+    /// Redis RESP.
+    Redis,
+    /// PostgreSQL wire protocol (startup, SSL or GSS request).
+    Postgres,
+    /// MySQL client/server protocol (server greeting).
+    Mysql,
+}
+
+impl AppProto {
+    /// All of them, in index order.
+    pub const ALL: [AppProto; 6] = [
+        AppProto::Http,
+        AppProto::Tls,
+        AppProto::Dns,
+        AppProto::Redis,
+        AppProto::Postgres,
+        AppProto::Mysql,
+    ];
+    /// Number of variants.
+    pub const COUNT: usize = 6;
+
+    /// Dense index, for per-app arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProto::Http => "http",
+            AppProto::Tls => "tls",
+            AppProto::Dns => "dns",
+            AppProto::Redis => "redis",
+            AppProto::Postgres => "postgres",
+            AppProto::Mysql => "mysql",
+        }
+    }
+
+    /// Parses a lower-case name.
+    pub fn from_name(s: &str) -> Option<AppProto> {
+        AppProto::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+impl fmt::Display for AppProto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Validated.
+
+/// Index of a zone: 0 is `unknown`, `i + 1` is `Policy::zones[i]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ZoneId(pub u16);
+
+impl ZoneId {
+    /// The `unknown` zone.
+    pub const UNKNOWN: ZoneId = ZoneId(0);
+}
+
+/// Index of a rule in `Policy::rules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleId(pub u32);
+
+/// An IP network, host bits zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/n` or `x::y/n`; a bare address is a host route. Host bits must be 0.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            None => max,
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("prefix length `{l}` is not between 0 and {max}"))?,
+        };
+        let c = Cidr { addr, len };
+        let net = c.network();
+        if net != addr {
+            return Err(format!(
+                "`{s}` has host bits set; the network is {net}/{len}"
+            ));
+        }
+        Ok(c)
+    }
+
+    /// The address with host bits cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) & v4_mask(self.len)).into()),
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) & v6_mask(self.len)).into()),
+        }
+    }
+
+    /// True when `ip` is inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => u32::from(a) & v4_mask(self.len) == u32::from(n),
+            (IpAddr::V6(n), IpAddr::V6(a)) => u128::from(a) & v6_mask(self.len) == u128::from(n),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// Netmask of an IPv4 prefix length.
+pub fn v4_mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    }
+}
+
+/// Netmask of an IPv6 prefix length.
+pub fn v6_mask(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len.min(128)))
+    }
+}
+
+/// An inclusive destination port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    /// First port.
+    pub lo: u16,
+    /// Last port.
+    pub hi: u16,
+}
+
+impl PortRange {
+    /// Every port.
+    pub const ALL: PortRange = PortRange {
+        lo: 0,
+        hi: u16::MAX,
+    };
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// A validated zone.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// Name.
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Effective mode.
+    pub mode: Mode,
+    /// Workload selector.
+    pub selector: Option<Selector>,
+    /// External networks.
+    pub cidrs: Vec<Cidr>,
+}
+
+/// A validated rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Name (given, or `rule-N` with N from 1).
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Allow or deny.
+    pub action: Action,
+    /// Source zones.
+    pub from: Vec<ZoneId>,
+    /// Destination zones.
+    pub to: Vec<ZoneId>,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination ports (`[PortRange::ALL]` when not given or not applicable).
+    pub ports: Vec<PortRange>,
+    /// Required application protocol.
+    pub app: Option<AppProto>,
+}
+
+/// A validated policy: pure data, ready to compile.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Mode of zones without their own, and of `unknown`.
+    pub default_mode: Mode,
+    /// Zones; `ZoneId(i + 1)` is `zones[i]`.
+    pub zones: Vec<Zone>,
+    /// Rules; `RuleId(i)` is `rules[i]`.
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Name of a zone id.
+    pub fn zone_name(&self, id: ZoneId) -> &str {
+        match id.0 {
+            0 => UNKNOWN_ZONE,
+            n => self
+                .zones
+                .get(usize::from(n) - 1)
+                .map_or(UNKNOWN_ZONE, |z| z.name.as_str()),
+        }
+    }
+
+    /// Id of a zone name (`unknown` included).
+    pub fn zone_id(&self, name: &str) -> Option<ZoneId> {
+        if name == UNKNOWN_ZONE {
+            return Some(ZoneId::UNKNOWN);
+        }
+        self.zones
+            .iter()
+            .position(|z| z.name == name)
+            .map(|i| ZoneId((i + 1) as u16))
+    }
+
+    /// Mode of a zone.
+    pub fn zone_mode(&self, id: ZoneId) -> Mode {
+        match id.0 {
+            0 => self.default_mode,
+            n => self
+                .zones
+                .get(usize::from(n) - 1)
+                .map_or(self.default_mode, |z| z.mode),
+        }
+    }
+
+    /// The zone of a workload: the `enclave.io/zone` annotation when it names a zone, else
+    /// the first zone (in file order) whose selector matches, else `unknown`.
+    pub fn zone_of_workload(&self, w: &WorkloadIdentity) -> ZoneId {
+        if let Some(z) = w.annotations.get(ZONE_ANNOTATION) {
+            return self.zone_id(z).unwrap_or(ZoneId::UNKNOWN);
+        }
+        self.zones
+            .iter()
+            .position(|z| z.selector.as_ref().is_some_and(|s| s.matches(w)))
+            .map_or(ZoneId::UNKNOWN, |i| ZoneId((i + 1) as u16))
+    }
+
+    /// A rule by id.
+    pub fn rule(&self, id: RuleId) -> Option<&Rule> {
+        self.rules.get(id.0 as usize)
+    }
+}
+
+/// Who a workload is, as the runtime knows it from the pod sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadIdentity {
+    /// Pod name.
+    #[serde(default)]
+    pub name: String,
+    /// Namespace.
+    #[serde(default)]
+    pub namespace: String,
+    /// Pod labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Pod annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
