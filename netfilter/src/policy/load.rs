@@ -111,28 +111,10 @@ impl Ctx<'_> {
         if let Some(i) = msg.rfind(" at line ") {
             msg.truncate(i);
         }
-        let (field, mut message) = match msg.split_once(": ") {
+        let (field, message) = match msg.split_once(": ") {
             Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
             _ => ("(document)".to_string(), msg.clone()),
         };
-        for (needle, better) in [
-            (
-                "untagged enum OneOrMany",
-                "expected a zone name or a list of zone names",
-            ),
-            (
-                "untagged enum PortDoc",
-                "expected a port number or a \"low-high\" range string",
-            ),
-            (
-                "untagged enum StringOrNumber",
-                "expected a string or a number",
-            ),
-        ] {
-            if message.contains(needle) {
-                message = better.to_string();
-            }
-        }
         let pos = match e.location() {
             Some(l) => super::Pos {
                 line: l.line(),

@@ -45,8 +45,7 @@ pub struct MetadataDoc {
 }
 
 /// A scalar that may be written as a number or a string.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum StringOrNumber {
     /// `version: "2026.11"`.
     Str(String),
@@ -161,8 +160,7 @@ pub struct RuleDoc {
 }
 
 /// One zone name or a list of them.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum OneOrMany {
     /// `from: web`.
     One(String),
@@ -181,14 +179,77 @@ impl OneOrMany {
 }
 
 /// A port as written.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum PortDoc {
     /// `443`.
     Num(i64),
     /// `"8000-8080"`.
     Range(String),
 }
+
+// Hand-written visitors, so that a wrong type is reported at the value itself with what
+// was expected (serde's untagged enums report the enclosing mapping).
+
+struct Expect<T>(&'static str, std::marker::PhantomData<T>);
+
+macro_rules! visit_scalars {
+    ($t:ty, $what:literal, |$v:ident| { str => $s:expr, int => $i:expr, float => $f:expr $(, seq => |$seq:ident| $sq:expr)? }) => {
+        impl<'de> serde::de::Visitor<'de> for Expect<$t> {
+            type Value = $t;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0)
+            }
+            fn visit_str<E: serde::de::Error>(self, $v: &str) -> Result<$t, E> {
+                $s
+            }
+            fn visit_i64<E: serde::de::Error>(self, $v: i64) -> Result<$t, E> {
+                $i
+            }
+            fn visit_u64<E: serde::de::Error>(self, $v: u64) -> Result<$t, E> {
+                let $v = i64::try_from($v).unwrap_or(i64::MAX);
+                $i
+            }
+            fn visit_f64<E: serde::de::Error>(self, $v: f64) -> Result<$t, E> {
+                $f
+            }
+            $(
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut $seq: A) -> Result<$t, A::Error> {
+                $sq
+            }
+            )?
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                d.deserialize_any(Expect::<$t>($what, std::marker::PhantomData))
+            }
+        }
+    };
+}
+
+visit_scalars!(StringOrNumber, "a string or a number", |v| {
+    str => Ok(StringOrNumber::Str(v.to_string())),
+    int => Ok(StringOrNumber::Int(v)),
+    float => Ok(StringOrNumber::Float(v))
+});
+
+visit_scalars!(PortDoc, "a port number or a \"low-high\" range string", |v| {
+    str => Ok(PortDoc::Range(v.to_string())),
+    int => Ok(PortDoc::Num(v)),
+    float => Err(E::custom(format!("{v} is not a whole port number")))
+});
+
+visit_scalars!(OneOrMany, "a zone name or a list of zone names", |v| {
+    str => Ok(OneOrMany::One(v.to_string())),
+    int => Err(E::invalid_type(serde::de::Unexpected::Signed(v), &"a zone name or a list of zone names")),
+    float => Err(E::invalid_type(serde::de::Unexpected::Float(v), &"a zone name or a list of zone names")),
+    seq => |seq| {
+        let mut out = Vec::new();
+        while let Some(s) = seq.next_element::<String>()? {
+            out.push(s);
+        }
+        Ok(OneOrMany::Many(out))
+    }
+});
 
 // ---------------------------------------------------------------------------------------
 // Shared enums.

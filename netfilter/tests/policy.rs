@@ -1,0 +1,141 @@
+//! Policy files: the shipped templates load, and bad input is refused with an error that
+//! names the file, line, column and field.
+
+use enclave_netfilter::policy::{self, Diagnostic, Lookup, PolicyError, Severity, ZoneId};
+use std::path::Path;
+
+fn errors(src: &str) -> Vec<Diagnostic> {
+    match policy::load_str(src, "p.yaml") {
+        Ok(_) => panic!("policy unexpectedly loaded:\n{src}"),
+        Err(PolicyError::Invalid { diagnostics }) => diagnostics,
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+const HEAD: &str = "apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata:\n  name: t\n  version: 1\nspec:\n  zones:\n    - name: a\n      selector: {namespaces: [a]}\n    - name: b\n      cidrs: [10.0.0.0/8]\n";
+
+#[test]
+fn shipped_templates_load_without_findings() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/policies");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("configs/policies exists") {
+        let p = e.expect("dir entry").path();
+        let l = policy::load_file(&p).unwrap_or_else(|e| panic!("{} does not load:\n{e}", p.display()));
+        assert!(l.warnings.is_empty(), "{}: {:?}", p.display(), l.warnings);
+        n += 1;
+    }
+    assert!(n >= 3, "expected the PCI, three-tier and env-separation templates");
+}
+
+#[test]
+fn unknown_field_is_located_and_names_expected_fields() {
+    let src = format!("{HEAD}  rules:\n    - from: a\n      to: b\n      protcol: tcp\n");
+    let d = errors(&src);
+    assert_eq!(d.len(), 1);
+    assert_eq!((d[0].pos.line, d[0].pos.col), (15, 7), "{}", d[0]);
+    assert_eq!(d[0].field, "spec.rules[0]");
+    assert!(d[0].message.contains("unknown field `protcol`"), "{}", d[0]);
+    assert!(d[0].message.contains("`protocol`"), "should list expected fields: {}", d[0]);
+    assert!(d[0].to_string().starts_with("p.yaml:15:7: error: "), "{}", d[0]);
+}
+
+#[test]
+fn unknown_zone_reference_suggests_the_closest_name() {
+    let src = format!("{HEAD}  rules:\n    - from: a\n      to: [b, bb, zzzzz]\n      protocol: tcp\n");
+    let d = errors(&src);
+    let fields: Vec<&str> = d.iter().map(|d| d.field.as_str()).collect();
+    assert_eq!(fields, ["spec.rules[0].to[1]", "spec.rules[0].to[2]"]);
+    assert!(d[0].message.contains("did you mean `b`"), "{}", d[0]);
+    assert_eq!(d[0].pos.line, 14);
+    assert!(!d[1].message.contains("did you mean"), "{}", d[1]);
+}
+
+#[test]
+fn bad_ports_say_what_was_expected() {
+    let src = format!("{HEAD}  rules:\n    - from: a\n      to: b\n      protocol: tcp\n      ports: [0, \"90-80\", \"x\", 70000, 443]\n");
+    let d = errors(&src);
+    let msgs: Vec<String> = d.iter().map(|d| format!("{}: {}", d.field, d.message)).collect();
+    assert_eq!(d.len(), 4, "{msgs:#?}");
+    assert!(msgs[0].starts_with("spec.rules[0].ports[0]: port 0 is out of range"));
+    assert!(msgs[1].contains("backwards; write `80-90`"));
+    assert!(msgs[2].contains("`x` is not a port"));
+    assert!(msgs[3].contains("70000 is out of range"));
+    assert!(d.iter().all(|x| x.pos.line == 16), "{msgs:#?}");
+}
+
+#[test]
+fn cidr_with_host_bits_and_duplicate_networks_are_refused() {
+    let src = HEAD.replace("[10.0.0.0/8]", "[10.1.2.3/8, 192.168.0.0/16]")
+        + "    - name: c\n      cidrs: [192.168.0.0/16]\n";
+    let d = errors(&src);
+    assert_eq!(d.len(), 2, "{d:#?}");
+    assert!(d[0].message.contains("host bits set; the network is 10.0.0.0/8"), "{}", d[0]);
+    assert_eq!(d[0].field, "spec.zones[1].cidrs[0]");
+    assert!(d[1].message.contains("already in zone `b`"), "{}", d[1]);
+    assert_eq!(d[1].pos.line, 13);
+}
+
+#[test]
+fn ports_without_a_port_protocol_and_app_on_wrong_protocol_are_refused() {
+    let src = format!("{HEAD}  rules:\n    - from: a\n      to: b\n      ports: [80]\n    - from: a\n      to: b\n      protocol: udp\n      app: redis\n");
+    let d = errors(&src);
+    assert!(d[0].message.contains("ports need protocol tcp or udp, not `any`"), "{}", d[0]);
+    assert!(d[1].message.contains("app `redis` needs protocol tcp, not `udp`"), "{}", d[1]);
+}
+
+#[test]
+fn allow_rule_overridden_by_a_deny_is_a_contradiction() {
+    let src = format!("{HEAD}  rules:\n    - name: open\n      from: a\n      to: b\n      protocol: tcp\n      ports: [443]\n    - name: shut\n      action: deny\n      from: a\n      to: b\n");
+    let d = errors(&src);
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].severity, Severity::Error);
+    assert_eq!(d[0].field, "spec.rules[0]");
+    assert!(d[0].message.contains("denied by rule `shut`"), "{}", d[0]);
+}
+
+#[test]
+fn shadowed_rule_is_a_warning_and_the_policy_still_loads() {
+    let src = format!("{HEAD}  rules:\n    - name: wide\n      from: a\n      to: b\n      protocol: tcp\n      ports: [\"1-1024\"]\n    - name: narrow\n      from: a\n      to: b\n      protocol: tcp\n      ports: [443]\n      app: tls\n");
+    let l = policy::load_str(&src, "p.yaml").expect("loads");
+    assert_eq!(l.warnings.len(), 1);
+    assert!(l.warnings[0].message.contains("`narrow` is unreachable: rule `wide`"), "{}", l.warnings[0]);
+    assert_eq!(l.warnings[0].pos.line, 18);
+}
+
+#[test]
+fn yaml_syntax_error_and_wrong_types_are_located() {
+    let d = errors("apiVersion: enclave.io/v1alpha1\nkind: [a, b]\n");
+    assert_eq!((d[0].pos.line, d[0].pos.col, d[0].field.as_str()), (2, 7, "kind"), "{}", d[0]);
+    assert!(d[0].message.contains("expected a string"), "{}", d[0]);
+    let d = errors("apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {name: \"t\n");
+    assert_eq!(d.len(), 1);
+    assert!(d[0].pos.line >= 3, "syntax error located at the open quote or after: {}", d[0]);
+    let d = errors(&HEAD.replace("version: 1", "version: [1]"));
+    assert_eq!(d[0].field, "metadata.version");
+    assert!(d[0].message.contains("expected a string or a number"), "{}", d[0]);
+    let d = errors(&format!("{HEAD}  rules:\n    - from: {{x: 1}}\n      to: b\n"));
+    assert!(d[0].message.contains("expected a zone name or a list of zone names"), "{}", d[0]);
+}
+
+#[test]
+fn reserved_and_invalid_names_are_refused() {
+    let src = HEAD.replace("- name: a", "- name: unknown").replace("- name: b", "- name: B_2");
+    let d = errors(&src);
+    assert!(d.iter().any(|x| x.message.contains("`unknown` is reserved")));
+    assert!(d.iter().any(|x| x.message.contains("`B_2` is not a valid name")));
+}
+
+#[test]
+fn lookup_cost_structure_decides_by_port_and_app() {
+    let src = format!("{HEAD}  rules:\n    - name: web\n      from: a\n      to: b\n      protocol: tcp\n      ports: [\"8000-8010\"]\n      app: http\n    - name: ssh\n      from: a\n      to: b\n      protocol: tcp\n      ports: [22]\n");
+    let l = policy::load_str(&src, "p.yaml").expect("loads");
+    let c = &l.compiled;
+    let (a, b) = (ZoneId(1), ZoneId(2));
+    assert_eq!(c.lookup(a, b, 6, 22), Lookup::Allowed(policy::RuleId(1)));
+    assert!(matches!(c.lookup(a, b, 6, 8005), Lookup::NeedsApp(x) if x[policy::AppProto::Http.index()].is_some()));
+    assert_eq!(c.lookup(a, b, 6, 8011), Lookup::NoRule);
+    assert_eq!(c.lookup(b, a, 6, 22), Lookup::NoRule, "rules are directional");
+    assert_eq!(c.lookup(a, b, 17, 22), Lookup::NoRule, "tcp rules do not open udp");
+    assert_eq!(c.zone_of_ip("10.9.9.9".parse().expect("ip")), Some(b));
+    assert_eq!(c.zone_of_ip("11.0.0.1".parse().expect("ip")), None);
+}
