@@ -1,27 +1,46 @@
 //! The audit log: chained writing, crash recovery, rotation, and verification that says
 //! where a chain breaks.
 
-use enclave_netfilter::audit::{self, AuditLog, AuditLogConfig, Problem, SyncPolicy, VerifyOptions};
+use enclave_netfilter::audit::{
+    self, AuditLog, AuditLogConfig, Problem, SyncPolicy, VerifyOptions,
+};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
 fn open(path: &Path, max_bytes: u64) -> AuditLog {
-    AuditLog::open(AuditLogConfig { path: path.to_path_buf(), max_bytes, sync: SyncPolicy::Always }).expect("open log")
+    AuditLog::open(AuditLogConfig {
+        path: path.to_path_buf(),
+        max_bytes,
+        sync: SyncPolicy::Always,
+    })
+    .expect("open log")
 }
 
 fn write(path: &Path, n: usize) {
     let mut log = open(path, 0);
     for i in 0..n {
-        log.append(json!({"class_uid": 4001, "message": format!("record {i}")})).expect("append");
+        log.append(json!({"class_uid": 4001, "message": format!("record {i}")}))
+            .expect("append");
     }
 }
 
 fn verify(files: &[PathBuf], head: Option<audit::Head>) -> audit::VerifyReport {
-    audit::verify(files, &VerifyOptions { head, allow_partial: false }).expect("verify runs")
+    audit::verify(
+        files,
+        &VerifyOptions {
+            head,
+            allow_partial: false,
+        },
+    )
+    .expect("verify runs")
 }
 
 fn lines(p: &Path) -> Vec<String> {
-    std::fs::read_to_string(p).expect("read").lines().map(str::to_string).collect()
+    std::fs::read_to_string(p)
+        .expect("read")
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn rewrite(p: &Path, lines: &[String]) {
@@ -33,7 +52,9 @@ fn intact_chain_verifies_and_reaches_its_head() {
     let d = tempfile::tempdir().expect("tmp");
     let p = d.path().join("audit.log");
     write(&p, 10);
-    let head = audit::read_head(&audit::head_path(&p)).expect("head").expect("head written on close");
+    let head = audit::read_head(&audit::head_path(&p))
+        .expect("head")
+        .expect("head written on close");
     assert_eq!(head.seq, 10);
     let r = verify(&[p], Some(head.clone()));
     assert!(r.ok(), "{:?}", r.problems);
@@ -61,7 +82,14 @@ fn modified_record_breaks_the_chain_at_the_next_record() {
     l[2] = l[2].replace("record 2", "record X");
     rewrite(&p, &l);
     let r = verify(&[p.clone()], None);
-    assert_eq!(r.problems, vec![Problem::HashMismatch { file: p.display().to_string(), line: 4, seq: 4 }]);
+    assert_eq!(
+        r.problems,
+        vec![Problem::HashMismatch {
+            file: p.display().to_string(),
+            line: 4,
+            seq: 4
+        }]
+    );
 }
 
 #[test]
@@ -73,8 +101,14 @@ fn modified_last_record_is_caught_by_the_head() {
     let mut l = lines(&p);
     l[3] = l[3].replace("record 3", "record Y");
     rewrite(&p, &l);
-    assert!(verify(&[p.clone()], None).ok(), "without a head the last record cannot be checked");
-    assert_eq!(verify(&[p], head).problems, vec![Problem::HeadMismatch { seq: 4 }]);
+    assert!(
+        verify(&[p.clone()], None).ok(),
+        "without a head the last record cannot be checked"
+    );
+    assert_eq!(
+        verify(&[p], head).problems,
+        vec![Problem::HeadMismatch { seq: 4 }]
+    );
 }
 
 #[test]
@@ -86,7 +120,15 @@ fn deleted_record_is_reported_by_sequence_number() {
     l.remove(2);
     rewrite(&p, &l);
     let r = verify(&[p.clone()], None);
-    assert_eq!(r.problems, vec![Problem::Missing { file: p.display().to_string(), line: 3, from: 3, to: 3 }]);
+    assert_eq!(
+        r.problems,
+        vec![Problem::Missing {
+            file: p.display().to_string(),
+            line: 3,
+            from: 3,
+            to: 3
+        }]
+    );
 }
 
 #[test]
@@ -99,14 +141,47 @@ fn inserted_and_reordered_records_are_reported() {
     l.insert(3, orig[1].clone());
     rewrite(&p, &l);
     let r = verify(&[p.clone()], None);
-    assert!(r.problems.contains(&Problem::OutOfOrder { file: p.display().to_string(), line: 4, expected: 4, found: 2 }), "{:?}", r.problems);
+    assert!(
+        r.problems.contains(&Problem::OutOfOrder {
+            file: p.display().to_string(),
+            line: 4,
+            expected: 4,
+            found: 2
+        }),
+        "{:?}",
+        r.problems
+    );
 
     let mut l = orig.clone();
     l.swap(1, 2);
     rewrite(&p, &l);
     let r = verify(&[p.clone()], None);
-    assert!(matches!(r.problems.first(), Some(Problem::Missing { line: 2, from: 2, to: 2, .. })), "{:?}", r.problems);
-    assert!(r.problems.iter().any(|x| matches!(x, Problem::OutOfOrder { line: 3, expected: 4, found: 2, .. })), "{:?}", r.problems);
+    assert!(
+        matches!(
+            r.problems.first(),
+            Some(Problem::Missing {
+                line: 2,
+                from: 2,
+                to: 2,
+                ..
+            })
+        ),
+        "{:?}",
+        r.problems
+    );
+    assert!(
+        r.problems.iter().any(|x| matches!(
+            x,
+            Problem::OutOfOrder {
+                line: 3,
+                expected: 4,
+                found: 2,
+                ..
+            }
+        )),
+        "{:?}",
+        r.problems
+    );
 }
 
 #[test]
@@ -117,7 +192,10 @@ fn truncation_is_caught_against_the_head() {
     let head = audit::read_head(&audit::head_path(&p)).expect("head");
     let l = lines(&p);
     rewrite(&p, &l[..5]);
-    assert_eq!(verify(&[p], head).problems, vec![Problem::Truncated { last: 5, head: 8 }]);
+    assert_eq!(
+        verify(&[p], head).problems,
+        vec![Problem::Truncated { last: 5, head: 8 }]
+    );
 }
 
 #[test]
@@ -128,8 +206,21 @@ fn chain_not_starting_at_genesis_is_reported_unless_partial_is_allowed() {
     let l = lines(&p);
     rewrite(&p, &l[2..]);
     let r = verify(&[p.clone()], None);
-    assert_eq!(r.problems, vec![Problem::NotGenesis { file: p.display().to_string(), seq: 3 }]);
-    let r = audit::verify(&[p], &VerifyOptions { head: None, allow_partial: true }).expect("verify");
+    assert_eq!(
+        r.problems,
+        vec![Problem::NotGenesis {
+            file: p.display().to_string(),
+            seq: 3
+        }]
+    );
+    let r = audit::verify(
+        &[p],
+        &VerifyOptions {
+            head: None,
+            allow_partial: true,
+        },
+    )
+    .expect("verify");
     assert!(r.ok());
 }
 
@@ -143,17 +234,31 @@ fn torn_last_line_is_reported_then_recovered_with_a_record_of_it() {
     bytes.extend_from_slice(b"{\"class_uid\":4001,\"mess");
     std::fs::write(&p, &bytes).expect("write");
     let r = verify(&[p.clone()], None);
-    assert_eq!(r.problems, vec![Problem::TornTail { file: p.display().to_string(), line: 4, bytes: 23 }]);
+    assert_eq!(
+        r.problems,
+        vec![Problem::TornTail {
+            file: p.display().to_string(),
+            line: 4,
+            bytes: 23
+        }]
+    );
 
     // Reopening keeps the torn bytes aside, records the recovery, and the chain is whole.
     write(&p, 1);
     let kept = d.path().join("audit.log.torn-4");
-    assert_eq!(std::fs::read(&kept).expect("torn bytes kept"), b"{\"class_uid\":4001,\"mess");
+    assert_eq!(
+        std::fs::read(&kept).expect("torn bytes kept"),
+        b"{\"class_uid\":4001,\"mess"
+    );
     let r = verify(&[p.clone()], None);
     assert!(r.ok(), "{:?}", r.problems);
     assert_eq!(r.last_seq, 5);
     assert_eq!(r.recoveries.len(), 1);
-    assert!(lines(&p)[3].contains("torn record of 23 bytes"), "{}", lines(&p)[3]);
+    assert!(
+        lines(&p)[3].contains("torn record of 23 bytes"),
+        "{}",
+        lines(&p)[3]
+    );
 }
 
 #[test]
@@ -169,7 +274,12 @@ fn rotation_keeps_one_chain_across_files_in_any_order() {
     let mut files: Vec<PathBuf> = std::fs::read_dir(d.path())
         .expect("ls")
         .map(|e| e.expect("entry").path())
-        .filter(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("audit.log") && !n.to_string_lossy().ends_with(".head")))
+        .filter(|f| {
+            f.file_name().is_some_and(|n| {
+                n.to_string_lossy().starts_with("audit.log")
+                    && !n.to_string_lossy().ends_with(".head")
+            })
+        })
         .collect();
     assert!(files.len() >= 3, "expected rotation, got {files:?}");
     files.reverse();
@@ -180,10 +290,20 @@ fn rotation_keeps_one_chain_across_files_in_any_order() {
 
     // Removing a rotated file in the middle shows as missing records.
     files.sort();
-    let middle = files.iter().find(|f| !f.ends_with("audit.log")).cloned().expect("a rotated file");
+    let middle = files
+        .iter()
+        .find(|f| !f.ends_with("audit.log"))
+        .cloned()
+        .expect("a rotated file");
     let rest: Vec<PathBuf> = files.into_iter().filter(|f| *f != middle).collect();
     let r = verify(&rest, None);
-    assert!(r.problems.iter().any(|x| matches!(x, Problem::Missing { .. }) || matches!(x, Problem::NotGenesis { .. })), "{:?}", r.problems);
+    assert!(
+        r.problems.iter().any(
+            |x| matches!(x, Problem::Missing { .. }) || matches!(x, Problem::NotGenesis { .. })
+        ),
+        "{:?}",
+        r.problems
+    );
 }
 
 #[test]
@@ -195,6 +315,22 @@ fn garbage_line_is_reported_not_fatal() {
     l[1] = "not json at all".into();
     rewrite(&p, &l);
     let r = verify(&[p], None);
-    assert!(matches!(r.problems[0], Problem::Unparsable { line: 2, .. }), "{:?}", r.problems);
-    assert!(matches!(r.problems[1], Problem::Missing { line: 3, from: 2, to: 2, .. }), "{:?}", r.problems);
+    assert!(
+        matches!(r.problems[0], Problem::Unparsable { line: 2, .. }),
+        "{:?}",
+        r.problems
+    );
+    assert!(
+        matches!(
+            r.problems[1],
+            Problem::Missing {
+                line: 3,
+                from: 2,
+                to: 2,
+                ..
+            }
+        ),
+        "{:?}",
+        r.problems
+    );
 }

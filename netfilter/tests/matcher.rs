@@ -1,7 +1,9 @@
 //! The per-frame matcher, driven with real frames built byte by byte.
 
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
-use enclave_netfilter::matcher::{Direction, EnforcerConfig, Enforcer, EventKind, LocalWorkload, Reason, Verdict};
+use enclave_netfilter::matcher::{
+    Direction, Enforcer, EnforcerConfig, EventKind, LocalWorkload, Reason, Verdict,
+};
 use enclave_netfilter::packet::{build, MacAddr, TcpFlags as F};
 use enclave_netfilter::policy::{self, AppProto, CompiledPolicy};
 use std::net::{IpAddr, Ipv4Addr};
@@ -52,7 +54,11 @@ struct Fx {
 }
 
 fn compiled(src: &str) -> Arc<CompiledPolicy> {
-    Arc::new(policy::load_str(src, "test.yaml").expect("policy loads").compiled)
+    Arc::new(
+        policy::load_str(src, "test.yaml")
+            .expect("policy loads")
+            .compiled,
+    )
 }
 
 fn fixture(ns: &str) -> Fx {
@@ -63,16 +69,45 @@ fn fixture_with(ns: &str, src: &str, cfg: EnforcerConfig) -> Fx {
     let c = compiled(src);
     let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
-    let w = inv.workloads.iter().find(|w| w.namespace == ns).expect("workload");
+    let w = inv
+        .workloads
+        .iter()
+        .find(|w| w.namespace == ns)
+        .expect("workload");
     let mac = w.mac.expect("mac");
     let local = LocalWorkload {
         identity: Arc::new(w.identity()),
         mac,
-        ipv4: w.ips.iter().filter_map(|i| if let IpAddr::V4(v) = i { Some(*v) } else { None }).collect(),
-        ipv6: w.ips.iter().filter_map(|i| if let IpAddr::V6(v) = i { Some(*v) } else { None }).collect(),
+        ipv4: w
+            .ips
+            .iter()
+            .filter_map(|i| {
+                if let IpAddr::V4(v) = i {
+                    Some(*v)
+                } else {
+                    None
+                }
+            })
+            .collect(),
+        ipv6: w
+            .ips
+            .iter()
+            .filter_map(|i| {
+                if let IpAddr::V6(v) = i {
+                    Some(*v)
+                } else {
+                    None
+                }
+            })
+            .collect(),
         dhcp: false,
     };
-    Fx { e: Enforcer::new(c, peers, local, cfg), mac, ip: w.ips[0], now: 1 }
+    Fx {
+        e: Enforcer::new(c, peers, local, cfg),
+        mac,
+        ip: w.ips[0],
+        now: 1,
+    }
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -89,18 +124,39 @@ impl Fx {
         self.e.decide(Direction::Ingress, frame, self.now)
     }
     fn to(&self, dst: &str, sport: u16, dport: u16) -> build::Ends {
-        build::Ends { src_mac: self.mac, dst_mac: GW, src: self.ip, dst: ip(dst), sport, dport }
+        build::Ends {
+            src_mac: self.mac,
+            dst_mac: GW,
+            src: self.ip,
+            dst: ip(dst),
+            sport,
+            dport,
+        }
     }
     fn back(&self, e: &build::Ends) -> build::Ends {
-        build::Ends { src_mac: GW, dst_mac: self.mac, ..e.reversed() }
+        build::Ends {
+            src_mac: GW,
+            dst_mac: self.mac,
+            ..e.reversed()
+        }
     }
     /// Handshake from the workload to `dst`, returning the ends.
     fn connect(&mut self, dst: &str, dport: u16) -> build::Ends {
         let e = self.to(dst, 40000, dport);
         let r = self.back(&e);
-        assert_eq!(self.out(&build::tcp(&e, F::SYN, 100, 0, &[])).verdict, Verdict::Pass);
-        assert_eq!(self.inn(&build::tcp(&r, F::SYN | F::ACK, 900, 101, &[])).verdict, Verdict::Pass);
-        assert_eq!(self.out(&build::tcp(&e, F::ACK, 101, 901, &[])).verdict, Verdict::Pass);
+        assert_eq!(
+            self.out(&build::tcp(&e, F::SYN, 100, 0, &[])).verdict,
+            Verdict::Pass
+        );
+        assert_eq!(
+            self.inn(&build::tcp(&r, F::SYN | F::ACK, 900, 101, &[]))
+                .verdict,
+            Verdict::Pass
+        );
+        assert_eq!(
+            self.out(&build::tcp(&e, F::ACK, 101, 901, &[])).verdict,
+            Verdict::Pass
+        );
         e
     }
 }
@@ -110,15 +166,24 @@ fn allowed_flow_passes_both_ways_and_is_audited_once() {
     let mut f = fixture("a");
     let e = f.to("10.0.0.2", 40000, 22);
     let syn = f.out(&build::tcp(&e, F::SYN, 100, 0, &[]));
-    assert_eq!((syn.verdict, syn.reason), (Verdict::Pass, Reason::NewFlowAllowed));
+    assert_eq!(
+        (syn.verdict, syn.reason),
+        (Verdict::Pass, Reason::NewFlowAllowed)
+    );
     let ev = syn.event.expect("new flow is audited");
     assert_eq!(ev.kind, EventKind::Allowed);
     assert_eq!(ev.rule, Some(policy::RuleId(0)));
     let r = f.back(&e);
     let synack = f.inn(&build::tcp(&r, F::SYN | F::ACK, 900, 101, &[]));
-    assert_eq!((synack.verdict, synack.reason, synack.event), (Verdict::Pass, Reason::Established, None));
+    assert_eq!(
+        (synack.verdict, synack.reason, synack.event),
+        (Verdict::Pass, Reason::Established, None)
+    );
     let data = f.out(&build::tcp(&e, F::ACK | F::PSH, 101, 901, b"SSH-2.0-x\r\n"));
-    assert_eq!((data.reason, data.event.is_none()), (Reason::Established, true));
+    assert_eq!(
+        (data.reason, data.event.is_none()),
+        (Reason::Established, true)
+    );
 }
 
 #[test]
@@ -154,7 +219,13 @@ fn deny_rule_names_itself_in_the_event() {
 fn redis_only_rule_refuses_http_on_the_same_port_and_cuts_the_flow() {
     let mut f = fixture("a");
     let e = f.connect("10.0.0.2", 6379);
-    let d = f.out(&build::tcp(&e, F::ACK | F::PSH, 101, 901, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    let d = f.out(&build::tcp(
+        &e,
+        F::ACK | F::PSH,
+        101,
+        901,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ));
     assert_eq!((d.verdict, d.reason), (Verdict::Drop, Reason::AppMismatch));
     let ev = d.event.expect("mismatch is audited");
     assert_eq!(ev.kind, EventKind::Denied);
@@ -162,8 +233,17 @@ fn redis_only_rule_refuses_http_on_the_same_port_and_cuts_the_flow() {
     assert_eq!(ev.app_required, 1 << AppProto::Redis.index());
     assert_eq!(ev.rule, Some(policy::RuleId(1)));
     // Everything after is dropped quietly, both ways.
-    let again = f.out(&build::tcp(&e, F::ACK | F::PSH, 101, 901, b"*1\r\n$4\r\nPING\r\n"));
-    assert_eq!((again.reason, again.event.is_none()), (Reason::FlowCut, true));
+    let again = f.out(&build::tcp(
+        &e,
+        F::ACK | F::PSH,
+        101,
+        901,
+        b"*1\r\n$4\r\nPING\r\n",
+    ));
+    assert_eq!(
+        (again.reason, again.event.is_none()),
+        (Reason::FlowCut, true)
+    );
     let reply = f.inn(&build::tcp(&f.back(&e), F::ACK, 901, 140, b"+PONG\r\n"));
     assert_eq!(reply.reason, Reason::FlowCut);
 }
@@ -172,11 +252,31 @@ fn redis_only_rule_refuses_http_on_the_same_port_and_cuts_the_flow() {
 fn redis_payload_is_allowed_and_recorded_with_its_app() {
     let mut f = fixture("a");
     let e = f.connect("10.0.0.2", 6379);
-    let d = f.out(&build::tcp(&e, F::ACK | F::PSH, 101, 901, b"*1\r\n$4\r\nPING\r\n"));
-    assert_eq!((d.verdict, d.reason), (Verdict::Pass, Reason::NewFlowAllowed));
-    let ev = d.event.expect("allowed L7 flow is audited when its app is confirmed");
-    assert_eq!((ev.kind, ev.app_detected), (EventKind::Allowed, Some(AppProto::Redis)));
-    let reply = f.inn(&build::tcp(&f.back(&e), F::ACK | F::PSH, 901, 115, b"+PONG\r\n"));
+    let d = f.out(&build::tcp(
+        &e,
+        F::ACK | F::PSH,
+        101,
+        901,
+        b"*1\r\n$4\r\nPING\r\n",
+    ));
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Pass, Reason::NewFlowAllowed)
+    );
+    let ev = d
+        .event
+        .expect("allowed L7 flow is audited when its app is confirmed");
+    assert_eq!(
+        (ev.kind, ev.app_detected),
+        (EventKind::Allowed, Some(AppProto::Redis))
+    );
+    let reply = f.inn(&build::tcp(
+        &f.back(&e),
+        F::ACK | F::PSH,
+        901,
+        115,
+        b"+PONG\r\n",
+    ));
     assert_eq!((reply.reason, reply.event), (Reason::Established, None));
 }
 
@@ -187,14 +287,24 @@ fn payload_split_across_segments_is_detected_and_reordering_is_refused() {
     let msg = b"*1\r\n$4\r\nPING\r\n";
     // Out of order while detecting: dropped (the sender retransmits in order).
     let ooo = f.out(&build::tcp(&e, F::ACK, 101 + 4, 901, &msg[4..]));
-    assert_eq!((ooo.verdict, ooo.reason), (Verdict::Drop, Reason::AppReorder));
+    assert_eq!(
+        (ooo.verdict, ooo.reason),
+        (Verdict::Drop, Reason::AppReorder)
+    );
     let first = f.out(&build::tcp(&e, F::ACK, 101, 901, &msg[..4]));
-    assert_eq!((first.verdict, first.reason), (Verdict::Pass, Reason::Established), "a valid prefix passes");
+    assert_eq!(
+        (first.verdict, first.reason),
+        (Verdict::Pass, Reason::Established),
+        "a valid prefix passes"
+    );
     // A retransmission of held bytes with different content is refused.
     let forged = f.out(&build::tcp(&e, F::ACK, 101, 901, b"GET "));
     assert_eq!(forged.reason, Reason::AppReorder);
     let rest = f.out(&build::tcp(&e, F::ACK, 105, 901, &msg[4..]));
-    assert_eq!((rest.verdict, rest.event.map(|e| e.app_detected)), (Verdict::Pass, Some(Some(AppProto::Redis))));
+    assert_eq!(
+        (rest.verdict, rest.event.map(|e| e.app_detected)),
+        (Verdict::Pass, Some(Some(AppProto::Redis)))
+    );
 }
 
 #[test]
@@ -203,9 +313,16 @@ fn monitor_mode_passes_would_be_denied_flows_and_logs_them() {
     let e = f.to("10.0.0.2", 40000, 80);
     let d = f.out(&build::tcp(&e, F::SYN, 1, 0, &[]));
     assert_eq!((d.verdict, d.reason), (Verdict::Pass, Reason::Monitored));
-    assert_eq!(d.event.map(|e| (e.kind, e.reason)), Some((EventKind::WouldDeny, Reason::NoRule)));
+    assert_eq!(
+        d.event.map(|e| (e.kind, e.reason)),
+        Some((EventKind::WouldDeny, Reason::NoRule))
+    );
     let r = f.back(&e);
-    assert_eq!(f.inn(&build::tcp(&r, F::SYN | F::ACK, 5, 2, &[])).event, None, "logged once per flow");
+    assert_eq!(
+        f.inn(&build::tcp(&r, F::SYN | F::ACK, 5, 2, &[])).event,
+        None,
+        "logged once per flow"
+    );
 }
 
 #[test]
@@ -217,7 +334,10 @@ fn learn_mode_records_flows_with_their_detected_app() {
     let d = f.out(&build::tcp(&e, F::ACK | F::PSH, 101, 901, &startup));
     assert_eq!(d.verdict, Verdict::Pass);
     let ev = d.event.expect("learn record");
-    assert_eq!((ev.kind, ev.app_detected), (EventKind::Learned, Some(AppProto::Postgres)));
+    assert_eq!(
+        (ev.kind, ev.app_detected),
+        (EventKind::Learned, Some(AppProto::Postgres))
+    );
 }
 
 #[test]
@@ -231,7 +351,10 @@ fn forged_source_ip_and_mac_are_refused_and_logged() {
     let mut e = f.to("10.0.0.2", 40000, 22);
     e.src_mac = MacAddr([2, 9, 9, 9, 9, 9]);
     let d = f.out(&build::tcp(&e, F::SYN, 1, 0, &[]));
-    assert_eq!((d.reason, d.event.map(|e| e.src_mac)), (Reason::SpoofedMac, Some(MacAddr([2, 9, 9, 9, 9, 9]))));
+    assert_eq!(
+        (d.reason, d.event.map(|e| e.src_mac)),
+        (Reason::SpoofedMac, Some(MacAddr([2, 9, 9, 9, 9, 9])))
+    );
 }
 
 #[test]
@@ -239,13 +362,34 @@ fn arp_must_claim_the_workloads_own_address() {
     let mut f = fixture("a");
     let own = Ipv4Addr::new(10, 0, 0, 1);
     let target = Ipv4Addr::new(10, 0, 0, 2);
-    let ok = build::arp(f.mac, MacAddr::BROADCAST, 1, own, MacAddr::default(), target);
+    let ok = build::arp(
+        f.mac,
+        MacAddr::BROADCAST,
+        1,
+        own,
+        MacAddr::default(),
+        target,
+    );
     assert_eq!(f.out(&ok).reason, Reason::Arp);
-    let poison = build::arp(f.mac, MacAddr::BROADCAST, 2, Ipv4Addr::new(10, 0, 0, 254), MacAddr::default(), target);
+    let poison = build::arp(
+        f.mac,
+        MacAddr::BROADCAST,
+        2,
+        Ipv4Addr::new(10, 0, 0, 254),
+        MacAddr::default(),
+        target,
+    );
     assert_eq!(f.out(&poison).reason, Reason::BadArp);
     let to_us = build::arp(GW, MacAddr::BROADCAST, 1, target, MacAddr::default(), own);
     assert_eq!(f.inn(&to_us).reason, Reason::Arp);
-    let not_us = build::arp(GW, MacAddr::BROADCAST, 1, target, MacAddr::default(), Ipv4Addr::new(10, 0, 0, 7));
+    let not_us = build::arp(
+        GW,
+        MacAddr::BROADCAST,
+        1,
+        target,
+        MacAddr::default(),
+        Ipv4Addr::new(10, 0, 0, 7),
+    );
     assert_eq!(f.inn(&not_us).verdict, Verdict::Drop);
 }
 
@@ -256,23 +400,55 @@ fn vlan_tags_router_advertisements_and_dhcp_servers_from_a_pod_are_refused() {
     let mut tcp = vec![0u8; 20];
     tcp[12] = 5 << 4;
     tcp[13] = F::SYN;
-    let tagged = build::ip(&e, 6, tcp, build::IpOpts { vlan: Some(5), ..Default::default() });
+    let tagged = build::ip(
+        &e,
+        6,
+        tcp,
+        build::IpOpts {
+            vlan: Some(5),
+            ..Default::default()
+        },
+    );
     assert_eq!(f.out(&tagged).reason, Reason::VlanTagged);
     let ll = f.mac.ipv6_link_local();
-    let ra = build::Ends { src: IpAddr::V6(ll), dst: ip("ff02::1"), ..e };
+    let ra = build::Ends {
+        src: IpAddr::V6(ll),
+        dst: ip("ff02::1"),
+        ..e
+    };
     let mut ra_frame = build::icmp(&ra, 134, 0, &[0; 8]);
     // Hop limit 255, as NDP requires.
     ra_frame[14 + 7] = 255;
     assert_eq!(f.out(&ra_frame).reason, Reason::RogueRouter);
-    let dhcp = build::Ends { dst: ip("255.255.255.255"), sport: 67, dport: 68, ..e };
-    assert_eq!(f.out(&build::udp(&dhcp, &[0; 240])).reason, Reason::RogueDhcp);
+    let dhcp = build::Ends {
+        dst: ip("255.255.255.255"),
+        sport: 67,
+        dport: 68,
+        ..e
+    };
+    assert_eq!(
+        f.out(&build::udp(&dhcp, &[0; 240])).reason,
+        Reason::RogueDhcp
+    );
 }
 
 #[test]
 fn neighbour_solicitation_from_own_link_local_passes() {
     let mut f = fixture("a");
-    let e = build::Ends { src_mac: f.mac, dst_mac: MacAddr([0x33, 0x33, 0xff, 0, 0, 2]), src: IpAddr::V6(f.mac.ipv6_link_local()), dst: ip("ff02::1:ff00:2"), sport: 0, dport: 0 };
-    let mut ns = build::icmp(&e, 135, 0, &[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    let e = build::Ends {
+        src_mac: f.mac,
+        dst_mac: MacAddr([0x33, 0x33, 0xff, 0, 0, 2]),
+        src: IpAddr::V6(f.mac.ipv6_link_local()),
+        dst: ip("ff02::1:ff00:2"),
+        sport: 0,
+        dport: 0,
+    };
+    let mut ns = build::icmp(
+        &e,
+        135,
+        0,
+        &[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+    );
     ns[14 + 7] = 255;
     assert_eq!(f.out(&ns).reason, Reason::Ndp);
 }
@@ -280,10 +456,27 @@ fn neighbour_solicitation_from_own_link_local_passes() {
 #[test]
 fn frames_for_another_mac_or_address_do_not_reach_the_workload() {
     let mut f = fixture("a");
-    let e = build::Ends { src_mac: GW, dst_mac: MacAddr([2, 7, 7, 7, 7, 7]), src: ip("10.0.0.2"), dst: f.ip, sport: 22, dport: 40000 };
-    assert_eq!(f.inn(&build::tcp(&e, F::SYN, 1, 0, &[])).reason, Reason::NotForWorkload);
-    let e = build::Ends { dst_mac: f.mac, dst: ip("10.0.0.77"), ..e };
-    assert_eq!(f.inn(&build::tcp(&e, F::SYN, 1, 0, &[])).reason, Reason::NotForWorkload);
+    let e = build::Ends {
+        src_mac: GW,
+        dst_mac: MacAddr([2, 7, 7, 7, 7, 7]),
+        src: ip("10.0.0.2"),
+        dst: f.ip,
+        sport: 22,
+        dport: 40000,
+    };
+    assert_eq!(
+        f.inn(&build::tcp(&e, F::SYN, 1, 0, &[])).reason,
+        Reason::NotForWorkload
+    );
+    let e = build::Ends {
+        dst_mac: f.mac,
+        dst: ip("10.0.0.77"),
+        ..e
+    };
+    assert_eq!(
+        f.inn(&build::tcp(&e, F::SYN, 1, 0, &[])).reason,
+        Reason::NotForWorkload
+    );
 }
 
 #[test]
@@ -295,16 +488,61 @@ fn fragments_follow_their_allowed_first_fragment_only() {
     tcp[2..4].copy_from_slice(&443u16.to_be_bytes());
     tcp[12] = 5 << 4;
     tcp[13] = F::SYN;
-    let first = build::ip(&e, 6, tcp, build::IpOpts { id: 77, frag: Some((0, true)), vlan: None });
+    let first = build::ip(
+        &e,
+        6,
+        tcp,
+        build::IpOpts {
+            id: 77,
+            frag: Some((0, true)),
+            vlan: None,
+        },
+    );
     assert_eq!(f.out(&first).verdict, Verdict::Pass);
-    let second = build::ip(&e, 6, vec![0; 16], build::IpOpts { id: 77, frag: Some((5, false)), vlan: None });
+    let second = build::ip(
+        &e,
+        6,
+        vec![0; 16],
+        build::IpOpts {
+            id: 77,
+            frag: Some((5, false)),
+            vlan: None,
+        },
+    );
     assert_eq!(f.out(&second).reason, Reason::Fragment);
-    let orphan = build::ip(&e, 6, vec![0; 16], build::IpOpts { id: 78, frag: Some((5, false)), vlan: None });
+    let orphan = build::ip(
+        &e,
+        6,
+        vec![0; 16],
+        build::IpOpts {
+            id: 78,
+            frag: Some((5, false)),
+            vlan: None,
+        },
+    );
     assert_eq!(f.out(&orphan).reason, Reason::FragmentUnknown);
-    let overlap = build::ip(&e, 6, vec![0; 16], build::IpOpts { id: 77, frag: Some((1, false)), vlan: None });
+    let overlap = build::ip(
+        &e,
+        6,
+        vec![0; 16],
+        build::IpOpts {
+            id: 77,
+            frag: Some((1, false)),
+            vlan: None,
+        },
+    );
     assert_eq!(f.out(&overlap).reason, Reason::FragmentOverlap);
     // A first fragment too short to hold the TCP header is not decidable: dropped.
-    let tiny = build::ip(&e, 6, vec![0; 8], build::IpOpts { id: 79, frag: Some((0, true)), vlan: None });
+    let tiny = build::ip(
+        &e,
+        6,
+        vec![0; 8],
+        build::IpOpts {
+            id: 79,
+            frag: Some((0, true)),
+            vlan: None,
+        },
+    );
     assert_eq!(f.out(&tiny).reason, Reason::Malformed);
 }
 
@@ -312,29 +550,64 @@ fn fragments_follow_their_allowed_first_fragment_only() {
 fn icmp_echo_and_errors_about_tracked_flows_pass() {
     let mut f = fixture("a");
     let e = f.to("192.0.2.9", 7, 0);
-    assert_eq!(f.out(&build::icmp(&e, 8, 0, b"ping")).reason, Reason::NewFlowAllowed);
-    let r = build::Ends { src_mac: GW, dst_mac: f.mac, src: ip("192.0.2.9"), dst: f.ip, sport: 7, dport: 0 };
-    assert_eq!(f.inn(&build::icmp(&r, 0, 0, b"ping")).reason, Reason::Established);
+    assert_eq!(
+        f.out(&build::icmp(&e, 8, 0, b"ping")).reason,
+        Reason::NewFlowAllowed
+    );
+    let r = build::Ends {
+        src_mac: GW,
+        dst_mac: f.mac,
+        src: ip("192.0.2.9"),
+        dst: f.ip,
+        sport: 7,
+        dport: 0,
+    };
+    assert_eq!(
+        f.inn(&build::icmp(&r, 0, 0, b"ping")).reason,
+        Reason::Established
+    );
     // A port-unreachable about an HTTPS flow we opened.
     let https = f.to("192.0.2.9", 40000, 443);
-    assert_eq!(f.out(&build::tcp(&https, F::SYN, 1, 0, &[])).verdict, Verdict::Pass);
+    assert_eq!(
+        f.out(&build::tcp(&https, F::SYN, 1, 0, &[])).verdict,
+        Verdict::Pass
+    );
     let quoted = &build::tcp(&https, F::SYN, 1, 0, &[])[14..14 + 28];
     let err = build::icmp(&r, 3, 3, quoted);
     assert_eq!(f.inn(&err).reason, Reason::Related);
-    let stray = build::icmp(&r, 3, 3, &build::tcp(&f.to("192.0.2.9", 1, 2), F::SYN, 1, 0, &[])[14..42]);
+    let stray = build::icmp(
+        &r,
+        3,
+        3,
+        &build::tcp(&f.to("192.0.2.9", 1, 2), F::SYN, 1, 0, &[])[14..42],
+    );
     assert_eq!(f.inn(&stray).reason, Reason::UnrelatedIcmpError);
 }
 
 #[test]
 fn ipv6_flows_with_extension_headers_are_decided_by_zone() {
     let mut f = fixture("a");
-    let e = build::Ends { src_mac: f.mac, dst_mac: GW, src: ip("fd00::1"), dst: ip("2001:db8::53"), sport: 5300, dport: 53 };
+    let e = build::Ends {
+        src_mac: f.mac,
+        dst_mac: GW,
+        src: ip("fd00::1"),
+        dst: ip("2001:db8::53"),
+        sport: 5300,
+        dport: 53,
+    };
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     q.extend_from_slice(b"\x03www\x07example\x00\x00\x01\x00\x01");
     let d = f.out(&build::udp(&e, &q));
-    assert_eq!((d.verdict, d.event.and_then(|e| e.app_detected)), (Verdict::Pass, Some(AppProto::Dns)));
+    assert_eq!(
+        (d.verdict, d.event.and_then(|e| e.app_detected)),
+        (Verdict::Pass, Some(AppProto::Dns))
+    );
     let not_dns = build::Ends { sport: 5301, ..e };
-    assert_eq!(f.out(&build::udp(&not_dns, b"not a dns message at all")).reason, Reason::AppMismatch);
+    assert_eq!(
+        f.out(&build::udp(&not_dns, b"not a dns message at all"))
+            .reason,
+        Reason::AppMismatch
+    );
     // Hop-by-hop header in front of UDP: same decision.
     let mut frame = build::udp(&build::Ends { sport: 5302, ..e }, &q);
     let l4 = frame.split_off(54);
@@ -352,7 +625,13 @@ fn full_flow_table_evicts_and_counts_instead_of_growing() {
     cfg.flows = 64;
     let mut f = fixture_with("a", POLICY, cfg);
     for port in 0..1000u16 {
-        let d = f.out(&build::tcp(&f.to("10.0.0.2", 10000 + port, 22), F::SYN, 1, 0, &[]));
+        let d = f.out(&build::tcp(
+            &f.to("10.0.0.2", 10000 + port, 22),
+            F::SYN,
+            1,
+            0,
+            &[],
+        ));
         assert_eq!(d.verdict, Verdict::Pass);
     }
     let s = f.e.flow_stats();
@@ -365,17 +644,34 @@ fn reload_cuts_flows_the_new_policy_denies_and_keeps_the_others() {
     let mut f = fixture("a");
     let ssh = f.connect("10.0.0.2", 22);
     let https = f.to("192.0.2.9", 40001, 443);
-    assert_eq!(f.out(&build::tcp(&https, F::SYN, 1, 0, &[])).verdict, Verdict::Pass);
-    let newer = compiled(&POLICY.replace("    - {name: a-b-ssh, from: a, to: b, protocol: tcp, ports: [22]}\n", ""));
+    assert_eq!(
+        f.out(&build::tcp(&https, F::SYN, 1, 0, &[])).verdict,
+        Verdict::Pass
+    );
+    let newer = compiled(&POLICY.replace(
+        "    - {name: a-b-ssh, from: a, to: b, protocol: tcp, ports: [22]}\n",
+        "",
+    ));
     let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
     let peers = Arc::new(PeerDirectory::build(newer.policy(), &inv.workloads));
     let events = f.e.reload(newer, peers);
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!((events[0].reason, events[0].dport), (Reason::FlowCut, 22));
-    assert_eq!(f.out(&build::tcp(&ssh, F::ACK, 101, 901, b"x")).reason, Reason::FlowCut);
-    assert_eq!(f.out(&build::tcp(&https, F::ACK, 2, 1, b"x")).verdict, Verdict::Drop, "handshake not done: invalid");
+    assert_eq!(
+        f.out(&build::tcp(&ssh, F::ACK, 101, 901, b"x")).reason,
+        Reason::FlowCut
+    );
+    assert_eq!(
+        f.out(&build::tcp(&https, F::ACK, 2, 1, b"x")).verdict,
+        Verdict::Drop,
+        "handshake not done: invalid"
+    );
     let r = f.back(&https);
-    assert_eq!(f.inn(&build::tcp(&r, F::SYN | F::ACK, 9, 2, &[])).reason, Reason::Established, "still-allowed flow kept");
+    assert_eq!(
+        f.inn(&build::tcp(&r, F::SYN | F::ACK, 9, 2, &[])).reason,
+        Reason::Established,
+        "still-allowed flow kept"
+    );
 }
 
 #[test]
@@ -393,7 +689,11 @@ fn arbitrary_bytes_never_panic_and_are_dropped_as_malformed() {
             let at = (x >> 20) as usize % frame.len();
             frame[at] ^= (x >> 40) as u8 | 1;
         }
-        let dir = if i % 2 == 0 { Direction::Egress } else { Direction::Ingress };
+        let dir = if i % 2 == 0 {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        };
         let _ = f.e.decide(dir, &frame, i);
     }
     assert!(f.e.counters().frames[Reason::Malformed as usize] > 0);

@@ -20,11 +20,15 @@ fn shipped_templates_load_without_findings() {
     let mut n = 0;
     for e in std::fs::read_dir(&dir).expect("configs/policies exists") {
         let p = e.expect("dir entry").path();
-        let l = policy::load_file(&p).unwrap_or_else(|e| panic!("{} does not load:\n{e}", p.display()));
+        let l =
+            policy::load_file(&p).unwrap_or_else(|e| panic!("{} does not load:\n{e}", p.display()));
         assert!(l.warnings.is_empty(), "{}: {:?}", p.display(), l.warnings);
         n += 1;
     }
-    assert!(n >= 3, "expected the PCI, three-tier and env-separation templates");
+    assert!(
+        n >= 3,
+        "expected the PCI, three-tier and env-separation templates"
+    );
 }
 
 #[test]
@@ -35,13 +39,22 @@ fn unknown_field_is_located_and_names_expected_fields() {
     assert_eq!((d[0].pos.line, d[0].pos.col), (15, 7), "{}", d[0]);
     assert_eq!(d[0].field, "spec.rules[0]");
     assert!(d[0].message.contains("unknown field `protcol`"), "{}", d[0]);
-    assert!(d[0].message.contains("`protocol`"), "should list expected fields: {}", d[0]);
-    assert!(d[0].to_string().starts_with("p.yaml:15:7: error: "), "{}", d[0]);
+    assert!(
+        d[0].message.contains("`protocol`"),
+        "should list expected fields: {}",
+        d[0]
+    );
+    assert!(
+        d[0].to_string().starts_with("p.yaml:15:7: error: "),
+        "{}",
+        d[0]
+    );
 }
 
 #[test]
 fn unknown_zone_reference_suggests_the_closest_name() {
-    let src = format!("{HEAD}  rules:\n    - from: a\n      to: [b, bb, zzzzz]\n      protocol: tcp\n");
+    let src =
+        format!("{HEAD}  rules:\n    - from: a\n      to: [b, bb, zzzzz]\n      protocol: tcp\n");
     let d = errors(&src);
     let fields: Vec<&str> = d.iter().map(|d| d.field.as_str()).collect();
     assert_eq!(fields, ["spec.rules[0].to[1]", "spec.rules[0].to[2]"]);
@@ -54,7 +67,10 @@ fn unknown_zone_reference_suggests_the_closest_name() {
 fn bad_ports_say_what_was_expected() {
     let src = format!("{HEAD}  rules:\n    - from: a\n      to: b\n      protocol: tcp\n      ports: [0, \"90-80\", \"x\", 70000, 443]\n");
     let d = errors(&src);
-    let msgs: Vec<String> = d.iter().map(|d| format!("{}: {}", d.field, d.message)).collect();
+    let msgs: Vec<String> = d
+        .iter()
+        .map(|d| format!("{}: {}", d.field, d.message))
+        .collect();
     assert_eq!(d.len(), 4, "{msgs:#?}");
     assert!(msgs[0].starts_with("spec.rules[0].ports[0]: port 0 is out of range"));
     assert!(msgs[1].contains("backwards; write `80-90`"));
@@ -69,7 +85,12 @@ fn cidr_with_host_bits_and_duplicate_networks_are_refused() {
         + "    - name: c\n      cidrs: [192.168.0.0/16]\n";
     let d = errors(&src);
     assert_eq!(d.len(), 2, "{d:#?}");
-    assert!(d[0].message.contains("host bits set; the network is 10.0.0.0/8"), "{}", d[0]);
+    assert!(
+        d[0].message
+            .contains("host bits set; the network is 10.0.0.0/8"),
+        "{}",
+        d[0]
+    );
     assert_eq!(d[0].field, "spec.zones[1].cidrs[0]");
     assert!(d[1].message.contains("already in zone `b`"), "{}", d[1]);
     assert_eq!(d[1].pos.line, 13);
@@ -79,8 +100,18 @@ fn cidr_with_host_bits_and_duplicate_networks_are_refused() {
 fn ports_without_a_port_protocol_and_app_on_wrong_protocol_are_refused() {
     let src = format!("{HEAD}  rules:\n    - from: a\n      to: b\n      ports: [80]\n    - from: a\n      to: b\n      protocol: udp\n      app: redis\n");
     let d = errors(&src);
-    assert!(d[0].message.contains("ports need protocol tcp or udp, not `any`"), "{}", d[0]);
-    assert!(d[1].message.contains("app `redis` needs protocol tcp, not `udp`"), "{}", d[1]);
+    assert!(
+        d[0].message
+            .contains("ports need protocol tcp or udp, not `any`"),
+        "{}",
+        d[0]
+    );
+    assert!(
+        d[1].message
+            .contains("app `redis` needs protocol tcp, not `udp`"),
+        "{}",
+        d[1]
+    );
 }
 
 #[test]
@@ -98,31 +129,63 @@ fn shadowed_rule_is_a_warning_and_the_policy_still_loads() {
     let src = format!("{HEAD}  rules:\n    - name: wide\n      from: a\n      to: b\n      protocol: tcp\n      ports: [\"1-1024\"]\n    - name: narrow\n      from: a\n      to: b\n      protocol: tcp\n      ports: [443]\n      app: tls\n");
     let l = policy::load_str(&src, "p.yaml").expect("loads");
     assert_eq!(l.warnings.len(), 1);
-    assert!(l.warnings[0].message.contains("`narrow` is unreachable: rule `wide`"), "{}", l.warnings[0]);
+    assert!(
+        l.warnings[0]
+            .message
+            .contains("`narrow` is unreachable: rule `wide`"),
+        "{}",
+        l.warnings[0]
+    );
     assert_eq!(l.warnings[0].pos.line, 18);
 }
 
 #[test]
 fn yaml_syntax_error_and_wrong_types_are_located() {
     let d = errors("apiVersion: enclave.io/v1alpha1\nkind: [a, b]\n");
-    assert_eq!((d[0].pos.line, d[0].pos.col, d[0].field.as_str()), (2, 7, "kind"), "{}", d[0]);
+    assert_eq!(
+        (d[0].pos.line, d[0].pos.col, d[0].field.as_str()),
+        (2, 7, "kind"),
+        "{}",
+        d[0]
+    );
     assert!(d[0].message.contains("expected a string"), "{}", d[0]);
     let d = errors("apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {name: \"t\n");
     assert_eq!(d.len(), 1);
-    assert!(d[0].pos.line >= 3, "syntax error located at the open quote or after: {}", d[0]);
+    assert!(
+        d[0].pos.line >= 3,
+        "syntax error located at the open quote or after: {}",
+        d[0]
+    );
     let d = errors(&HEAD.replace("version: 1", "version: [1]"));
     assert_eq!(d[0].field, "metadata.version");
-    assert!(d[0].message.contains("expected a string or a number"), "{}", d[0]);
-    let d = errors(&format!("{HEAD}  rules:\n    - from: {{x: 1}}\n      to: b\n"));
-    assert!(d[0].message.contains("expected a zone name or a list of zone names"), "{}", d[0]);
+    assert!(
+        d[0].message.contains("expected a string or a number"),
+        "{}",
+        d[0]
+    );
+    let d = errors(&format!(
+        "{HEAD}  rules:\n    - from: {{x: 1}}\n      to: b\n"
+    ));
+    assert!(
+        d[0].message
+            .contains("expected a zone name or a list of zone names"),
+        "{}",
+        d[0]
+    );
 }
 
 #[test]
 fn reserved_and_invalid_names_are_refused() {
-    let src = HEAD.replace("- name: a", "- name: unknown").replace("- name: b", "- name: B_2");
+    let src = HEAD
+        .replace("- name: a", "- name: unknown")
+        .replace("- name: b", "- name: B_2");
     let d = errors(&src);
-    assert!(d.iter().any(|x| x.message.contains("`unknown` is reserved")));
-    assert!(d.iter().any(|x| x.message.contains("`B_2` is not a valid name")));
+    assert!(d
+        .iter()
+        .any(|x| x.message.contains("`unknown` is reserved")));
+    assert!(d
+        .iter()
+        .any(|x| x.message.contains("`B_2` is not a valid name")));
 }
 
 #[test]
@@ -132,10 +195,20 @@ fn lookup_cost_structure_decides_by_port_and_app() {
     let c = &l.compiled;
     let (a, b) = (ZoneId(1), ZoneId(2));
     assert_eq!(c.lookup(a, b, 6, 22), Lookup::Allowed(policy::RuleId(1)));
-    assert!(matches!(c.lookup(a, b, 6, 8005), Lookup::NeedsApp(x) if x[policy::AppProto::Http.index()].is_some()));
+    assert!(
+        matches!(c.lookup(a, b, 6, 8005), Lookup::NeedsApp(x) if x[policy::AppProto::Http.index()].is_some())
+    );
     assert_eq!(c.lookup(a, b, 6, 8011), Lookup::NoRule);
-    assert_eq!(c.lookup(b, a, 6, 22), Lookup::NoRule, "rules are directional");
-    assert_eq!(c.lookup(a, b, 17, 22), Lookup::NoRule, "tcp rules do not open udp");
+    assert_eq!(
+        c.lookup(b, a, 6, 22),
+        Lookup::NoRule,
+        "rules are directional"
+    );
+    assert_eq!(
+        c.lookup(a, b, 17, 22),
+        Lookup::NoRule,
+        "tcp rules do not open udp"
+    );
     assert_eq!(c.zone_of_ip("10.9.9.9".parse().expect("ip")), Some(b));
     assert_eq!(c.zone_of_ip("11.0.0.1".parse().expect("ip")), None);
 }

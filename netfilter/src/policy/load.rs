@@ -395,7 +395,7 @@ fn name_msg(s: &str) -> String {
 fn closest<'a>(s: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .map(|c| (edit_distance(s, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .filter(|(d, c)| *d <= 1.max(c.len() / 3) && *d < s.len())
         .min()
         .map(|(_, c)| c)
 }

@@ -43,10 +43,11 @@ impl SpanIndex {
     pub fn locate(&self, path: &str) -> Pos {
         let mut p = path;
         loop {
+            // The value itself; for a block value, where its key stands.
             if let Some(pos) = self
                 .values
-                .get(&format!("{p}#key"))
-                .or_else(|| self.values.get(p))
+                .get(p)
+                .or_else(|| self.values.get(&format!("{p}#key")))
             {
                 return *pos;
             }
@@ -174,8 +175,8 @@ mod tests {
     fn locates_nested_sequence_items_and_falls_back_to_parent() {
         let src = "spec:\n  rules:\n    - name: a\n      ports: [80, 443]\n    - name: b\n";
         let ix = SpanIndex::build(src);
-        // A mapping entry is located at its key.
-        assert_eq!(ix.locate("spec.rules[1].name"), Pos { line: 5, col: 7 });
+        // A scalar is located at its value.
+        assert_eq!(ix.locate("spec.rules[1].name"), Pos { line: 5, col: 13 });
         assert_eq!(
             ix.locate("spec.rules[0].ports[1]"),
             Pos { line: 4, col: 19 }

@@ -61,9 +61,11 @@ pub fn parse(s: &str, inv: &Inventory) -> Result<CliWorkload, Fail> {
                     .annotations
                     .insert(k["annotation.".len()..].into(), v.into());
             }
-            other => return Err(fail(format!(
+            other => {
+                return Err(fail(format!(
                 "--workload: unknown key `{other}` (use ns, pod, ip, zone, label.K, annotation.K)"
-            ))),
+            )))
+            }
         }
     }
     if w.identity.name.is_empty() {

@@ -1,0 +1,380 @@
+//! `enclavectl` as a user runs it: exit codes, located errors, explanations, rendering,
+//! verification, suggestions and graphs.
+
+use enclave_netfilter::audit::{AuditContext, AuditLog, AuditLogConfig, RecordBuilder, SyncPolicy};
+use enclave_netfilter::identity::{Inventory, PeerDirectory};
+use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, LocalWorkload};
+use enclave_netfilter::packet::{build, MacAddr, TcpFlags as F};
+use enclave_netfilter::policy;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_enclavectl"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run enclavectl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn check_accepts_templates_and_locates_errors_with_exit_codes() {
+    let ok = ctl(&[
+        "policy",
+        "check",
+        "configs/policies/pci-cde.yaml",
+        "configs/policies/three-tier.yaml",
+    ]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    assert!(
+        text(&ok).contains("OK `pci-cde` version 2026.11.1: 7 zones, 7 rules"),
+        "{}",
+        text(&ok)
+    );
+
+    let d = tempfile::tempdir().expect("tmp");
+    let bad = d.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {name: x, version: 1}\nspec:\n  zones:\n    - name: a\n      cidrs: [10.0.0.0/8]\n  rules:\n    - from: a\n      to: b\n").expect("write");
+    let o = ctl(&["policy", "check", bad.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains(&format!(
+            "{}:10:11: error: spec.rules[0].to: no zone named `b`",
+            bad.display()
+        )),
+        "{}",
+        text(&o)
+    );
+
+    let missing = ctl(&["policy", "check", "/nonexistent/policy.yaml"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing).contains("cannot read policy file /nonexistent/policy.yaml"),
+        "{}",
+        text(&missing)
+    );
+}
+
+#[test]
+fn explain_names_the_deciding_rule_in_words() {
+    let p = "configs/policies/pci-cde.yaml";
+    let inv = "configs/inventory/pci-demo.yaml";
+    let o = ctl(&[
+        "policy", "explain", p, "--from", "web", "--to", "cde-db", "--proto", "tcp", "--port",
+        "5432",
+    ]);
+    assert!(
+        text(&o).contains("verdict: DENY by rule `non-cde-not-to-cde-data`"),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&[
+        "policy",
+        "explain",
+        p,
+        "--inventory",
+        inv,
+        "--from",
+        "payments/payments-api-0",
+        "--to",
+        "10.244.2.30",
+        "--port",
+        "6379",
+        "--app",
+        "http",
+    ]);
+    assert!(
+        text(&o).contains("open to redis only; a http payload is cut"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("10.244.2.30 (payments/payments-cache-0) in zone `cde-cache`"),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&[
+        "policy",
+        "explain",
+        p,
+        "--from",
+        "cde-api",
+        "--to",
+        "203.0.113.5",
+        "--port",
+        "443",
+        "--app",
+        "tls",
+    ]);
+    assert!(
+        text(&o).contains("ALLOW by rule `api-to-processor`"),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&[
+        "policy", "explain", p, "--from", "corp", "--to", "cde-api", "--port", "8080",
+    ]);
+    assert!(
+        text(&o).contains(
+            "DENY by default: no rule allows zone `corp` to reach zone `cde-api` over tcp/8080"
+        ),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&[
+        "policy", "explain", p, "--from", "nowhere", "--to", "cde-api", "--port", "1",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("`nowhere` is not a zone"), "{}", text(&o));
+}
+
+#[test]
+fn render_prints_an_nft_table_for_a_workload() {
+    let o = ctl(&[
+        "policy",
+        "render",
+        "--nft",
+        "configs/policies/pci-cde.yaml",
+        "--inventory",
+        "configs/inventory/pci-demo.yaml",
+        "--workload",
+        "payments/payments-db-0",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("table inet enclave_payments_payments_db_0 {"),
+        "{t}"
+    );
+    assert!(t.contains("ip saddr 10.244.2.10/32 tcp dport 5432 counter accept comment \"allow rule api-to-db; app postgres enforced by enclave-netd\""), "{t}");
+    assert!(t.contains("counter drop comment \"default deny\""), "{t}");
+    let inline = ctl(&[
+        "policy",
+        "render",
+        "--nft",
+        "configs/policies/pci-cde.yaml",
+        "--workload",
+        "ns=payments,pod=x,ip=10.9.9.9,label.app=cache",
+    ]);
+    assert!(
+        text(&inline).contains("zone `cde-cache`"),
+        "{}",
+        text(&inline)
+    );
+}
+
+#[test]
+fn demo_runs_and_its_audit_log_verifies_while_the_tampered_copy_fails() {
+    let d = tempfile::tempdir().expect("tmp");
+    let out = d.path().to_str().expect("utf8");
+    let o = ctl(&["demo", "--out", out]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("tampering is caught"), "{}", text(&o));
+    let log = d.path().join("audit/audit.log");
+    let head = d.path().join("audit/audit.log.head");
+    let v = ctl(&[
+        "audit",
+        "verify",
+        log.to_str().expect("utf8"),
+        "--head",
+        head.to_str().expect("utf8"),
+    ]);
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+    assert!(
+        text(&v).contains("chain intact, reaches the head"),
+        "{}",
+        text(&v)
+    );
+    let t = ctl(&[
+        "audit",
+        "verify",
+        d.path().join("audit/tampered.log").to_str().expect("utf8"),
+    ]);
+    assert_eq!(t.status.code(), Some(1));
+    assert!(
+        text(&t).contains("BROKEN: ") && text(&t).contains("chain broken at seq"),
+        "{}",
+        text(&t)
+    );
+    let svg = std::fs::read_to_string(d.path().join("flows.svg")).expect("svg written");
+    assert!(svg.starts_with("<svg") && svg.contains(">cde-db<"), "{svg}");
+}
+
+/// Writes a learn-mode log the way enclave-netd will: an enforcer for a pod whose zone is
+/// in learn mode, and records from its events.
+fn learn_log(dir: &Path) -> PathBuf {
+    let src = r#"
+apiVersion: enclave.io/v1alpha1
+kind: ZonePolicy
+metadata: {name: learning, version: 1}
+spec:
+  zones:
+    - {name: shop, mode: learn, selector: {namespaces: [shop]}}
+    - {name: data, selector: {namespaces: [data]}}
+"#;
+    let c = Arc::new(
+        policy::load_str(src, "learn.yaml")
+            .expect("policy")
+            .compiled,
+    );
+    let inv: Inventory = serde_yaml::from_str("workloads:\n  - {name: web, namespace: shop, ips: [10.1.0.1], mac: \"02:00:00:00:00:01\"}\n  - {name: pg, namespace: data, ips: [10.1.0.2]}\n").expect("inv");
+    let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
+    let w = &inv.workloads[0];
+    let mac = MacAddr([2, 0, 0, 0, 0, 1]);
+    let local = LocalWorkload {
+        identity: Arc::new(w.identity()),
+        mac,
+        ipv4: vec![[10, 1, 0, 1].into()],
+        ipv6: vec![],
+        dhcp: false,
+    };
+    let mut e = Enforcer::new(c.clone(), peers.clone(), local, EnforcerConfig::default());
+    let rb = RecordBuilder::new(AuditContext {
+        policy: c,
+        peers,
+        local: Arc::new(w.identity()),
+        local_ips: w.ips.clone(),
+        node: "n".into(),
+        component: "test".into(),
+    });
+    let path = dir.join("learn.log");
+    let mut log = AuditLog::open(AuditLogConfig {
+        path: path.clone(),
+        max_bytes: 0,
+        sync: SyncPolicy::Never,
+    })
+    .expect("log");
+    let mut startup = vec![0, 0, 0, 30, 0, 3, 0, 0];
+    startup.extend_from_slice(b"user\0web\0\0");
+    for sport in [40000, 40001] {
+        let ends = build::Ends {
+            src_mac: mac,
+            dst_mac: MacAddr([2, 0, 0, 0, 0, 0xfe]),
+            src: w.ips[0],
+            dst: "10.1.0.2".parse().expect("ip"),
+            sport,
+            dport: 5432,
+        };
+        let back = build::Ends {
+            src_mac: ends.dst_mac,
+            dst_mac: mac,
+            ..ends.reversed()
+        };
+        for (dir, f) in [
+            (Direction::Egress, build::tcp(&ends, F::SYN, 1, 0, &[])),
+            (
+                Direction::Ingress,
+                build::tcp(&back, F::SYN | F::ACK, 9, 2, &[]),
+            ),
+            (Direction::Egress, build::tcp(&ends, F::ACK, 2, 10, &[])),
+            (
+                Direction::Egress,
+                build::tcp(&ends, F::ACK | F::PSH, 2, 10, &startup),
+            ),
+        ] {
+            if let Some(ev) = e.decide(dir, &f, u64::from(sport)).event {
+                log.append(rb.record(&ev, 1)).expect("append");
+            }
+        }
+    }
+    path
+}
+
+#[test]
+fn suggest_turns_a_learn_mode_log_into_rules_that_check_clean() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = learn_log(d.path());
+    let o = ctl(&["policy", "suggest", log.to_str().expect("utf8")]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("from: shop\n    to: data\n    protocol: tcp\n    ports: [5432]\n    app: postgres\n    # seen 2 time(s)"), "{t}");
+    // The proposal, pasted into the policy, is a valid policy that allows those flows.
+    let rules: String = t
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let full = format!("apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {{name: learned, version: 2}}\nspec:\n  zones:\n    - {{name: shop, selector: {{namespaces: [shop]}}}}\n    - {{name: data, selector: {{namespaces: [data]}}}}\n  {}\n", rules.replace('\n', "\n  "));
+    let p = d.path().join("learned.yaml");
+    std::fs::write(&p, full).expect("write");
+    let o = ctl(&[
+        "policy",
+        "explain",
+        p.to_str().expect("utf8"),
+        "--from",
+        "shop",
+        "--to",
+        "data",
+        "--port",
+        "5432",
+        "--app",
+        "postgres",
+    ]);
+    assert!(
+        text(&o).contains("ALLOW by rule `learned-shop-to-data-tcp-postgres`"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn graph_writes_svg_or_dot_and_refuses_other_extensions() {
+    let d = tempfile::tempdir().expect("tmp");
+    let log = learn_log(d.path());
+    let dot = d.path().join("f.dot");
+    let o = ctl(&[
+        "flows",
+        "graph",
+        log.to_str().expect("utf8"),
+        "-o",
+        dot.to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let body = std::fs::read_to_string(&dot).expect("dot");
+    assert!(
+        body.contains("\"shop\" -> \"data\" [label=\"tcp/5432 postgres (2 allowed)\""),
+        "{body}"
+    );
+    let o = ctl(&[
+        "flows",
+        "graph",
+        log.to_str().expect("utf8"),
+        "-o",
+        d.path().join("f.png").to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["policy", "--help"],
+        vec!["policy", "check", "--help"],
+        vec!["policy", "explain", "--help"],
+        vec!["policy", "render", "--help"],
+        vec!["policy", "apply", "--help"],
+        vec!["policy", "remove", "--help"],
+        vec!["policy", "suggest", "--help"],
+        vec!["audit", "verify", "--help"],
+        vec!["flows", "graph", "--help"],
+        vec!["demo", "--help"],
+    ] {
+        let o = ctl(&args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        assert!(text(&o).contains("Usage:"), "{args:?}: {}", text(&o));
+    }
+}
