@@ -66,6 +66,9 @@ pub struct TableStats {
     pub entries: u64,
 }
 
+/// One set's slots.
+type Ways<K, V> = [Option<Slot<K, V>>; WAYS];
+
 #[derive(Clone)]
 struct Slot<K, V> {
     key: K,
@@ -77,7 +80,7 @@ struct Slot<K, V> {
 /// A fixed-size set-associative table.
 pub struct SetAssoc<K, V> {
     tags: Box<[[u32; WAYS]]>,
-    slots: Box<[[Option<Slot<K, V>>; WAYS]]>,
+    slots: Box<[Ways<K, V>]>,
     mask: usize,
     hasher: RandomState,
     stats: TableStats,
@@ -121,11 +124,28 @@ impl<K: Hash + Eq + Copy, V: Clone> SetAssoc<K, V> {
     /// Like [`SetAssoc::get_mut`], with the entry's expiry time to update in place.
     #[inline]
     pub fn get_mut_exp(&mut self, key: &K, now: u64) -> Option<(&mut V, &mut u64)> {
-        self.stats.lookups += 1;
+        self.probe(key, now, true)
+    }
+
+    /// A lookup by a fast path that falls back to a full one on a miss: a miss is not
+    /// counted here, since the full path looks again and counts it.
+    #[inline]
+    pub fn get_mut_exp_fast(&mut self, key: &K, now: u64) -> Option<(&mut V, &mut u64)> {
+        self.probe(key, now, false)
+    }
+
+    #[inline]
+    fn probe(&mut self, key: &K, now: u64, count_miss: bool) -> Option<(&mut V, &mut u64)> {
+        if count_miss {
+            self.stats.lookups += 1;
+        }
         let (set, tag) = self.locate(key);
         let way = (0..WAYS).find(|&w| {
             self.tags[set][w] == tag && self.slots[set][w].as_ref().is_some_and(|s| s.key == *key)
         })?;
+        if !count_miss {
+            self.stats.lookups += 1;
+        }
         if self.slots[set][way]
             .as_ref()
             .is_some_and(|s| s.expires <= now)
@@ -214,10 +234,10 @@ impl<K: Hash + Eq + Copy, V: Clone> SetAssoc<K, V> {
 pub struct FlowKey {
     /// IP protocol.
     pub proto: u8,
-    /// Lower endpoint address (IPv4 as mapped IPv6).
-    pub a: [u8; 16],
+    /// Lower endpoint address (IPv4 as mapped IPv6), as an integer.
+    pub a: u128,
     /// Higher endpoint address.
-    pub b: [u8; 16],
+    pub b: u128,
     /// Port (or ICMP echo id) of `a`.
     pub pa: u16,
     /// Port of `b`.
@@ -228,9 +248,9 @@ impl FlowKey {
     /// The key of a packet from `src:sport` to `dst:dport`, and whether the source is `a`.
     #[inline]
     pub fn new(proto: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> (FlowKey, bool) {
-        let s = octets(src);
-        let d = octets(dst);
-        if (s, sport) <= (d, dport) {
+        let s = addr128(src);
+        let d = addr128(dst);
+        if s < d || (s == d && sport <= dport) {
             (
                 FlowKey {
                     proto,
@@ -256,12 +276,21 @@ impl FlowKey {
     }
 }
 
-/// An address as 16 bytes (IPv4 mapped).
+/// An address as an integer (IPv4 mapped into IPv6: `::ffff:a.b.c.d`).
 #[inline]
-pub fn octets(ip: IpAddr) -> [u8; 16] {
+pub fn addr128(ip: IpAddr) -> u128 {
     match ip {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(a) => 0xffff_0000_0000 | u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+/// The address an [`addr128`] value stands for.
+pub fn addr_from128(a: u128) -> IpAddr {
+    if a >> 32 == 0xffff {
+        IpAddr::V4(std::net::Ipv4Addr::from(a as u32))
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::from(a))
     }
 }
 
@@ -383,9 +412,9 @@ pub struct FlowEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FragKey {
     /// Source.
-    pub src: [u8; 16],
+    pub src: u128,
     /// Destination.
-    pub dst: [u8; 16],
+    pub dst: u128,
     /// Identification.
     pub id: u32,
     /// Protocol.

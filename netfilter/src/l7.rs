@@ -152,7 +152,8 @@ fn http_after_method(d: &[u8]) -> Detection {
 fn tls(d: &[u8]) -> Detection {
     // Record: type 22 (handshake), version 3.x, length; handshake type 1 (ClientHello),
     // 24-bit length, client_version 3.x.
-    let checks: [(usize, fn(u8) -> bool); 7] = [
+    type Check = (usize, fn(u8) -> bool);
+    let checks: [Check; 7] = [
         (0, |b| b == 0x16),
         (1, |b| b == 0x03),
         (2, |b| b <= 0x04),

@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 //! The audit log: chained writing, crash recovery, rotation, and verification that says
 //! where a chain breaks.
 
@@ -81,7 +82,7 @@ fn modified_record_breaks_the_chain_at_the_next_record() {
     let mut l = lines(&p);
     l[2] = l[2].replace("record 2", "record X");
     rewrite(&p, &l);
-    let r = verify(&[p.clone()], None);
+    let r = verify(std::slice::from_ref(&p), None);
     assert_eq!(
         r.problems,
         vec![Problem::HashMismatch {
@@ -102,7 +103,7 @@ fn modified_last_record_is_caught_by_the_head() {
     l[3] = l[3].replace("record 3", "record Y");
     rewrite(&p, &l);
     assert!(
-        verify(&[p.clone()], None).ok(),
+        verify(std::slice::from_ref(&p), None).ok(),
         "without a head the last record cannot be checked"
     );
     assert_eq!(
@@ -119,7 +120,7 @@ fn deleted_record_is_reported_by_sequence_number() {
     let mut l = lines(&p);
     l.remove(2);
     rewrite(&p, &l);
-    let r = verify(&[p.clone()], None);
+    let r = verify(std::slice::from_ref(&p), None);
     assert_eq!(
         r.problems,
         vec![Problem::Missing {
@@ -140,7 +141,7 @@ fn inserted_and_reordered_records_are_reported() {
     let mut l = orig.clone();
     l.insert(3, orig[1].clone());
     rewrite(&p, &l);
-    let r = verify(&[p.clone()], None);
+    let r = verify(std::slice::from_ref(&p), None);
     assert!(
         r.problems.contains(&Problem::OutOfOrder {
             file: p.display().to_string(),
@@ -155,7 +156,7 @@ fn inserted_and_reordered_records_are_reported() {
     let mut l = orig.clone();
     l.swap(1, 2);
     rewrite(&p, &l);
-    let r = verify(&[p.clone()], None);
+    let r = verify(std::slice::from_ref(&p), None);
     assert!(
         matches!(
             r.problems.first(),
@@ -205,7 +206,7 @@ fn chain_not_starting_at_genesis_is_reported_unless_partial_is_allowed() {
     write(&p, 5);
     let l = lines(&p);
     rewrite(&p, &l[2..]);
-    let r = verify(&[p.clone()], None);
+    let r = verify(std::slice::from_ref(&p), None);
     assert_eq!(
         r.problems,
         vec![Problem::NotGenesis {
@@ -233,7 +234,7 @@ fn torn_last_line_is_reported_then_recovered_with_a_record_of_it() {
     let mut bytes = std::fs::read(&p).expect("read");
     bytes.extend_from_slice(b"{\"class_uid\":4001,\"mess");
     std::fs::write(&p, &bytes).expect("write");
-    let r = verify(&[p.clone()], None);
+    let r = verify(std::slice::from_ref(&p), None);
     assert_eq!(
         r.problems,
         vec![Problem::TornTail {
@@ -250,7 +251,7 @@ fn torn_last_line_is_reported_then_recovered_with_a_record_of_it() {
         std::fs::read(&kept).expect("torn bytes kept"),
         b"{\"class_uid\":4001,\"mess"
     );
-    let r = verify(&[p.clone()], None);
+    let r = verify(std::slice::from_ref(&p), None);
     assert!(r.ok(), "{:?}", r.problems);
     assert_eq!(r.last_seq, 5);
     assert_eq!(r.recoveries.len(), 1);

@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 //! `enclavectl` as a user runs it: exit codes, located errors, explanations, rendering,
 //! verification, suggestions and graphs.
 

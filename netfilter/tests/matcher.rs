@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 //! The per-frame matcher, driven with real frames built byte by byte.
 
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
@@ -621,8 +622,10 @@ fn ipv6_flows_with_extension_headers_are_decided_by_zone() {
 
 #[test]
 fn full_flow_table_evicts_and_counts_instead_of_growing() {
-    let mut cfg = EnforcerConfig::default();
-    cfg.flows = 64;
+    let cfg = EnforcerConfig {
+        flows: 64,
+        ..Default::default()
+    };
     let mut f = fixture_with("a", POLICY, cfg);
     for port in 0..1000u16 {
         let d = f.out(&build::tcp(
@@ -697,4 +700,132 @@ fn arbitrary_bytes_never_panic_and_are_dropped_as_malformed() {
         let _ = f.e.decide(dir, &frame, i);
     }
     assert!(f.e.counters().frames[Reason::Malformed as usize] > 0);
+}
+
+#[test]
+fn flow_cache_fast_path_decides_exactly_as_the_full_path() {
+    let slow_cfg = EnforcerConfig {
+        fast_path: false,
+        ..Default::default()
+    };
+    let mut fast = fixture("a");
+    let mut slow = fixture_with("a", POLICY, slow_cfg);
+    let peers = ["10.0.0.2", "192.0.2.9", "10.0.0.9"];
+    let mut x: u64 = 0x2545f4914f6cdd1d;
+    let mut rnd = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let flag_sets = [
+        F::SYN,
+        F::SYN | F::ACK,
+        F::ACK,
+        F::ACK | F::PSH,
+        F::FIN | F::ACK,
+        F::RST,
+        F::ACK | 0x20,
+    ];
+    for i in 0..50_000u64 {
+        let peer = ip(peers[rnd(3) as usize]);
+        let port = [22u16, 443, 6379, 53, 80][rnd(5) as usize];
+        let sport = 40000 + rnd(4) as u16;
+        let mut e = build::Ends {
+            src_mac: fast.mac,
+            dst_mac: GW,
+            src: fast.ip,
+            dst: peer,
+            sport,
+            dport: port,
+        };
+        // Now and then a forged address or MAC.
+        match rnd(20) {
+            0 => e.src = ip("10.0.0.5"),
+            1 => e.src_mac = MacAddr([2, 1, 1, 1, 1, 1]),
+            _ => {}
+        }
+        let ingress = rnd(2) == 1;
+        if ingress {
+            e = build::Ends {
+                src_mac: GW,
+                dst_mac: fast.mac,
+                ..e.reversed()
+            };
+            if rnd(20) == 0 {
+                e.dst_mac = MacAddr([2, 3, 3, 3, 3, 3]);
+            }
+        }
+        let payload: &[u8] = match rnd(4) {
+            0 => b"",
+            1 => b"*1\r\n$4\r\nPING\r\n",
+            2 => b"GET / HTTP/1.1\r\n\r\n",
+            _ => b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+        };
+        let frame = if rnd(3) == 0 {
+            build::udp(&e, payload)
+        } else {
+            build::tcp(
+                &e,
+                flag_sets[rnd(flag_sets.len() as u64) as usize],
+                rnd(3) as u32,
+                0,
+                payload,
+            )
+        };
+        let dir = if ingress {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let now = i * 1_000_000;
+        // Every eighth step, a complete handshake, so that flows get established.
+        let mut frames = vec![(dir, frame)];
+        if i % 8 == 0 {
+            let out = build::Ends {
+                src_mac: fast.mac,
+                dst_mac: GW,
+                src: fast.ip,
+                dst: peer,
+                sport,
+                dport: port,
+            };
+            let back = build::Ends {
+                src_mac: GW,
+                dst_mac: fast.mac,
+                ..out.reversed()
+            };
+            frames = vec![
+                (Direction::Egress, build::tcp(&out, F::SYN, 1, 0, &[])),
+                (
+                    Direction::Ingress,
+                    build::tcp(&back, F::SYN | F::ACK, 1, 2, &[]),
+                ),
+                (Direction::Egress, build::tcp(&out, F::ACK, 2, 2, &[])),
+                (
+                    Direction::Egress,
+                    build::tcp(&out, F::ACK | F::PSH, 2, 2, payload),
+                ),
+            ];
+        }
+        for (dir, frame) in frames {
+            let (a, b) = (
+                fast.e.decide(dir, &frame, now),
+                slow.e.decide(dir, &frame, now),
+            );
+            assert_eq!(a, b, "frame {i} ({dir:?}) decided differently");
+        }
+    }
+    assert_eq!(fast.e.counters().frames, slow.e.counters().frames);
+    assert!(
+        fast.e.counters().fast_path_frames > 1000,
+        "fast path hits: {}",
+        fast.e.counters().fast_path_frames
+    );
+    assert_eq!(slow.e.counters().fast_path_frames, 0);
+    let (fs, ss) = (fast.e.flow_stats(), slow.e.flow_stats());
+    assert_eq!(
+        (fs.entries, fs.inserts, fs.evictions),
+        (ss.entries, ss.inserts, ss.evictions)
+    );
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 //! The nftables layer for real: network namespaces and a veth pair made here, the policy
 //! applied through netlink, TCP connections that succeed or are dropped, and the kernel's
 //! counters read back.

@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 //! Policy files: the shipped templates load, and bad input is refused with an error that
 //! names the file, line, column and field.
 

@@ -105,6 +105,7 @@ pub struct EthernetHeader {
 
 impl EthernetHeader {
     /// Parses the header; returns it and the bytes after it.
+    #[inline]
     pub fn parse(b: &[u8]) -> Result<(Self, &[u8]), ParseError> {
         let dst = array::<6>(b, 0).ok_or(ParseError::TruncatedEthernet)?;
         let src = array::<6>(b, 6).ok_or(ParseError::TruncatedEthernet)?;

@@ -46,6 +46,7 @@ impl<'a> IpPacket<'a> {
     }
 
     /// Parses an IPv4 packet (RFC 791). Trailing link padding past the total length is ignored.
+    #[inline]
     pub fn parse_v4(b: &'a [u8]) -> Result<Self, ParseError> {
         let vihl = *b.first().ok_or(ParseError::BadIpHeader)?;
         if vihl >> 4 != 4 {
@@ -88,6 +89,7 @@ impl<'a> IpPacket<'a> {
     }
 
     /// Parses an IPv6 packet (RFC 8200) and walks its extension headers.
+    #[inline]
     pub fn parse_v6(b: &'a [u8]) -> Result<Self, ParseError> {
         let v = *b.first().ok_or(ParseError::BadIpHeader)?;
         if v >> 4 != 6 || b.len() < 40 {
@@ -196,6 +198,7 @@ pub fn proto_name(p: u8) -> &'static str {
 }
 
 /// Walks IPv4 options (type-length-value) and reports loose or strict source routing.
+#[inline]
 fn v4_options_source_routed(mut opts: &[u8]) -> Result<bool, ParseError> {
     let mut routed = false;
     while let Some(&kind) = opts.first() {

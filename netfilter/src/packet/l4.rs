@@ -90,6 +90,7 @@ pub enum L4<'a> {
 impl<'a> L4<'a> {
     /// Parses the transport header of `proto`. For a first fragment (`fragmented`) the UDP
     /// length may exceed what is present; the header itself must still be whole.
+    #[inline]
     pub fn parse(p: u8, b: &'a [u8], fragmented: bool) -> Result<Self, ParseError> {
         let bad = ParseError::BadTransportHeader;
         match p {

@@ -75,6 +75,7 @@ pub enum Net<'a> {
 
 impl<'a> Frame<'a> {
     /// Parses a whole Ethernet frame. Total: any byte slice gives `Ok` or `Err`.
+    #[inline]
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ParseError> {
         let (eth, payload) = EthernetHeader::parse(bytes)?;
         let net = match eth.ethertype {

@@ -143,7 +143,7 @@ impl Lpm {
                 let mut m = HashMap::with_hasher(RandomState::new());
                 m.insert(net, zone);
                 self.by_len.push((len, m));
-                self.by_len.sort_by(|a, b| b.0.cmp(&a.0));
+                self.by_len.sort_by_key(|e| std::cmp::Reverse(e.0));
             }
         }
     }

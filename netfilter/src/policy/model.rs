@@ -122,7 +122,7 @@ impl Selector {
 
     /// True when `w` satisfies every criterion.
     pub fn matches(&self, w: &WorkloadIdentity) -> bool {
-        (self.namespaces.is_empty() || self.namespaces.iter().any(|n| *n == w.namespace))
+        (self.namespaces.is_empty() || self.namespaces.contains(&w.namespace))
             && self.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
             && self
                 .annotations

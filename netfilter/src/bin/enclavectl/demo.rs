@@ -281,8 +281,8 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
 
     println!("\n[3/6] traffic (every frame decided by the sender's and the receiver's enforcer):");
     println!(
-        "      {:<3} {:<46} {:<8} {:<16} {}",
-        "#", "flow", "verdict", "reason", "rule / where"
+        "      {:<3} {:<46} {:<8} {:<16} rule / where",
+        "#", "flow", "verdict", "reason"
     );
     let mut expected_ok = true;
     let mut row = 0;
