@@ -1147,18 +1147,21 @@ fn is_icmp_error(p: u8, ty: u8) -> bool {
 
 type Tuple = (u8, IpAddr, u16, IpAddr, u16);
 
-/// The flow an ICMPv4 error quotes (header plus 8 bytes of transport).
+/// The flow an ICMPv4 error quotes (header plus 8 bytes of transport). The quoted bytes
+/// are the guest's: every read is bounds-checked as a whole slice.
 fn inner_v4(b: &[u8]) -> Option<Tuple> {
-    let ihl = usize::from(*b.first()? & 0x0f) * 4;
-    if *b.first()? >> 4 != 4 || ihl < 20 {
+    let first = *b.first()?;
+    let ihl = usize::from(first & 0x0f) * 4;
+    if first >> 4 != 4 || ihl < 20 {
         return None;
     }
     let p = *b.get(9)?;
-    let s = Ipv4Addr::new(*b.get(12)?, b[13], b[14], b[15]);
-    let d = Ipv4Addr::new(*b.get(16)?, b[17], b[18], b[19]);
-    let sp = u16::from_be_bytes([*b.get(ihl)?, *b.get(ihl + 1)?]);
-    let dp = u16::from_be_bytes([*b.get(ihl + 2)?, *b.get(ihl + 3)?]);
-    Some((p, IpAddr::V4(s), sp, IpAddr::V4(d), dp))
+    let s: [u8; 4] = b.get(12..16)?.try_into().ok()?;
+    let d: [u8; 4] = b.get(16..20)?.try_into().ok()?;
+    let ports = b.get(ihl..ihl.checked_add(4)?)?;
+    let sp = u16::from_be_bytes([ports[0], ports[1]]);
+    let dp = u16::from_be_bytes([ports[2], ports[3]]);
+    Some((p, IpAddr::V4(s.into()), sp, IpAddr::V4(d.into()), dp))
 }
 
 /// The flow an ICMPv6 error quotes (no extension headers followed).
@@ -1167,12 +1170,11 @@ fn inner_v6(b: &[u8]) -> Option<Tuple> {
         return None;
     }
     let p = *b.get(6)?;
-    let mut s = [0u8; 16];
-    s.copy_from_slice(b.get(8..24)?);
-    let mut d = [0u8; 16];
-    d.copy_from_slice(b.get(24..40)?);
-    let sp = u16::from_be_bytes([*b.get(40)?, *b.get(41)?]);
-    let dp = u16::from_be_bytes([*b.get(42)?, *b.get(43)?]);
+    let s: [u8; 16] = b.get(8..24)?.try_into().ok()?;
+    let d: [u8; 16] = b.get(24..40)?.try_into().ok()?;
+    let ports = b.get(40..44)?;
+    let sp = u16::from_be_bytes([ports[0], ports[1]]);
+    let dp = u16::from_be_bytes([ports[2], ports[3]]);
     Some((p, IpAddr::V6(s.into()), sp, IpAddr::V6(d.into()), dp))
 }
 

@@ -829,3 +829,114 @@ fn flow_cache_fast_path_decides_exactly_as_the_full_path() {
         (ss.entries, ss.inserts, ss.evictions)
     );
 }
+
+#[test]
+fn audit_record_of_an_app_mismatch_carries_what_an_auditor_needs() {
+    use enclave_netfilter::audit::{AuditContext, RecordBuilder};
+    let mut f = fixture("a");
+    let e = f.connect("10.0.0.2", 6379);
+    let d = f.out(&build::tcp(
+        &e,
+        F::ACK | F::PSH,
+        101,
+        901,
+        b"GET / HTTP/1.1\r\n\r\n",
+    ));
+    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let rb = RecordBuilder::new(AuditContext {
+        policy: f.e.policy().clone(),
+        peers: f.e.peers().clone(),
+        local: f.e.local().identity.clone(),
+        local_ips: inv.workloads[0].ips.clone(),
+        node: "node-1".into(),
+        component: "enclave-netd".into(),
+    });
+    let r = rb.record(&d.event.expect("event"), 1_700_000_000_000);
+    // OCSF Network Activity with the security-control fields.
+    assert_eq!(
+        (r["class_uid"].as_u64(), r["type_uid"].as_u64()),
+        (Some(4001), Some(400103))
+    );
+    assert_eq!(
+        (r["action"].as_str(), r["disposition"].as_str()),
+        (Some("Denied"), Some("Blocked"))
+    );
+    assert_eq!(r["time"].as_u64(), Some(1_700_000_000_000));
+    // Who, where from, which resource, which rule and policy version.
+    assert_eq!(r["src_endpoint"]["ip"], "10.0.0.1");
+    assert_eq!(r["src_endpoint"]["zone"], "a");
+    assert_eq!(r["dst_endpoint"]["port"], 6379);
+    assert_eq!(r["dst_endpoint"]["name"], "pb");
+    assert_eq!(r["unmapped"]["enclave"]["dst"]["namespace"], "b");
+    assert_eq!(r["connection_info"]["protocol_name"], "tcp");
+    assert_eq!(r["firewall_rule"]["name"], "a-b-redis");
+    assert_eq!(
+        (
+            r["policy"]["name"].as_str(),
+            r["policy"]["version"].as_str()
+        ),
+        (Some("test"), Some("7"))
+    );
+    assert_eq!(r["unmapped"]["enclave"]["reason"], "app_mismatch");
+    assert_eq!(r["unmapped"]["enclave"]["app_protocol_detected"], "http");
+    assert_eq!(
+        r["unmapped"]["enclave"]["app_protocol_required"][0],
+        "redis"
+    );
+    assert!(
+        r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("payload is http, not the required app")),
+        "{}",
+        r["message"]
+    );
+}
+
+/// Inputs the fuzzers once crashed on (fuzz/regressions/), replayed the way the fuzz target
+/// reads them: a sequence of [direction|length, length, frame bytes].
+#[test]
+fn fuzz_regressions_replay_without_panicking() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/frame");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("regressions dir") {
+        let data = std::fs::read(entry.expect("entry").path()).expect("read");
+        let mut f = fixture("a");
+        let mut rest = &data[..];
+        let mut now = 1u64;
+        while rest.len() >= 2 {
+            let dir = if rest[0] & 0x80 == 0 {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            };
+            let len = (usize::from(rest[0] & 0x07) << 8 | usize::from(rest[1])).min(rest.len() - 2);
+            now += 1;
+            let d = f.e.decide(dir, &rest[2..2 + len], now);
+            assert_eq!(d.verdict, d.reason.verdict());
+            rest = &rest[2 + len..];
+        }
+        n += 1;
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn icmp_error_quoting_a_truncated_header_is_dropped_not_a_crash() {
+    let mut f = fixture("a");
+    let r = build::Ends {
+        src_mac: GW,
+        dst_mac: f.mac,
+        src: ip("192.0.2.9"),
+        dst: f.ip,
+        sport: 0,
+        dport: 0,
+    };
+    for cut in 0..28 {
+        let quoted = &build::tcp(&f.to("192.0.2.9", 1, 2), F::SYN, 1, 0, &[])[14..14 + cut];
+        assert_eq!(
+            f.inn(&build::icmp(&r, 3, 3, quoted)).reason,
+            Reason::UnrelatedIcmpError,
+            "quote of {cut} bytes"
+        );
+    }
+}

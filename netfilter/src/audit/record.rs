@@ -62,20 +62,31 @@ impl RecordBuilder {
             m.insert("mac".into(), json!(mac.to_string()));
         }
         m.insert("zone".into(), json!(p.zone_name(zone)));
-        let who = if self.cx.local_ips.contains(&ip) {
-            Some(self.cx.local.as_ref())
-        } else {
-            self.cx.peers.get(ip).map(|p| p.identity.as_ref())
-        };
-        if let Some(w) = who {
+        if let Some(w) = self.who(ip) {
             m.insert("name".into(), json!(w.name));
-            m.insert("namespace".into(), json!(w.namespace));
             m.insert(
                 "container".into(),
-                json!({"orchestrator": "kubernetes", "pod_uuid": null, "name": w.name}),
+                json!({"orchestrator": "kubernetes", "name": w.name}),
             );
         }
         Value::Object(m)
+    }
+
+    /// The workload at `ip`: the guarded one, or a peer the node knows.
+    fn who(&self, ip: IpAddr) -> Option<&WorkloadIdentity> {
+        if self.cx.local_ips.contains(&ip) {
+            Some(self.cx.local.as_ref())
+        } else {
+            self.cx.peers.get(ip).map(|p| p.identity.as_ref())
+        }
+    }
+
+    /// Pod and namespace of an endpoint, for `unmapped.enclave` (OCSF has no namespace).
+    fn k8s(&self, ip: IpAddr) -> Value {
+        self.who(ip).map_or(
+            Value::Null,
+            |w| json!({"pod": w.name, "namespace": w.namespace}),
+        )
     }
 
     /// The OCSF record of `ev` at `time_ms` (Unix milliseconds). The log adds the chain.
@@ -158,15 +169,18 @@ impl RecordBuilder {
                     "name": self.cx.local.name,
                     "namespace": self.cx.local.namespace,
                 },
+                "src": self.k8s(ev.src),
+                "dst": self.k8s(ev.dst),
                 "app_protocol_required": required,
                 "app_protocol_detected": ev.app_detected.map(|a| a.as_str()),
             }},
         });
         if let (Some((id, rule)), Some(obj)) = (rule, r.as_object_mut()) {
-            obj.insert(
-                "firewall_rule".into(),
-                json!({"name": rule.name, "uid": format!("{}/{}", p.name, id.0), "desc": rule.description, "type": rule.action_str()}),
-            );
+            let mut fr = json!({"name": rule.name, "uid": format!("{}/{}", p.name, id.0), "type": rule.action_str()});
+            if let (Some(d), Some(o)) = (&rule.description, fr.as_object_mut()) {
+                o.insert("desc".into(), json!(d));
+            }
+            obj.insert("firewall_rule".into(), fr);
         }
         r
     }

@@ -277,6 +277,7 @@ impl Ctx<'_> {
                 protocol: r.protocol,
                 ports,
                 app: r.app,
+                line: self.spans.locate(&at).line,
             });
         }
         Policy {

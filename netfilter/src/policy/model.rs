@@ -543,6 +543,8 @@ pub struct Rule {
     pub ports: Vec<PortRange>,
     /// Required application protocol.
     pub app: Option<AppProto>,
+    /// Line of the rule in its source file (0 when built in code).
+    pub line: usize,
 }
 
 /// A validated policy: pure data, ready to compile.

@@ -311,7 +311,7 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
                     .as_deref()
                     .map(|d| format!(" — {d}"))
                     .unwrap_or_default();
-                format!("rule `{}` (line of spec.rules[{}]){d}", r.name, id.0)
+                format!("rule `{}` ({} line {}){d}", r.name, file.display(), r.line)
             };
             let verdict = match c.lookup(fz, tz, ip_proto, port) {
                 Lookup::Allowed(r) => format!("ALLOW by {}", rule_desc(r)),

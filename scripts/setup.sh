@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs what Enclave needs on a Debian 12 machine (as root) and builds it.
+# Safe to run again: it installs only what is missing. Prints each step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential)
+
+step "system packages: ${APT_PACKAGES[*]}"
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})" >&2
+    exit 2
+  fi
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "all present"
+fi
+
+step "Rust toolchain"
+if ! command -v cargo >/dev/null; then
+  [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install Rust 1.80 or newer (https://rustup.rs), then run this again" >&2
+  exit 2
+fi
+rustc_minor=$(rustc --version | sed -E 's/rustc 1\.([0-9]+).*/\1/')
+if [ "$rustc_minor" -lt 80 ]; then
+  echo "rustc $(rustc --version) is too old: Enclave needs 1.80 or newer" >&2
+  exit 2
+fi
+rustc --version
+
+step "build (release): enclavectl"
+cargo build --release --locked --bin enclavectl 2>&1 | grep -vE '^\s+(Compiling|Downloaded|Downloading)' || true
+test -x target/release/enclavectl
+echo "built target/release/enclavectl"
