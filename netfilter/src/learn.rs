@@ -16,6 +16,8 @@ pub struct ObservedFlow {
     pub dst_ip: Option<String>,
     /// Protocol name.
     pub proto: String,
+    /// Source port (0 when none).
+    pub sport: u16,
     /// Destination port (0 when none).
     pub dport: u16,
     /// App detected.
@@ -52,6 +54,11 @@ impl ObservedFlow {
             src_ip: s(&["src_endpoint", "ip"]),
             dst_ip: s(&["dst_endpoint", "ip"]),
             proto: s(&["connection_info", "protocol_name"]).unwrap_or_else(|| "none".into()),
+            sport: v
+                .get("src_endpoint")?
+                .get("port")
+                .and_then(|p| p.as_u64())
+                .unwrap_or(0) as u16,
             dport: v
                 .get("dst_endpoint")?
                 .get("port")
@@ -151,14 +158,29 @@ pub fn suggest(flows: &[ObservedFlow]) -> String {
 }
 
 /// Reads observed flows from audit log files (lines that are not flow records are skipped).
+/// A flow between two pods of the node is recorded by both pods' enforcers; it is kept once
+/// (same 5-tuple, outcome and app).
 pub fn read_flows(paths: &[std::path::PathBuf]) -> std::io::Result<Vec<ObservedFlow>> {
+    let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for p in paths {
         let text = std::fs::read_to_string(p)?;
         for line in text.lines() {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
                 if let Some(f) = ObservedFlow::from_record(&v) {
-                    out.push(f);
+                    let key = (
+                        f.src_ip.clone(),
+                        f.sport,
+                        f.dst_ip.clone(),
+                        f.dport,
+                        f.proto.clone(),
+                        f.outcome.clone(),
+                        f.app.clone(),
+                    );
+                    // Flows without addresses (link-level denials) are each their own event.
+                    if f.src_ip.is_none() || seen.insert(key) {
+                        out.push(f);
+                    }
                 }
             }
         }
@@ -177,6 +199,7 @@ mod tests {
             src_ip: None,
             dst_ip: Some("198.51.100.9".into()),
             proto: "tcp".into(),
+            sport: 40000,
             dport: port,
             app: app.map(str::to_string),
             outcome: "learned".into(),
