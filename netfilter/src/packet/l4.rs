@@ -117,7 +117,9 @@ impl<'a> L4<'a> {
                 let sport = be16(b, 0).ok_or(bad)?;
                 let dport = be16(b, 2).ok_or(bad)?;
                 let len = usize::from(be16(b, 4).ok_or(bad)?);
-                if len < 8 || (!fragmented && len > b.len()) {
+                // The header itself must be whole even in a first fragment, whose payload
+                // may be shorter than the length field says.
+                if len < 8 || b.len() < 8 || (!fragmented && len > b.len()) {
                     return Err(bad);
                 }
                 let end = len.min(b.len());
@@ -159,5 +161,33 @@ impl<'a> L4<'a> {
             L4::Icmp(i) => i.body,
             _ => &[],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_udp_header_in_a_first_fragment_is_an_error_not_a_panic() {
+        for n in 0..8 {
+            let b = [0x30u8, 0x39, 0x00, 0x35, 0x00, 0x40, 0, 0];
+            assert_eq!(
+                L4::parse(proto::UDP, &b[..n], true).err(),
+                Some(ParseError::BadTransportHeader),
+                "{n} bytes"
+            );
+            assert_eq!(
+                L4::parse(proto::UDP, &b[..n], false).err(),
+                Some(ParseError::BadTransportHeader),
+                "{n} bytes"
+            );
+        }
+        assert!(L4::parse(
+            proto::UDP,
+            &[0x30, 0x39, 0x00, 0x35, 0x00, 0x40, 0, 0],
+            true
+        )
+        .is_ok());
     }
 }
