@@ -335,3 +335,68 @@ fn garbage_line_is_reported_not_fatal() {
         r.problems
     );
 }
+
+/// The child half of `killed_writer_leaves_a_chain_that_recovers_and_verifies`: appends
+/// records as fast as it can until it is killed. Not a test on its own (ignored); the
+/// parent runs it in a child process.
+#[test]
+#[ignore = "helper process of killed_writer_leaves_a_chain_that_recovers_and_verifies"]
+fn audit_writer_child_process() {
+    let Ok(path) = std::env::var("ENCLAVE_AUDIT_CHILD_LOG") else {
+        return;
+    };
+    let mut log = AuditLog::open(AuditLogConfig {
+        path: path.into(),
+        max_bytes: 0,
+        sync: SyncPolicy::Never,
+    })
+    .expect("open");
+    let pad = "x".repeat(3000);
+    for i in 0u64.. {
+        log.append(json!({"class_uid": 4001, "message": format!("record {i} {pad}")}))
+            .expect("append");
+    }
+}
+
+#[test]
+fn killed_writer_leaves_a_chain_that_recovers_and_verifies() {
+    let d = tempfile::tempdir().expect("tmp");
+    let p = d.path().join("audit.log");
+    for attempt in 0..5 {
+        let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "audit_writer_child_process",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("ENCLAVE_AUDIT_CHILD_LOG", &p)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn writer");
+        std::thread::sleep(std::time::Duration::from_millis(150 + 70 * attempt));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        // Reopening recovers a torn tail if the kill landed mid-write, and continues.
+        write(&p, 1);
+    }
+    let r = verify(std::slice::from_ref(&p), None);
+    assert!(r.ok(), "{:?}", r.problems);
+    assert!(
+        r.records > 100,
+        "the writers got going: {} records",
+        r.records
+    );
+    for (_, _, after) in &r.recoveries {
+        assert!(d
+            .path()
+            .join(format!("audit.log.torn-{}", after + 1))
+            .exists());
+    }
+    eprintln!(
+        "{} records across 5 killed writers, {} torn tails recovered",
+        r.records,
+        r.recoveries.len()
+    );
+}
