@@ -128,15 +128,20 @@ impl Client {
         let resp = wait(&rx, timeout).map_err(|e| {
             self.forget(id);
             match e {
-                None => ClientError::Timeout { method: M::NAME, timeout: timeout.unwrap_or_default() },
+                None => ClientError::Timeout {
+                    method: M::NAME,
+                    timeout: timeout.unwrap_or_default(),
+                },
                 Some(kind) => ClientError::Io(io::Error::from(kind)),
             }
         })?;
         if let Some(status) = resp.status.filter(|s| s.code() != Code::Ok) {
             return Err(ClientError::Status(status));
         }
-        M::Response::decode(&resp.payload[..])
-            .map_err(|e| ClientError::Malformed { method: M::NAME, detail: e.to_string() })
+        M::Response::decode(&resp.payload[..]).map_err(|e| ClientError::Malformed {
+            method: M::NAME,
+            detail: e.to_string(),
+        })
     }
 
     /// The version handshake; fails when the agent's protocol differs from ours.
@@ -146,7 +151,10 @@ impl Client {
             client_version: env!("CARGO_PKG_VERSION").into(),
         })?;
         if v.protocol != PROTOCOL_VERSION {
-            return Err(ClientError::Version { agent: v.protocol, client: PROTOCOL_VERSION });
+            return Err(ClientError::Version {
+                agent: v.protocol,
+                client: PROTOCOL_VERSION,
+            });
         }
         Ok(v)
     }
@@ -175,7 +183,9 @@ fn wait(
             mpsc::RecvTimeoutError::Timeout => None,
             mpsc::RecvTimeoutError::Disconnected => Some(io::ErrorKind::ConnectionAborted),
         })?,
-        None => rx.recv().map_err(|_| Some(io::ErrorKind::ConnectionAborted))?,
+        None => rx
+            .recv()
+            .map_err(|_| Some(io::ErrorKind::ConnectionAborted))?,
     };
     got.map_err(Some)
 }
@@ -188,8 +198,7 @@ fn read_loop(mut reader: UnixStream, pending: Pending) {
                     let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
                     p.as_mut().and_then(|m| m.remove(&h.stream_id))
                 };
-                let resp = Response::decode(&payload[..])
-                    .map_err(|_| io::ErrorKind::InvalidData);
+                let resp = Response::decode(&payload[..]).map_err(|_| io::ErrorKind::InvalidData);
                 if let Some(tx) = tx {
                     let _ = tx.send(resp);
                 }

@@ -69,7 +69,10 @@ pub struct Status {
 impl Status {
     /// A status with a code and message.
     pub fn new(code: Code, message: impl Into<String>) -> Status {
-        Status { code: code as i32, message: message.into() }
+        Status {
+            code: code as i32,
+            message: message.into(),
+        }
     }
 
     /// The code as a [`Code`].

@@ -116,7 +116,15 @@ pub fn write_frame(w: &mut impl Write, stream_id: u32, kind: u8, payload: &[u8])
         .filter(|l| *l <= MAX_PAYLOAD)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame payload too large"))?;
     let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
-    buf.extend_from_slice(&Header { length, stream_id, kind, flags: 0 }.encode());
+    buf.extend_from_slice(
+        &Header {
+            length,
+            stream_id,
+            kind,
+            flags: 0,
+        }
+        .encode(),
+    );
     buf.extend_from_slice(payload);
     w.write_all(&buf)?;
     w.flush()
@@ -128,21 +136,38 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = Header { length: 0x0102_0304, stream_id: 7, kind: TYPE_RESPONSE, flags: 3 };
+        let h = Header {
+            length: 0x0102_0304,
+            stream_id: 7,
+            kind: TYPE_RESPONSE,
+            flags: 3,
+        };
         assert_eq!(Header::decode(&h.encode()), h);
         assert_eq!(h.encode()[0..4], [1, 2, 3, 4]);
     }
 
     #[test]
     fn oversized_frame_is_refused_before_allocation() {
-        let h = Header { length: MAX_PAYLOAD + 1, stream_id: 1, kind: TYPE_REQUEST, flags: 0 };
+        let h = Header {
+            length: MAX_PAYLOAD + 1,
+            stream_id: 1,
+            kind: TYPE_REQUEST,
+            flags: 0,
+        };
         let mut r = &h.encode()[..];
         assert!(matches!(read_frame(&mut r), Err(ReadError::TooLarge(x)) if x == h));
     }
 
     #[test]
     fn truncated_frame_is_an_io_error() {
-        let mut bytes = Header { length: 10, stream_id: 1, kind: 1, flags: 0 }.encode().to_vec();
+        let mut bytes = Header {
+            length: 10,
+            stream_id: 1,
+            kind: 1,
+            flags: 0,
+        }
+        .encode()
+        .to_vec();
         bytes.extend_from_slice(b"abc");
         let mut r = &bytes[..];
         assert!(matches!(read_frame(&mut r), Err(ReadError::Io(_))));

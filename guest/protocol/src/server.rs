@@ -30,7 +30,10 @@ pub fn dispatch<M: Method>(
     f: impl FnOnce(M::Request) -> Result<M::Response, Status>,
 ) -> Result<Vec<u8>, Status> {
     let req = M::Request::decode(payload).map_err(|e| {
-        Status::new(Code::InvalidArgument, format!("{}: malformed request: {e}", M::NAME))
+        Status::new(
+            Code::InvalidArgument,
+            format!("{}: malformed request: {e}", M::NAME),
+        )
     })?;
     f(req).map(|r| r.encode_to_vec())
 }
@@ -63,13 +66,21 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
                     h.length,
                     frame::MAX_PAYLOAD
                 );
-                reply(&writer, h.stream_id, Err(Status::new(Code::ResourceExhausted, &*msg)));
+                reply(
+                    &writer,
+                    h.stream_id,
+                    Err(Status::new(Code::ResourceExhausted, &*msg)),
+                );
                 return Ended::Garbage(msg);
             }
         };
         if h.kind != TYPE_REQUEST {
             let msg = format!("frame type {} is not a request", h.kind);
-            reply(&writer, h.stream_id, Err(Status::new(Code::InvalidArgument, &*msg)));
+            reply(
+                &writer,
+                h.stream_id,
+                Err(Status::new(Code::InvalidArgument, &*msg)),
+            );
             return Ended::Garbage(msg);
         }
         let req = match Request::decode(&payload[..]) {
@@ -77,29 +88,41 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
             Err(e) => {
                 // The frame boundary is intact, so the connection can go on.
                 let msg = format!("malformed ttrpc request envelope: {e}");
-                reply(&writer, h.stream_id, Err(Status::new(Code::InvalidArgument, msg)));
+                reply(
+                    &writer,
+                    h.stream_id,
+                    Err(Status::new(Code::InvalidArgument, msg)),
+                );
                 continue;
             }
         };
         if req.service != SERVICE {
             let msg = format!("unknown service {:?}", req.service);
-            reply(&writer, h.stream_id, Err(Status::new(Code::Unimplemented, msg)));
+            reply(
+                &writer,
+                h.stream_id,
+                Err(Status::new(Code::Unimplemented, msg)),
+            );
             continue;
         }
         if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
             in_flight.fetch_sub(1, Ordering::AcqRel);
             let msg = format!("more than {MAX_IN_FLIGHT} requests in flight");
-            reply(&writer, h.stream_id, Err(Status::new(Code::ResourceExhausted, msg)));
+            reply(
+                &writer,
+                h.stream_id,
+                Err(Status::new(Code::ResourceExhausted, msg)),
+            );
             continue;
         }
         let (writer, handler, in_flight) = (writer.clone(), handler.clone(), in_flight.clone());
-        let spawned = std::thread::Builder::new().name(format!("rpc-{}", req.method)).spawn(
-            move || {
+        let spawned = std::thread::Builder::new()
+            .name(format!("rpc-{}", req.method))
+            .spawn(move || {
                 let result = handler.handle(&req.method, &req.payload);
                 reply(&writer, h.stream_id, result);
                 in_flight.fetch_sub(1, Ordering::AcqRel);
-            },
-        );
+            });
         if let Err(e) = spawned {
             return Ended::Closed(e);
         }
@@ -108,8 +131,14 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
 
 fn reply<W: Write>(writer: &Mutex<W>, stream_id: u32, result: Result<Vec<u8>, Status>) {
     let resp = match result {
-        Ok(payload) => Response { status: Some(Status::new(Code::Ok, "")), payload },
-        Err(status) => Response { status: Some(status), payload: Vec::new() },
+        Ok(payload) => Response {
+            status: Some(Status::new(Code::Ok, "")),
+            payload,
+        },
+        Err(status) => Response {
+            status: Some(status),
+            payload: Vec::new(),
+        },
     };
     let bytes = resp.encode_to_vec();
     // A poisoned lock only means another reply panicked mid-write; the stream is shared
