@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential)
+# netfilter: libnftnl/libmnl/nftables/iproute2. guest: qemu (test VMs), busybox-static
+# (test container rootfs), lz4 (kernel payload), libcap-ng/libseccomp (to build virtiofsd).
+APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
+  qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()
@@ -45,3 +48,21 @@ step "build (release): enclavectl"
 cargo build --release --locked --bin enclavectl 2>&1 | grep -vE '^\s+(Compiling|Downloaded|Downloading)' || true
 test -x target/release/enclavectl
 echo "built target/release/enclavectl"
+
+# Tools built from crates.io, cached outside the clone (keyed by name and version) so a
+# fresh clone does not rebuild them.
+CACHE=${ENCLAVE_CACHE:-$HOME/.cache/enclave}
+TOOLS=(vhost-device-vsock:0.3.0 virtiofsd:1.14.0)
+step "host tools for guest VMs: ${TOOLS[*]} (cached in $CACHE/tools)"
+for t in "${TOOLS[@]}"; do
+  name=${t%%:*}; ver=${t##*:}
+  if [ -x "$CACHE/tools/bin/$name" ] && grep -q "^\"$name $ver " "$CACHE/tools/.crates.toml" 2>/dev/null; then
+    echo "$name $ver: cached"
+  else
+    echo "$name $ver: building (a few minutes, once)"
+    cargo install -q --locked --root "$CACHE/tools" --version "$ver" "$name"
+  fi
+done
+
+step "guest image (kernel cached in $CACHE/kernel)"
+bash guest/image/build.sh
