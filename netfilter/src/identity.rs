@@ -113,6 +113,32 @@ impl InventoryWorkload {
         }
     }
 
+    /// The workload as an enforcer sees the pod it sits in front of, with the NIC's MAC
+    /// (`mac` when the inventory gives none).
+    pub fn local(&self, mac: MacAddr) -> crate::matcher::LocalWorkload {
+        let pick4 = |i: &IpAddr| {
+            if let IpAddr::V4(v) = i {
+                Some(*v)
+            } else {
+                None
+            }
+        };
+        let pick6 = |i: &IpAddr| {
+            if let IpAddr::V6(v) = i {
+                Some(*v)
+            } else {
+                None
+            }
+        };
+        crate::matcher::LocalWorkload {
+            identity: Arc::new(self.identity()),
+            mac: self.mac.unwrap_or(mac),
+            ipv4: self.ips.iter().filter_map(pick4).collect(),
+            ipv6: self.ips.iter().filter_map(pick6).collect(),
+            dhcp: false,
+        }
+    }
+
     /// `namespace/name`.
     pub fn reference(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

@@ -2,9 +2,7 @@
 //! The per-frame matcher, driven with real frames built byte by byte.
 
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
-use enclave_netfilter::matcher::{
-    Direction, Enforcer, EnforcerConfig, EventKind, LocalWorkload, Reason, Verdict,
-};
+use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, EventKind, Reason, Verdict};
 use enclave_netfilter::packet::{build, MacAddr, TcpFlags as F};
 use enclave_netfilter::policy::{self, AppProto, CompiledPolicy};
 use std::net::{IpAddr, Ipv4Addr};
@@ -76,33 +74,7 @@ fn fixture_with(ns: &str, src: &str, cfg: EnforcerConfig) -> Fx {
         .find(|w| w.namespace == ns)
         .expect("workload");
     let mac = w.mac.expect("mac");
-    let local = LocalWorkload {
-        identity: Arc::new(w.identity()),
-        mac,
-        ipv4: w
-            .ips
-            .iter()
-            .filter_map(|i| {
-                if let IpAddr::V4(v) = i {
-                    Some(*v)
-                } else {
-                    None
-                }
-            })
-            .collect(),
-        ipv6: w
-            .ips
-            .iter()
-            .filter_map(|i| {
-                if let IpAddr::V6(v) = i {
-                    Some(*v)
-                } else {
-                    None
-                }
-            })
-            .collect(),
-        dhcp: false,
-    };
+    let local = w.local(mac);
     Fx {
         e: Enforcer::new(c, peers, local, cfg),
         mac,
@@ -489,61 +461,16 @@ fn fragments_follow_their_allowed_first_fragment_only() {
     tcp[2..4].copy_from_slice(&443u16.to_be_bytes());
     tcp[12] = 5 << 4;
     tcp[13] = F::SYN;
-    let first = build::ip(
-        &e,
-        6,
-        tcp,
-        build::IpOpts {
-            id: 77,
-            frag: Some((0, true)),
-            vlan: None,
-        },
-    );
+    let first = frag(&e, 77, 0, true, tcp);
     assert_eq!(f.out(&first).verdict, Verdict::Pass);
-    let second = build::ip(
-        &e,
-        6,
-        vec![0; 16],
-        build::IpOpts {
-            id: 77,
-            frag: Some((5, false)),
-            vlan: None,
-        },
-    );
+    let second = frag(&e, 77, 5, false, vec![0; 16]);
     assert_eq!(f.out(&second).reason, Reason::Fragment);
-    let orphan = build::ip(
-        &e,
-        6,
-        vec![0; 16],
-        build::IpOpts {
-            id: 78,
-            frag: Some((5, false)),
-            vlan: None,
-        },
-    );
+    let orphan = frag(&e, 78, 5, false, vec![0; 16]);
     assert_eq!(f.out(&orphan).reason, Reason::FragmentUnknown);
-    let overlap = build::ip(
-        &e,
-        6,
-        vec![0; 16],
-        build::IpOpts {
-            id: 77,
-            frag: Some((1, false)),
-            vlan: None,
-        },
-    );
+    let overlap = frag(&e, 77, 1, false, vec![0; 16]);
     assert_eq!(f.out(&overlap).reason, Reason::FragmentOverlap);
     // A first fragment too short to hold the TCP header is not decidable: dropped.
-    let tiny = build::ip(
-        &e,
-        6,
-        vec![0; 8],
-        build::IpOpts {
-            id: 79,
-            frag: Some((0, true)),
-            vlan: None,
-        },
-    );
+    let tiny = frag(&e, 79, 0, true, vec![0; 8]);
     assert_eq!(f.out(&tiny).reason, Reason::Malformed);
 }
 
@@ -939,4 +866,18 @@ fn icmp_error_quoting_a_truncated_header_is_dropped_not_a_crash() {
             "quote of {cut} bytes"
         );
     }
+}
+
+/// A fragment of a TCP datagram: IP id, offset (8-byte units), more-fragments flag.
+fn frag(e: &build::Ends, id: u32, offset: u16, more: bool, payload: Vec<u8>) -> Vec<u8> {
+    build::ip(
+        e,
+        6,
+        payload,
+        build::IpOpts {
+            id,
+            frag: Some((offset, more)),
+            vlan: None,
+        },
+    )
 }

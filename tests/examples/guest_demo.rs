@@ -9,22 +9,7 @@ use enclave_agent_protocol::messages::*;
 use enclave_tests::{busybox_rootfs, spec, GuestVm, Tools, VmOptions};
 
 fn read_all(c: &enclave_agent_protocol::Client, id: &str, exec: &str) -> String {
-    let mut out = Vec::new();
-    loop {
-        let r = ReadStreamRequest {
-            container_id: id.into(),
-            exec_id: exec.into(),
-            max_len: 65536,
-        };
-        let d = c
-            .call_timeout::<ReadStdout>(&r, Some(Duration::from_secs(60)))
-            .unwrap()
-            .data;
-        if d.is_empty() {
-            return String::from_utf8_lossy(&out).into_owned();
-        }
-        out.extend_from_slice(&d);
-    }
+    String::from_utf8_lossy(&enclave_tests::read_to_end(c, id, exec, false).unwrap()).into_owned()
 }
 
 fn main() {

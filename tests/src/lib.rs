@@ -383,6 +383,34 @@ pub fn spec(args: &[&str], terminal: bool) -> serde_json::Value {
     })
 }
 
+/// Everything a process writes to stdout (or stderr) until end of stream.
+pub fn read_to_end(
+    c: &Client,
+    id: &str,
+    exec: &str,
+    stderr: bool,
+) -> Result<Vec<u8>, enclave_agent_protocol::ClientError> {
+    use enclave_agent_protocol::messages::{ReadStderr, ReadStdout, ReadStreamRequest};
+    let mut out = Vec::new();
+    loop {
+        let r = ReadStreamRequest {
+            container_id: id.into(),
+            exec_id: exec.into(),
+            max_len: 65536,
+        };
+        let t = Some(Duration::from_secs(60));
+        let d = if stderr {
+            c.call_timeout::<ReadStderr>(&r, t)?.data
+        } else {
+            c.call_timeout::<ReadStdout>(&r, t)?.data
+        };
+        if d.is_empty() {
+            return Ok(out);
+        }
+        out.extend_from_slice(&d);
+    }
+}
+
 /// Skips a test with a reason, or fails it when `ENCLAVE_REQUIRE_VM=1` (set by CI).
 #[allow(clippy::panic)] // failing the calling test is the point
 pub fn skip_or_fail(test: &str, why: &str) {

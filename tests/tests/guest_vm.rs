@@ -60,25 +60,7 @@ fn create(
 
 /// Everything a stream carries until end of stream.
 fn drain(c: &Client, id: &str, exec: &str, stderr: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let r = ReadStreamRequest {
-            container_id: id.into(),
-            exec_id: exec.into(),
-            max_len: 65536,
-        };
-        let d = if stderr {
-            c.call_timeout::<ReadStderr>(&r, Some(Duration::from_secs(60)))
-        } else {
-            c.call_timeout::<ReadStdout>(&r, Some(Duration::from_secs(60)))
-        }
-        .unwrap()
-        .data;
-        if d.is_empty() {
-            return out;
-        }
-        out.extend_from_slice(&d);
-    }
+    enclave_tests::read_to_end(c, id, exec, stderr).unwrap()
 }
 
 fn wait(c: &Client, id: &str, exec: &str) -> WaitProcessResponse {

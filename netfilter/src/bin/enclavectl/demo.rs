@@ -6,9 +6,7 @@ use enclave_netfilter::audit::{
     self, AuditContext, AuditLog, AuditLogConfig, RecordBuilder, SyncPolicy, VerifyOptions,
 };
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
-use enclave_netfilter::matcher::{
-    Direction, Enforcer, EnforcerConfig, LocalWorkload, Reason, Verdict,
-};
+use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, Reason, Verdict};
 use enclave_netfilter::nft::{self, NftWorkload, Placement};
 use enclave_netfilter::packet::{build, MacAddr, TcpFlags};
 use enclave_netfilter::{graph, learn};
@@ -193,35 +191,8 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
     let mut pods = BTreeMap::new();
     println!("[2/6] one enforcer per pod (what enclave-netd runs in front of each microVM):");
     for w in &inv.workloads {
-        let identity = Arc::new(w.identity());
-        let mac = w.mac.unwrap_or(GATEWAY);
-        let local = LocalWorkload {
-            identity: identity.clone(),
-            mac,
-            ipv4: w
-                .ips
-                .iter()
-                .filter_map(|i| {
-                    if let IpAddr::V4(v) = i {
-                        Some(*v)
-                    } else {
-                        None
-                    }
-                })
-                .collect(),
-            ipv6: w
-                .ips
-                .iter()
-                .filter_map(|i| {
-                    if let IpAddr::V6(v) = i {
-                        Some(*v)
-                    } else {
-                        None
-                    }
-                })
-                .collect(),
-            dhcp: false,
-        };
+        let local = w.local(GATEWAY);
+        let (identity, mac) = (local.identity.clone(), local.mac);
         let enforcer = Enforcer::new(
             compiled.clone(),
             peers.clone(),
