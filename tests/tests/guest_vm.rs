@@ -182,6 +182,32 @@ fn guest_agent_runs_containers() {
         }
     });
 
+    checks.check("credentials, capabilities, rlimits, no_new_privs, read-only root", {
+        let (vm, c) = (vm.clone(), c.clone());
+        move || {
+            let mut sp = spec(
+                &["sh", "-c", "id; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; ulimit -n; touch /x 2>&1; true"],
+                false,
+            );
+            sp["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20]});
+            sp["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 512, "soft": 256}]);
+            sp["process"]["capabilities"] = serde_json::json!({"bounding": ["CAP_NET_BIND_SERVICE", "CAP_KILL"], "effective": [], "permitted": []});
+            sp["root"]["readonly"] = serde_json::json!(true);
+            create(&vm, &c, "creds", sp).unwrap();
+            c.call::<StartContainer>(&ContainerRequest { container_id: "creds".into() }).unwrap();
+            let out = String::from_utf8(drain(&c, "creds", "", false)).unwrap();
+            assert_eq!(wait(&c, "creds", "").exit_status, 0, "{out}");
+            c.call::<RemoveContainer>(&ContainerRequest { container_id: "creds".into() }).unwrap();
+            assert!(out.contains("uid=1000 gid=1000 groups=10,20"), "{out}");
+            assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+            // CAP_KILL (5) and CAP_NET_BIND_SERVICE (10): 0x420.
+            assert!(out.contains("CapBnd:\t0000000000000420"), "{out}");
+            assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+            assert!(out.lines().any(|l| l == "256"), "{out}");
+            assert!(out.contains("Read-only file system"), "{out}");
+        }
+    });
+
     checks.check("stdin reaches the process", {
         let (vm, c) = (vm.clone(), c.clone());
         move || {
