@@ -5,18 +5,26 @@
 set -euo pipefail
 if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
     cat <<'HELP'
-Usage: guest/kernel/build.sh [--out DIR]
+Usage: guest/kernel/build.sh [--out DIR] [--configure-only]
 
 Installs linux-source and the kernel build dependencies (apt-get), configures
 tinyconfig + guest/kernel/enclave-guest.config, checks every option of the fragment
 survived, and builds DIR/vmlinux (default target/guest-kernel). Takes 10-30 minutes.
 Use it with guest/image/build.sh output by replacing target/guest/vmlinux; with all
-drivers built in, the initramfs module list is unused.
+drivers built in, the initramfs module list is unused. --configure-only stops after the
+configuration check (a minute or two).
 HELP
     exit 0
 fi
 OUT=target/guest-kernel
-[ "${1:-}" = --out ] && OUT=$2
+CONFIGURE_ONLY=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) OUT=$2; shift 2 ;;
+        --configure-only) CONFIGURE_ONLY=1; shift ;;
+        *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 FRAG=$ROOT/guest/kernel/enclave-guest.config
@@ -47,6 +55,8 @@ while IFS= read -r line; do
     fi
 done < "$FRAG"
 [ $missing = 0 ] || { echo "build.sh: the configuration lacks options above" >&2; exit 1; }
+echo "every option of the fragment is set"
+if [ $CONFIGURE_ONLY = 1 ]; then cp .config "$ROOT/$OUT/config"; exit 0; fi
 echo "==> build vmlinux ($(nproc) jobs)"
 make -s -j"$(nproc)" vmlinux
 cp vmlinux "$ROOT/$OUT/vmlinux"
