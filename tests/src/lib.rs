@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use enclave_agent_protocol::{connect_hybrid_vsock, Client, AGENT_VSOCK_PORT};
 
+/// Host vsock port the agent announces its readiness on.
+pub const READY_PORT: u32 = 1025;
+
 /// The tools and image a guest needs, found on this machine.
 #[derive(Debug, Clone)]
 pub struct Tools {
@@ -119,6 +122,7 @@ fn tsc_khz() -> Option<u64> {
 /// A running guest.
 pub struct GuestVm {
     dir: PathBuf,
+    ready: Option<std::os::unix::net::UnixListener>,
     children: Vec<(&'static str, Child)>,
     /// When QEMU was started.
     pub started: Instant,
@@ -190,6 +194,7 @@ impl GuestVm {
             children: Vec::new(),
             started: Instant::now(),
             accel,
+            ready: None,
         };
         let d = |f: &str| dir.join(f);
         vm.children.push(spawn(
@@ -216,7 +221,17 @@ impl GuestVm {
         wait_for_socket(&d("fs.sock"), Duration::from_secs(10))?;
         let base =
             std::fs::read_to_string(tools.image.join("cmdline")).map_err(|e| e.to_string())?;
-        let mut cmdline = format!("{} enclave.shared=shared {}", base.trim(), opts.cmdline);
+        // The agent announces itself on this host port (guest -> host vsock arrives on
+        // `<uds-path>_<port>`); connecting only then avoids queueing connection requests
+        // before the guest's vsock driver is up, which can wedge vhost-device-vsock.
+        let ready = std::os::unix::net::UnixListener::bind(d(&format!("vm.vsock_{READY_PORT}")))
+            .map_err(|e| format!("ready listener: {e}"))?;
+        vm.ready = Some(ready);
+        let mut cmdline = format!(
+            "{} enclave.shared=shared enclave.ready_port={READY_PORT} {}",
+            base.trim(),
+            opts.cmdline
+        );
         if accel == "tcg" {
             // PIT calibration of the TSC fails at random under TCG and the boot hangs.
             if let Some(khz) = tsc_khz() {
@@ -270,6 +285,7 @@ impl GuestVm {
     /// version handshake.
     pub fn connect(&self, timeout: Duration) -> Result<Client, String> {
         let deadline = Instant::now() + timeout;
+        self.wait_ready(deadline)?;
         let stream = connect_hybrid_vsock(&self.dir.join("vm.vsock"), AGENT_VSOCK_PORT, deadline)
             .map_err(|e| format!("{e}\n{}", self.logs()))?;
         let client = Client::new(stream).map_err(|e| e.to_string())?;
@@ -277,6 +293,34 @@ impl GuestVm {
             .handshake()
             .map_err(|e| format!("handshake: {e}\n{}", self.logs()))?;
         Ok(client)
+    }
+
+    /// Waits for the agent's readiness announcement (once; later calls return at once).
+    fn wait_ready(&self, deadline: Instant) -> Result<(), String> {
+        let Some(l) = &self.ready else { return Ok(()) };
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        static SEEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(&self.dir) {
+            return Ok(());
+        }
+        loop {
+            match l.accept() {
+                Ok(_) => {
+                    seen.push(self.dir.clone());
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("ready listener: {e}")),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the agent did not announce itself\n{}",
+                    self.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// A raw connection to the agent's port (for sending garbage).

@@ -267,6 +267,17 @@ fn guest_agent_runs_containers() {
             })
             .unwrap();
             let out = String::from_utf8(drain(&c, "sleeper", "e1", false)).unwrap();
+            // An exec with a terminal.
+            let p = serde_json::json!({"terminal": true, "args": ["sh", "-c", "test -t 1 && echo exec-tty"], "env": ["PATH=/bin"], "cwd": "/"});
+            c.call::<ExecProcess>(&ExecProcessRequest {
+                container_id: "sleeper".into(),
+                exec_id: "t1".into(),
+                process: serde_json::to_vec(&p).unwrap(),
+            })
+            .unwrap();
+            let tty_out = String::from_utf8(drain(&c, "sleeper", "t1", false)).unwrap();
+            assert_eq!(tty_out, "exec-tty\r\n", "a tty turns \\n into \\r\\n");
+            assert_eq!(wait(&c, "sleeper", "t1").exit_status, 0);
             let lines: Vec<&str> = out.lines().collect();
             assert!(lines[0].starts_with("exec:") && lines[0] != "exec:1", "{out}");
             assert_eq!(lines[1], "sleep\u{0}1000\u{0}", "exec sees the container's PID 1");

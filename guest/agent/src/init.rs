@@ -64,6 +64,11 @@ pub fn run() -> ! {
     match listen_vsock(AGENT_VSOCK_PORT) {
         Ok(fd) => {
             log!("ready: serving the agent protocol on vsock port {AGENT_VSOCK_PORT}");
+            if let Some(port) = param("enclave.ready_port").and_then(|p| p.parse().ok()) {
+                let _ = std::thread::Builder::new()
+                    .name("ready".into())
+                    .spawn(move || announce_ready(port));
+            }
             accept_loop(fd, agent)
         }
         Err(e) => {
@@ -264,6 +269,35 @@ fn listen_vsock(port: u32) -> Result<File> {
         return Err(sys::os_err("listen on vsock"));
     }
     Ok(sock)
+}
+
+/// Tells the host the agent listens: connects to host (CID 2) port `port` and sends
+/// `READY <version>\n`. A host that connects only after this never queues connection
+/// requests before the guest's vsock driver is up (which some vsock backends handle badly).
+fn announce_ready(port: u32) {
+    use std::io::Write;
+    for _ in 0..50 {
+        // SAFETY: socket(2) with constant arguments.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            break;
+        }
+        // SAFETY: fd was just created and is owned here.
+        let mut sock = unsafe { File::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = libc::VMADDR_CID_HOST;
+        addr.svm_port = port;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: addr is a valid sockaddr_vm of the length given.
+        if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_vm).cast(), len) } == 0 {
+            let _ = writeln!(sock, "READY {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    log!("could not announce readiness on host vsock port {port}");
 }
 
 fn accept_loop(listener: File, agent: Arc<Agent>) -> ! {

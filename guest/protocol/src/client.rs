@@ -239,7 +239,13 @@ fn try_connect(path: &Path, port: u32) -> io::Result<UnixStream> {
     // Read the reply a byte at a time: bytes after the newline belong to the agent.
     let mut line = Vec::new();
     let mut r = BufReader::with_capacity(1, &s);
-    r.read_until(b'\n', &mut line)?;
+    r.read_until(b'\n', &mut line).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the vsock backend accepted but sent no OK within 2 s",
+        ),
+        _ => e,
+    })?;
     if !line.starts_with(b"OK ") {
         return Err(io::Error::new(
             io::ErrorKind::ConnectionRefused,
