@@ -5,7 +5,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
-use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, LocalWorkload, Verdict};
+use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, Verdict};
 use enclave_netfilter::packet::{build, MacAddr, TcpFlags as F};
 use enclave_netfilter::policy::{self, Action, CompiledPolicy, Policy, Protocol, RuleId, ZoneId};
 use std::net::IpAddr;
@@ -44,48 +44,21 @@ fn compiled(n: usize) -> Arc<CompiledPolicy> {
     )
 }
 
-fn enforcer(c: Arc<CompiledPolicy>) -> Enforcer {
+/// An enforcer for workload `app/a` (10.0.0.1); `fast_path: false` is the full-path
+/// baseline.
+fn enforcer(c: Arc<CompiledPolicy>, fast_path: bool) -> Enforcer {
     let inv: Inventory =
         serde_yaml::from_str("workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n")
             .expect("inv");
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
-    let local = LocalWorkload {
-        identity: Arc::new(inv.workloads[0].identity()),
-        mac: MAC,
-        ipv4: vec![[10, 0, 0, 1].into()],
-        ipv6: vec![],
-        dhcp: false,
-    };
+    let local = inv.workloads[0].local(MAC);
     Enforcer::new(
         c,
         peers,
         local,
         EnforcerConfig {
             flows: 65536,
-            ..EnforcerConfig::default()
-        },
-    )
-}
-
-fn enforcer_full_path(c: Arc<CompiledPolicy>) -> Enforcer {
-    let inv: Inventory =
-        serde_yaml::from_str("workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n")
-            .expect("inv");
-    let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
-    let local = LocalWorkload {
-        identity: Arc::new(inv.workloads[0].identity()),
-        mac: MAC,
-        ipv4: vec![[10, 0, 0, 1].into()],
-        ipv6: vec![],
-        dhcp: false,
-    };
-    Enforcer::new(
-        c,
-        peers,
-        local,
-        EnforcerConfig {
-            flows: 65536,
-            fast_path: false,
+            fast_path,
             ..EnforcerConfig::default()
         },
     )
@@ -132,10 +105,7 @@ fn bench(c: &mut Criterion) {
     // An established flow: handshake once, then time a data segment (flow cache on, and
     // the full path alone for comparison).
     for fast_path in [true, false] {
-        let mut e = enforcer(compiled(1000));
-        if !fast_path {
-            e = enforcer_full_path(compiled(1000));
-        }
+        let mut e = enforcer(compiled(1000), fast_path);
         let (dst, port) = last_rule_target(1000);
         let ends = build::Ends {
             src_mac: MAC,
@@ -179,7 +149,7 @@ fn bench(c: &mut Criterion) {
     // A new flow's SYN through the whole matcher, each with a fresh source port.
     let mut g = c.benchmark_group("new_flow/decide");
     for n in [10, 1000, 10000] {
-        let mut e = enforcer(compiled(n));
+        let mut e = enforcer(compiled(n), true);
         let (dst, port) = last_rule_target(n);
         let frames: Vec<Vec<u8>> = (0..4096u16)
             .map(|i| {

@@ -131,36 +131,23 @@ fn policy_applied_through_netlink_passes_allowed_and_drops_denied_connections() 
     let p = Netns::new(format!("encl-t-{id}"));
     let o = Netns::new(format!("encl-o-{id}"));
     // One veth pair per peer: the workload (10.77.0.1) sees `trusted` and `other` on their own links.
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        &format!("vw{id}"),
-        "netns",
-        &w.0,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &format!("vp{id}"),
-        "netns",
-        &p.0,
-    ]);
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        &format!("xw{id}"),
-        "netns",
-        &w.0,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &format!("xo{id}"),
-        "netns",
-        &o.0,
-    ]);
+    for (wdev, pdev, peer) in [("vw", "vp", &p), ("xw", "xo", &o)] {
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &format!("{wdev}{id}"),
+            "netns",
+            &w.0,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{pdev}{id}"),
+            "netns",
+            &peer.0,
+        ]);
+    }
     for (ns, dev, addr) in [
         (&w, format!("vw{id}"), "10.77.0.1/32"),
         (&p, format!("vp{id}"), "10.77.0.2/32"),
@@ -176,28 +163,13 @@ fn policy_applied_through_netlink_passes_allowed_and_drops_denied_connections() 
         assert!(ns.exec(&["ip", "link", "set", &dev, "up"]).status.success());
         assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
     }
-    assert!(w
-        .exec(&[
-            "ip",
-            "route",
-            "add",
-            "10.77.0.2/32",
-            "dev",
-            &format!("vw{id}")
-        ])
-        .status
-        .success());
-    assert!(w
-        .exec(&[
-            "ip",
-            "route",
-            "add",
-            "10.77.0.3/32",
-            "dev",
-            &format!("xw{id}")
-        ])
-        .status
-        .success());
+    for (dst, dev) in [("10.77.0.2/32", "vw"), ("10.77.0.3/32", "xw")] {
+        let dev = format!("{dev}{id}");
+        assert!(w
+            .exec(&["ip", "route", "add", dst, "dev", &dev])
+            .status
+            .success());
+    }
     assert!(p
         .exec(&[
             "ip",
