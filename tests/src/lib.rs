@@ -123,6 +123,7 @@ fn tsc_khz() -> Option<u64> {
 pub struct GuestVm {
     dir: PathBuf,
     ready: Option<std::os::unix::net::UnixListener>,
+    announced: std::sync::atomic::AtomicBool,
     children: Vec<(&'static str, Child)>,
     /// When QEMU was started.
     pub started: Instant,
@@ -195,6 +196,7 @@ impl GuestVm {
             started: Instant::now(),
             accel,
             ready: None,
+            announced: Default::default(),
         };
         let d = |f: &str| dir.join(f);
         vm.children.push(spawn(
@@ -299,15 +301,12 @@ impl GuestVm {
     fn wait_ready(&self, deadline: Instant) -> Result<(), String> {
         let Some(l) = &self.ready else { return Ok(()) };
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
-        static SEEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-        let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(&self.dir) {
-            return Ok(());
-        }
-        loop {
+        // Checked on every turn: another thread may take the one announcement.
+        while !self.announced.load(std::sync::atomic::Ordering::Acquire) {
             match l.accept() {
                 Ok(_) => {
-                    seen.push(self.dir.clone());
+                    self.announced
+                        .store(true, std::sync::atomic::Ordering::Release);
                     return Ok(());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -321,6 +320,7 @@ impl GuestVm {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        Ok(())
     }
 
     /// A raw connection to the agent's port (for sending garbage).

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use enclave_agent_protocol::{Code, Status};
 
-use crate::reaper::{Exit, Reaper};
+use crate::reaper::Reaper;
 use crate::spawn::{START_FD, STATUS_FD};
 use crate::spec::{ExecConfig, InitConfig, Process};
 use crate::sys;
@@ -34,6 +34,16 @@ pub struct Proc {
 }
 
 impl Proc {
+    fn new(pid: libc::pid_t, io: ProcIo) -> Proc {
+        Proc {
+            pid,
+            stdin: Mutex::new(io.stdin),
+            stdout: Mutex::new(io.stdout),
+            stderr: Mutex::new(io.stderr),
+            tty: io.tty,
+        }
+    }
+
     /// Writes to stdin.
     pub fn write_stdin(&self, data: &[u8]) -> Result<usize, Status> {
         let mut g = self.stdin.lock().unwrap_or_else(|p| p.into_inner());
@@ -122,15 +132,16 @@ pub struct Container {
     pending: Mutex<Option<Pending>>,
 }
 
-struct Stdio3 {
-    child: [Stdio; 3],
-    proc_stdin: Option<File>,
-    proc_stdout: Option<File>,
-    proc_stderr: Option<File>,
+/// The agent's ends of a process's stdio.
+struct ProcIo {
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
     tty: Option<File>,
 }
 
-fn make_stdio(terminal: bool) -> Result<Stdio3, Status> {
+/// Pipes, or a pty with `terminal`: the child's three ends and the agent's.
+fn make_stdio(terminal: bool) -> Result<([Stdio; 3], ProcIo), Status> {
     let internal = |e: std::io::Error| Status::new(Code::Internal, format!("create stdio: {e}"));
     if terminal {
         let (mut master, mut slave) = (0, 0);
@@ -153,24 +164,27 @@ fn make_stdio(terminal: bool) -> Result<Stdio3, Status> {
         let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
         let s1 = slave.try_clone().map_err(internal)?;
         let s2 = slave.try_clone().map_err(internal)?;
-        return Ok(Stdio3 {
-            child: [Stdio::from(slave), Stdio::from(s1), Stdio::from(s2)],
-            proc_stdin: Some(master.try_clone().map_err(internal)?),
-            proc_stdout: Some(master.try_clone().map_err(internal)?),
-            proc_stderr: None,
+        let io = ProcIo {
+            stdin: Some(master.try_clone().map_err(internal)?),
+            stdout: Some(master.try_clone().map_err(internal)?),
+            stderr: None,
             tty: Some(master),
-        });
+        };
+        return Ok(([Stdio::from(slave), Stdio::from(s1), Stdio::from(s2)], io));
     }
     let (in_r, in_w) = sys::pipe().map_err(internal)?;
     let (out_r, out_w) = sys::pipe().map_err(internal)?;
     let (err_r, err_w) = sys::pipe().map_err(internal)?;
-    Ok(Stdio3 {
-        child: [Stdio::from(in_r), Stdio::from(out_w), Stdio::from(err_w)],
-        proc_stdin: Some(in_w),
-        proc_stdout: Some(out_r),
-        proc_stderr: Some(err_r),
+    let io = ProcIo {
+        stdin: Some(in_w),
+        stdout: Some(out_r),
+        stderr: Some(err_r),
         tty: None,
-    })
+    };
+    Ok((
+        [Stdio::from(in_r), Stdio::from(out_w), Stdio::from(err_w)],
+        io,
+    ))
 }
 
 /// Spawns a helper with `status` at fd 3 and optionally `start` at fd 4, after running
@@ -265,11 +279,15 @@ fn expect_exec(r: &mut BufReader<File>, what: &str) -> Result<(), Status> {
     }
 }
 
+/// The highest capability number of this kernel (read once: it cannot change).
 fn cap_last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
+    static LAST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *LAST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40)
+    })
 }
 
 impl Container {
@@ -340,7 +358,7 @@ impl Container {
     ) -> Result<(Proc, Pending), Status> {
         let json =
             serde_json::to_string(cfg).map_err(|e| Status::new(Code::Internal, e.to_string()))?;
-        let io = make_stdio(terminal)?;
+        let (child_stdio, io) = make_stdio(terminal)?;
         let internal = |e: std::io::Error| Status::new(Code::Internal, format!("pipe: {e}"));
         let (status_r, status_w) = sys::pipe().map_err(internal)?;
         let (start_r, start_w) = sys::pipe().map_err(internal)?;
@@ -350,7 +368,7 @@ impl Container {
             reaper,
             "__container-init",
             &json,
-            io.child,
+            child_stdio,
             &status_w,
             Some(&start_r),
             flags,
@@ -359,13 +377,7 @@ impl Container {
         let mut status = BufReader::new(status_r);
         let pid = expect_pid(&mut status, "create container")?;
         reaper.watch(pid);
-        let proc = Proc {
-            pid,
-            stdin: Mutex::new(io.proc_stdin),
-            stdout: Mutex::new(io.proc_stdout),
-            stderr: Mutex::new(io.proc_stderr),
-            tty: io.tty,
-        };
+        let proc = Proc::new(pid, io);
         match status_line(&mut status)? {
             Some(l) if l == "ready" => Ok((
                 proc,
@@ -441,22 +453,16 @@ impl Container {
         };
         let json =
             serde_json::to_string(&cfg).map_err(|e| Status::new(Code::Internal, e.to_string()))?;
-        let io = make_stdio(terminal)?;
+        let (child_stdio, io) = make_stdio(terminal)?;
         let (status_r, status_w) =
             sys::pipe().map_err(|e| Status::new(Code::Internal, format!("pipe: {e}")))?;
-        spawn_helper(reaper, "__exec", &json, io.child, &status_w, None, 0)?;
+        spawn_helper(reaper, "__exec", &json, child_stdio, &status_w, None, 0)?;
         drop(status_w);
         let mut status = BufReader::new(status_r);
         let pid = expect_pid(&mut status, "exec")?;
         reaper.watch(pid);
         expect_exec(&mut status, "exec")?;
-        let proc = Arc::new(Proc {
-            pid,
-            stdin: Mutex::new(io.proc_stdin),
-            stdout: Mutex::new(io.proc_stdout),
-            stderr: Mutex::new(io.proc_stderr),
-            tty: io.tty,
-        });
+        let proc = Arc::new(Proc::new(pid, io));
         execs.insert(exec_id.to_string(), proc.clone());
         Ok(proc)
     }
@@ -549,11 +555,6 @@ impl Container {
             reaper.release(p.pid);
         }
     }
-}
-
-/// Exit of a process, blocking.
-pub fn wait(reaper: &Reaper, p: &Proc) -> Exit {
-    reaper.wait(p.pid)
 }
 
 fn cgroup_pids(cg: &Path) -> Vec<libc::pid_t> {

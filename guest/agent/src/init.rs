@@ -246,7 +246,8 @@ fn setup_cgroups() {
     }
 }
 
-fn listen_vsock(port: u32) -> Result<File> {
+/// A vsock stream socket and the address `cid:port`.
+fn vsock(cid: u32, port: u32) -> Result<(File, libc::sockaddr_vm)> {
     // SAFETY: socket(2) with constant arguments.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -257,11 +258,27 @@ fn listen_vsock(port: u32) -> Result<File> {
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_cid = cid;
     addr.svm_port = port;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    Ok((sock, addr))
+}
+
+const SOCKADDR_VM_LEN: libc::socklen_t =
+    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+fn listen_vsock(port: u32) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let (sock, addr) = vsock(libc::VMADDR_CID_ANY, port)?;
+    let fd = sock.as_raw_fd();
     // SAFETY: addr is a valid sockaddr_vm of the length given.
-    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) } != 0 {
+    if unsafe {
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            SOCKADDR_VM_LEN,
+        )
+    } != 0
+    {
         return Err(sys::os_err(format_args!("bind vsock port {port}")));
     }
     // SAFETY: listen on our socket.
@@ -276,22 +293,21 @@ fn listen_vsock(port: u32) -> Result<File> {
 /// requests before the guest's vsock driver is up (which some vsock backends handle badly).
 fn announce_ready(port: u32) {
     use std::io::Write;
+    use std::os::fd::AsRawFd;
     for _ in 0..50 {
-        // SAFETY: socket(2) with constant arguments.
-        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
+        let Ok((mut sock, addr)) = vsock(libc::VMADDR_CID_HOST, port) else {
             break;
-        }
-        // SAFETY: fd was just created and is owned here.
-        let mut sock = unsafe { File::from_raw_fd(fd) };
-        // SAFETY: sockaddr_vm is plain data; all-zero is a valid starting value.
-        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = libc::VMADDR_CID_HOST;
-        addr.svm_port = port;
-        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        };
+        let fd = sock.as_raw_fd();
         // SAFETY: addr is a valid sockaddr_vm of the length given.
-        if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_vm).cast(), len) } == 0 {
+        if unsafe {
+            libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_vm).cast(),
+                SOCKADDR_VM_LEN,
+            )
+        } == 0
+        {
             let _ = writeln!(sock, "READY {}", env!("CARGO_PKG_VERSION"));
             return;
         }

@@ -106,6 +106,11 @@ fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
+/// The IPv4 netmask of a prefix length (0-32).
+fn v4_netmask(prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
+}
+
 fn ifindex(name: &str) -> Result<libc::c_int> {
     let s = socket(libc::AF_INET)?;
     let mut r = ifreq(name)?;
@@ -147,12 +152,7 @@ fn add_address(name: &str, ip: IpAddr, prefix: u8) -> Result<()> {
                 &mut r,
                 &format!("set address {v4} on {name}"),
             )?;
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - prefix as u32)
-            };
-            r.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(mask));
+            r.ifr_ifru.ifru_netmask = sockaddr_in(v4_netmask(prefix));
             ioctl(
                 &s,
                 libc::SIOCSIFNETMASK,
@@ -210,12 +210,7 @@ fn add_route(dest: &str, gateway: &str, dev: &str) -> Result<()> {
             None => Ipv4Addr::UNSPECIFIED,
         };
         rt.rt_dst = sockaddr_in(d4);
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix as u32)
-        };
-        rt.rt_genmask = sockaddr_in(Ipv4Addr::from(mask));
+        rt.rt_genmask = sockaddr_in(v4_netmask(prefix));
         rt.rt_flags = libc::RTF_UP;
         if let Some(g) = gw {
             let IpAddr::V4(g4) = g else {
@@ -390,6 +385,9 @@ mod tests {
             .starts_with("f: prefix"));
         assert!(parse_cidr("f", "fd00::1/129").is_err());
         assert!(parse_cidr("f", "fd00::1/64").is_ok());
+        assert_eq!(v4_netmask(0), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(v4_netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(v4_netmask(32), Ipv4Addr::BROADCAST);
         let d = Dns {
             nameservers: vec!["10.0.0.10".into()],
             searches: vec!["svc.cluster.local".into()],

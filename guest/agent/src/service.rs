@@ -8,7 +8,7 @@ use enclave_agent_protocol::messages::*;
 use enclave_agent_protocol::server::{dispatch, Handler};
 use enclave_agent_protocol::{Code, Status, PROTOCOL_VERSION};
 
-use crate::container::{self, Container};
+use crate::container::Container;
 use crate::reaper::Reaper;
 use crate::{log, net, spec};
 
@@ -53,13 +53,7 @@ impl Agent {
         let invalid = |m: String| Status::new(Code::InvalidArgument, m);
         spec::check_id("container_id", &r.container_id).map_err(invalid)?;
         spec::check_rootfs(&r.rootfs).map_err(invalid)?;
-        let spec: spec::Spec = serde_json::from_slice(&r.oci_spec).map_err(|e| {
-            invalid(format!(
-                "oci_spec: line {} column {}: {e}",
-                e.line(),
-                e.column()
-            ))
-        })?;
+        let spec: spec::Spec = parse_json("oci_spec", &r.oci_spec)?;
         {
             let mut map = self.containers.lock().unwrap_or_else(|p| p.into_inner());
             if map.contains_key(&r.container_id) {
@@ -111,13 +105,10 @@ impl Agent {
     }
 }
 
-fn process_json(bytes: &[u8]) -> Result<spec::Process, Status> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        Status::new(
-            Code::InvalidArgument,
-            format!("process: line {} column {}: {e}", e.line(), e.column()),
-        )
-    })
+/// Parses a JSON field of a request; serde's message already says line and column.
+fn parse_json<T: serde::de::DeserializeOwned>(field: &str, bytes: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Status::new(Code::InvalidArgument, format!("{field}: {e}")))
 }
 
 impl Handler for Agent {
@@ -145,7 +136,7 @@ impl Handler for Agent {
             ExecProcess::NAME => dispatch::<ExecProcess>(payload, |r| {
                 spec::check_id("exec_id", &r.exec_id)
                     .map_err(|m| Status::new(Code::InvalidArgument, m))?;
-                let p = process_json(&r.process)?;
+                let p: spec::Process = parse_json("process", &r.process)?;
                 let proc = self
                     .get(&r.container_id)?
                     .exec(&self.reaper, &r.exec_id, p)?;
@@ -169,7 +160,7 @@ impl Handler for Agent {
             }),
             WaitProcess::NAME => dispatch::<WaitProcess>(payload, |r| {
                 let p = self.get(&r.container_id)?.process(&r.exec_id)?;
-                let e = container::wait(&self.reaper, &p);
+                let e = self.reaper.wait(p.pid);
                 Ok(WaitProcessResponse {
                     exit_status: e.status,
                     signal: e.signal,

@@ -53,20 +53,10 @@ pub fn container_init_helper(arg: Option<&String>) -> ! {
     sys::set_cloexec(START_FD);
     unblock_signals();
     let cfg: InitConfig = parse(arg);
-    match sys::clone_parent() {
-        Err(e) => fail(&e),
-        Ok(0) => {
-            let e = match setup_container(&cfg) {
-                Ok(()) => finish_process(&cfg.process, cfg.cap_last_cap),
-                Err(e) => e,
-            };
-            fail(&e)
-        }
-        Ok(pid) => {
-            sys::write_fd(STATUS_FD, format!("pid {pid}\n").as_bytes());
-            std::process::exit(0)
-        }
-    }
+    clone_child(|| match setup_container(&cfg) {
+        Ok(()) => finish_process(&cfg.process, cfg.cap_last_cap),
+        Err(e) => e,
+    })
 }
 
 /// `__exec`.
@@ -77,12 +67,15 @@ pub fn exec_helper(arg: Option<&String>) -> ! {
     if let Err(e) = join_container(&cfg) {
         fail(&e)
     }
+    clone_child(|| finish_process(&cfg.process, cfg.cap_last_cap))
+}
+
+/// Clones the container process as a child of the agent: the child runs `child` (which
+/// returns only with why it failed), the helper reports the child's pid and exits.
+fn clone_child(child: impl FnOnce() -> String) -> ! {
     match sys::clone_parent() {
         Err(e) => fail(&e),
-        Ok(0) => {
-            let e = finish_process(&cfg.process, cfg.cap_last_cap);
-            fail(&e)
-        }
+        Ok(0) => fail(&child()),
         Ok(pid) => {
             sys::write_fd(STATUS_FD, format!("pid {pid}\n").as_bytes());
             std::process::exit(0)
