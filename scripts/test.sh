@@ -28,7 +28,8 @@ cargo check -q --manifest-path guest/fuzz/Cargo.toml --bins
 echo "ok"
 
 printf '\n==> tests\n'
-cargo test --locked --workspace 2>&1 | tee target/test.log | grep -E '^(test |running|test result)|SKIPPED|panicked' || true
+# --nocapture so that SKIPPED lines from passing tests reach the log and are counted.
+cargo test --locked --workspace -- --nocapture 2>&1 | tee target/test.log | grep -E '^(test |running|test result)|SKIPPED|panicked' || true
 if ! grep -q "test result" target/test.log || grep -q "test result: FAILED" target/test.log || grep -qE "^error" target/test.log; then
   grep -E "^error|FAILED|panicked" target/test.log | head -20
   echo "TESTS FAILED" >&2

@@ -4,6 +4,8 @@
 //! shared filesystem. Everything runs under a private temporary directory and is killed
 //! when the [`GuestVm`] is dropped.
 
+pub mod vmm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

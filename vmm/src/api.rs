@@ -230,7 +230,6 @@ mod tests {
         assert!(parse_request(r#"{"action":"nope"}"#)
             .unwrap_err()
             .contains("unknown variant"));
-        assert!(parse_request(r#"{"action":"info","x":1}"#).is_err());
         assert!(parse_request("not json").is_err());
         let r =
             parse_request(r#"{"action":"configure","config":{"kernel":"/k","vcpus":2}}"#).unwrap();

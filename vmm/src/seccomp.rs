@@ -44,9 +44,15 @@ const KVM_GET_REGS: u64 = 0x8090_ae81;
 const FIONBIO: u64 = 0x5421;
 
 fn ioctl_rule(reqs: &[u64]) -> Vec<SeccompRule> {
-    reqs.iter()
+    arg_rule(1, reqs)
+}
+
+/// Allows the syscall when argument `arg` equals one of `values`.
+fn arg_rule(arg: u8, values: &[u64]) -> Vec<SeccompRule> {
+    values
+        .iter()
         .filter_map(|&r| {
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, r).ok()
+            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, r).ok()
         })
         .filter_map(|c| SeccompRule::new(vec![c]).ok())
         .collect()
@@ -124,6 +130,10 @@ fn rules_for(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             (libc::SYS_connect, "vsock guest-initiated connections"),
             (libc::SYS_shutdown, "vsock half-close from the guest"),
             (libc::SYS_tgkill, "kicking vCPUs out of KVM_RUN at stop"),
+            (
+                libc::SYS_getpid,
+                "pthread_kill (the vCPU kick) asks for the thread group id",
+            ),
             (libc::SYS_recvfrom, "socket reads"),
             (libc::SYS_sendto, "socket writes"),
             (libc::SYS_sendmsg, "vhost-user messages"),
@@ -132,8 +142,8 @@ fn rules_for(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         ThreadKind::Api => &[
             (libc::SYS_accept4, "API connections"),
             (libc::SYS_setsockopt, "the API read timeout"),
-            (libc::SYS_fcntl, "UnixStream::try_clone"),
             (libc::SYS_tgkill, "kicking vCPUs out of KVM_RUN on pause"),
+            (libc::SYS_getpid, "pthread_kill (the vCPU kick)"),
             (libc::SYS_clock_nanosleep, "waiting for vCPUs to park"),
             (libc::SYS_nanosleep, "waiting for vCPUs to park"),
             (libc::SYS_recvfrom, "socket reads"),
@@ -152,6 +162,12 @@ fn rules_for(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         }
         ThreadKind::Api => {}
     }
+    // fcntl: F_DUPFD_CLOEXEC for EventFd/UnixStream::try_clone (virtio activation on a vCPU,
+    // API connections); F_GETFD is std's check that an fd is open before closing it.
+    m.insert(
+        libc::SYS_fcntl,
+        arg_rule(1, &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64]),
+    );
     m
 }
 

@@ -33,6 +33,10 @@ const COM1_IRQ: u32 = 4;
 /// i8042 ports 0x60-0x64.
 const I8042_BASE: u64 = 0x60;
 
+const T_STOP: u64 = 0;
+const T_RESET: u64 = 1;
+const T_VSOCK: u64 = 2;
+
 /// A failure building the VM, worded for an operator.
 #[derive(Debug)]
 pub struct BuildError(pub String);
@@ -342,10 +346,11 @@ impl Vm {
             }
             None => None,
         };
+        let epoll = self.event_epoll()?;
         seccomp::install(ThreadKind::Vmm, mode).map_err(err("seccomp for the VMM thread"))?;
         barrier.wait();
 
-        let reason = self.event_loop(&threads);
+        let reason = self.event_loop(&epoll, &threads);
         self.state.request_stop(reason.clone());
         for t in &threads {
             kick(t.as_pthread_t());
@@ -361,14 +366,9 @@ impl Vm {
             .unwrap_or(reason))
     }
 
-    fn event_loop(&self, threads: &[JoinHandle<()>]) -> StopReason {
-        const T_STOP: u64 = 0;
-        const T_RESET: u64 = 1;
-        const T_VSOCK: u64 = 2;
-        let epoll = match Epoll::new() {
-            Ok(e) => e,
-            Err(e) => return StopReason::VmmError(format!("epoll: {e}")),
-        };
+    /// The event loop's epoll, made before the VMM thread's seccomp filter goes in.
+    fn event_epoll(&self) -> Result<Epoll, BuildError> {
+        let epoll = Epoll::new().map_err(err("epoll"))?;
         let mut fds = vec![
             (self.state.stop_evt.as_raw_fd(), T_STOP),
             (self.reset_evt.as_raw_fd(), T_RESET),
@@ -377,10 +377,14 @@ impl Vm {
             fds.push((v.epoll_fd(), T_VSOCK));
         }
         for (fd, t) in fds {
-            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t)) {
-                return StopReason::VmmError(format!("epoll: {e}"));
-            }
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t))
+                .map_err(err("epoll"))?;
         }
+        Ok(epoll)
+    }
+
+    fn event_loop(&self, epoll: &Epoll, threads: &[JoinHandle<()>]) -> StopReason {
         let mut events = [EpollEvent::default(); 16];
         loop {
             let n = match epoll.wait(-1, &mut events) {

@@ -138,11 +138,12 @@ impl Vsock {
         Some((h, n))
     }
 
-    /// Receives, skipping credit updates.
-    fn recv_data(&mut self, out: &mut [u8]) -> Option<(Hdr, usize)> {
+    /// Receives a packet for local port `port`, skipping credit updates and leftovers of
+    /// other connections (a host close racing our own shutdown, say).
+    fn recv_data(&mut self, port: u32, out: &mut [u8]) -> Option<(Hdr, usize)> {
         loop {
             let r = self.recv(out)?;
-            if r.0.op != OP_CREDIT_UPDATE {
+            if r.0.op != OP_CREDIT_UPDATE && r.0.dst_port == port {
                 return Some(r);
             }
         }
@@ -183,7 +184,7 @@ pub fn run(dev: &Device, line: &[u8]) {
             let msg = b"hello from the probe guest\n";
             let rw = Hdr { src_port: local, dst_port: port as u32, op: OP_RW, ..Default::default() };
             check("vsock.send", v.send(rw, msg), "tx descriptor not used");
-            match v.recv_data(&mut data) {
+            match v.recv_data(local, &mut data) {
                 Some((h, n)) if h.op == OP_RW => {
                     print("INFO vsock host says: ");
                     print_bytes(&data[..n]);
@@ -194,20 +195,31 @@ pub fn run(dev: &Device, line: &[u8]) {
             }
             let sd = Hdr { src_port: local, dst_port: port as u32, op: OP_SHUTDOWN, flags: 3, ..Default::default() };
             v.send(sd, &[]);
-            let closed = matches!(v.recv_data(&mut data), Some((h, _)) if h.op == OP_RST);
+            // The host may close first (SHUTDOWN to us) or answer ours (RST): either ends it.
+            let mut closed = false;
+            for _ in 0..2 {
+                match v.recv_data(local, &mut data) {
+                    Some((h, _)) if h.op == OP_RST => {
+                        closed = true;
+                        break;
+                    }
+                    Some((h, _)) if h.op == OP_SHUTDOWN => continue,
+                    _ => break,
+                }
+            }
             check("vsock.close", closed, "no RST after SHUTDOWN");
         }
     }
     if let Some(port) = param(line, "probe.vsock_listen").and_then(parse_u64) {
         println("INFO vsock listening");
-        match v.recv_data(&mut data) {
-            Some((h, _)) if h.op == OP_REQUEST && h.dst_port == port as u32 => {
+        match v.recv_data(port as u32, &mut data) {
+            Some((h, _)) if h.op == OP_REQUEST => {
                 v.fwd_cnt = 0; // credit counts are per connection
                 let resp = Hdr { src_port: port as u32, dst_port: h.src_port, op: OP_RESPONSE, ..Default::default() };
                 check("vsock.accept", v.send(resp, &[]), "tx descriptor not used");
                 let mut echoed = 0usize;
                 loop {
-                    match v.recv_data(&mut data) {
+                    match v.recv_data(port as u32, &mut data) {
                         Some((d, n)) if d.op == OP_RW => {
                             let mut up = [0u8; 256];
                             for i in 0..n {

@@ -1,0 +1,348 @@
+//! enclave-vmm on real KVM with the probe guest (vmm/probe): the boot layout checked from
+//! inside the guest, virtio-mmio and vsock driven from CPL3, the control API, and the
+//! seccomp filters on every thread.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use enclave_tests::skip_or_fail;
+use enclave_tests::vmm::{checks, fnv1a, kvm_usable, probe_guest, VmmRun};
+use serde_json::json;
+
+const VMM: &str = env!("CARGO_BIN_EXE_enclave-vmm");
+
+fn ready(test: &str) -> Option<PathBuf> {
+    if let Err(e) = kvm_usable() {
+        skip_or_fail(test, &e);
+        return None;
+    }
+    Some(probe_guest().expect("probe guest"))
+}
+
+fn base_config(probe: &PathBuf, dir: &std::path::Path, cmdline: &str) -> serde_json::Value {
+    json!({
+        "kernel": probe,
+        "memory_mib": 128,
+        "cmdline": format!("console=ttyS0 {cmdline}"),
+        "serial": {"path": dir.join("serial.log")},
+        "vsock": {"cid": 3, "uds_path": dir.join("vsock.sock")},
+    })
+}
+
+/// Connects to the VM's hybrid vsock socket and opens guest port `port`.
+fn hybrid_connect(sock: &std::path::Path, port: u32) -> UnixStream {
+    let mut last = String::new();
+    for _ in 0..200 {
+        match UnixStream::connect(sock) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                write!(s, "CONNECT {port}\n").unwrap();
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                let line = String::from_utf8_lossy(&line).to_string();
+                if line.starts_with("OK ") {
+                    return s;
+                }
+                last = line;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("hybrid vsock CONNECT {port} failed: {last}");
+}
+
+#[test]
+fn probe_checks_boot_layout_and_drives_vsock_from_cpl3() {
+    let Some(probe) = ready("probe_checks_boot_layout_and_drives_vsock_from_cpl3") else {
+        return;
+    };
+    let dir = VmmRun::dir("layout");
+    // An initrd of random bytes: the probe hashes what it finds where boot_params says.
+    let initrd: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.join("initrd"), &initrd).unwrap();
+    // Host side of the guest's connection to host port 6000.
+    let listener = UnixListener::bind(dir.join("vsock.sock_6000")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut line = String::new();
+        BufReader::new(&c).read_line(&mut line).unwrap();
+        c.write_all(b"hello from the host\n").unwrap();
+        line
+    });
+    let mut cfg = base_config(
+        &probe,
+        &dir,
+        &format!(
+            "probe.initrd_sum={:#x} probe.vsock_port=6000 probe.vsock_listen=5000",
+            fnv1a(&initrd)
+        ),
+    );
+    cfg["initrd"] = json!(dir.join("initrd"));
+    let mut vm = VmmRun::start(VMM.as_ref(), &dir, &cfg, &[]).unwrap();
+
+    assert_eq!(server.join().unwrap(), "hello from the probe guest\n");
+    vm.wait_serial("INFO vsock listening", Duration::from_secs(20))
+        .unwrap();
+    let mut s = hybrid_connect(&vm.path("vsock.sock"), 5000);
+    s.write_all(b"ping from the host\n").unwrap();
+    let mut echo = [0u8; 19];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"PING FROM THE HOST\n");
+    drop(s);
+
+    let status = vm.wait(Duration::from_secs(30)).unwrap();
+    let serial = vm.serial();
+    assert!(
+        status.success(),
+        "exit {status}; stderr {}; serial:\n{serial}",
+        vm.stderr()
+    );
+    let results = checks(&serial);
+    for want in [
+        "cpl3",
+        "boot_params.magic",
+        "boot_params.boot_flag",
+        "e820",
+        "cmdline",
+        "initrd",
+        "virtio.magic_version",
+        "vsock.features",
+        "vsock.driver_ok",
+        "vsock.connect",
+        "vsock.send",
+        "vsock.recv",
+        "vsock.close",
+        "vsock.accept",
+        "vsock.echo",
+    ] {
+        assert!(
+            results.iter().any(|(n, ok, _)| n == want && *ok),
+            "check {want} missing or failed; serial:\n{serial}"
+        );
+    }
+    assert!(
+        results.iter().all(|(_, ok, _)| *ok),
+        "a check failed:\n{serial}"
+    );
+    assert!(serial.contains("PROBE DONE 0x0"), "{serial}");
+    // The serial log starts with the byte the probe writes at its first instruction.
+    assert!(serial.starts_with('@'), "{serial}");
+}
+
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.push((name, mode));
+    }
+    out
+}
+
+#[test]
+fn every_thread_is_filtered_and_the_control_api_works() {
+    let Some(probe) = ready("every_thread_is_filtered_and_the_control_api_works") else {
+        return;
+    };
+    let dir = VmmRun::dir("api");
+    let mut cfg = base_config(&probe, &dir, "probe.vsock_listen=5000");
+    cfg["vcpus"] = json!(2);
+    let api = dir.join("api.sock");
+    let mut vm = VmmRun::start(
+        VMM.as_ref(),
+        &dir,
+        &cfg,
+        &["--api-sock", api.to_str().unwrap()],
+    )
+    .unwrap();
+    vm.wait_serial("INFO vsock listening", Duration::from_secs(20))
+        .unwrap();
+
+    let threads = seccomp_modes(vm.child.id());
+    let names: Vec<_> = threads.iter().map(|(n, _)| n.as_str()).collect();
+    // Main, 2 vCPUs, api, and KVM's own kernel worker ("kvm-nx-lpage-recovery"), which
+    // lives in the VMM's thread group and inherits the main thread's filter.
+    let ours = names.iter().filter(|n| !n.starts_with("kvm-")).count();
+    assert_eq!(ours, 4, "main, 2 vCPUs, api: {threads:?}");
+    for want in ["enclave-vmm", "vcpu0", "vcpu1", "api"] {
+        assert!(names.contains(&want), "{threads:?}");
+    }
+    for (name, mode) in &threads {
+        assert_eq!(mode, "2", "thread {name} is not under a seccomp filter");
+    }
+
+    let info = vm.api(r#"{"action":"info"}"#).unwrap();
+    assert_eq!(info["ok"], true, "{info}");
+    assert_eq!(info["result"]["state"], "running");
+    assert_eq!(info["result"]["vcpus"], 2);
+    assert!(info["result"]["cmdline"]
+        .as_str()
+        .unwrap()
+        .contains("virtio_mmio.device=4K@0xd0000000:5"));
+    assert_eq!(vm.api(r#"{"action":"pause"}"#).unwrap()["ok"], true);
+    assert_eq!(
+        vm.api(r#"{"action":"info"}"#).unwrap()["result"]["state"],
+        "paused"
+    );
+    assert_eq!(vm.api(r#"{"action":"resume"}"#).unwrap()["ok"], true);
+    let m = vm.api(r#"{"action":"metrics"}"#).unwrap();
+    assert!(m["result"]["pio_exits"].as_u64().unwrap() > 100, "{m}");
+    assert!(m["result"]["mmio_exits"].as_u64().unwrap() > 10, "{m}");
+    let bad = vm.api(r#"{"action":"reboot"}"#).unwrap();
+    assert_eq!(bad["ok"], false);
+    assert!(
+        bad["error"].as_str().unwrap().contains("unknown variant"),
+        "{bad}"
+    );
+    let bad = vm.api("{not json").unwrap();
+    assert_eq!(bad["ok"], false);
+    // Still alive and answering after bad requests.
+    assert_eq!(vm.api(r#"{"action":"shutdown"}"#).unwrap()["ok"], true);
+    let st = vm.wait(Duration::from_secs(10)).unwrap();
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn a_forbidden_syscall_kills_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    // Each thread's real filter, installed in a child process (this test binary run again),
+    // which then makes a syscall no VMM thread may make.
+    if let Ok(kind) = std::env::var("ENCLAVE_SECCOMP_CHILD") {
+        let kind = match kind.as_str() {
+            "vcpu" => enclave_vmm::seccomp::ThreadKind::Vcpu,
+            "api" => enclave_vmm::seccomp::ThreadKind::Api,
+            _ => enclave_vmm::seccomp::ThreadKind::Vmm,
+        };
+        enclave_vmm::seccomp::install(kind, enclave_vmm::seccomp::SeccompMode::Kill).unwrap();
+        // Allowed: write to stdout.
+        // SAFETY: writing a static buffer to fd 1.
+        unsafe { libc::write(1, b"filtered\n".as_ptr().cast(), 9) };
+        // Forbidden everywhere: opening a file.
+        // SAFETY: a plain openat of a constant path.
+        unsafe { libc::openat(libc::AT_FDCWD, c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+        std::process::exit(0);
+    }
+    for kind in ["vmm", "vcpu", "api"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_forbidden_syscall_kills_the_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("ENCLAVE_SECCOMP_CHILD", kind)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("filtered"),
+            "{kind}: the allowed write did not happen: {stdout}"
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{kind}: {:?}",
+            out.status
+        );
+    }
+}
+
+#[test]
+fn a_bad_config_names_file_line_and_field() {
+    let dir = VmmRun::dir("badcfg");
+    let path = dir.join("vm.json");
+    std::fs::write(
+        &path,
+        "{\n  \"kernel\": \"/bin/true\",\n  \"memory_mib\": 3\n}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(VMM)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:3:3: field `memory_mib`", path.display())),
+        "{err}"
+    );
+    let out = std::process::Command::new(VMM)
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn linux_guest_on_enclave_vmm_talks_to_the_agent() {
+    let test = "linux_guest_on_enclave_vmm_talks_to_the_agent";
+    let (accel, why) = enclave_tests::accel();
+    if accel != "kvm" {
+        // Not a setup problem CI could fix: this host cannot run guest kernel code at speed.
+        eprintln!("SKIPPED {test}: this host cannot run a Linux guest on KVM ({why}); the probe guest tests cover the VMM here");
+        return;
+    }
+    let root = enclave_tests::workspace_root();
+    let image = root.join("target/guest");
+    if !image.join("vmlinux").exists() {
+        skip_or_fail(
+            test,
+            "no guest image in target/guest (run guest/image/build.sh)",
+        );
+        return;
+    }
+    let dir = VmmRun::dir("linux");
+    let cmdline = std::fs::read_to_string(image.join("cmdline")).unwrap_or_default();
+    let cfg = json!({
+        "kernel": image.join("vmlinux"),
+        "initrd": image.join("initramfs.cpio"),
+        "memory_mib": 512,
+        "cmdline": format!("{} enclave.ready_port=1025", cmdline.trim()),
+        "serial": {"path": dir.join("serial.log")},
+        "vsock": {"cid": 3, "uds_path": dir.join("vsock.sock")},
+    });
+    let ready = UnixListener::bind(dir.join("vsock.sock_1025")).unwrap();
+    let mut vm = VmmRun::start(VMM.as_ref(), &dir, &cfg, &[]).unwrap();
+    ready.set_nonblocking(false).unwrap();
+    let (mut c, _) = ready.accept().unwrap();
+    let mut line = String::new();
+    BufReader::new(&mut c).read_line(&mut line).unwrap();
+    assert!(line.starts_with("READY"), "{line}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let stream = enclave_agent_protocol::client::connect_hybrid_vsock(
+        &vm.path("vsock.sock"),
+        enclave_agent_protocol::AGENT_VSOCK_PORT,
+        deadline,
+    )
+    .unwrap();
+    let client = enclave_agent_protocol::client::Client::new(stream).unwrap();
+    let version = client.handshake().unwrap();
+    assert_eq!(version.protocol, enclave_agent_protocol::PROTOCOL_VERSION);
+    let _ = vm.child.kill();
+}
