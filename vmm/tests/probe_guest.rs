@@ -39,7 +39,7 @@ fn hybrid_connect(sock: &std::path::Path, port: u32) -> UnixStream {
         match UnixStream::connect(sock) {
             Ok(mut s) => {
                 s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                write!(s, "CONNECT {port}\n").unwrap();
+                writeln!(s, "CONNECT {port}").unwrap();
                 let mut line = Vec::new();
                 let mut b = [0u8; 1];
                 while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
