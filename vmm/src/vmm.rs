@@ -21,6 +21,7 @@ use crate::config::VmConfig;
 use crate::cpu::{self, RunState, StopReason, VcpuContext};
 use crate::devices::legacy::{IrqTrigger, SerialConsole, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::vhost_user::{Kind, VhostUserDevice};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::memory::{self, GuestRam};
@@ -194,6 +195,18 @@ impl Vm {
             add(Box::new(handle), "vsock", Some(&mut kicks))?;
             dev.register_kicks(&kicks).map_err(err("epoll"))?;
             vsock = Some(dev);
+        }
+        for (i, n) in cfg.net.iter().enumerate() {
+            let mac = crate::config::parse_mac(&n.mac)
+                .ok_or_else(|| BuildError(format!("net[{i}].mac: not a MAC address")))?;
+            let dev = VhostUserDevice::connect(Kind::Net(mac), &n.socket)
+                .map_err(|e| BuildError(format!("net[{i}]: {e}")))?;
+            add(Box::new(dev), "net", None)?;
+        }
+        for (i, f) in cfg.fs.iter().enumerate() {
+            let dev = VhostUserDevice::connect(Kind::Fs(f.tag.clone()), &f.socket)
+                .map_err(|e| BuildError(format!("fs[{i}]: {e}")))?;
+            add(Box::new(dev), "fs", None)?;
         }
         let keep: Vec<Box<dyn Send>> = Vec::new();
         let cmdline = cmdline.trim().to_string();

@@ -4,17 +4,20 @@
 //! 1. the boot_params the Linux boot protocol promises (magic, e820, command line, initrd);
 //! 2. virtio-mmio devices named on the command line (`virtio_mmio.device=4K@ADDR:IRQ`);
 //! 3. vsock: a connection to a host port and one accepted from the host, with data;
-//! 4. net: frames sent through the (vhost-user) net device and frames received.
+//! 4. net: frames sent through the (vhost-user) net device and frames received;
+//! 5. fs: FUSE requests answered by virtiofsd through the vhost-user frontend.
 //!
 //! Every result is a line on COM1: `CHECK <name> ok` or `CHECK <name> FAIL <why>`, then
 //! `PROBE DONE <failures>`, then a reset through the i8042. Options come from the command
 //! line: `probe.exit` (stop right after entry, for boot benchmarks), `probe.vsock_port=P`
 //! (host port to connect to), `probe.vsock_listen=P` (guest port to accept on),
-//! `probe.net_frames=N` (frames to send), `probe.initrd_sum=X` (expected FNV-1a of the
+//! `probe.net_frames=N` (frames to send), `probe.net_expect=N` (frames to wait for),
+//! `probe.fs_file=NAME` (a file to read through virtio-fs), `probe.initrd_sum=X` (expected FNV-1a of the
 //! initrd, hex).
 #![no_std]
 #![no_main]
 
+mod fs;
 mod io;
 mod net;
 mod virtio;
@@ -167,6 +170,7 @@ extern "C" fn probe_main(bp: usize) -> ! {
         match dev.device_id() {
             19 => vsock::run(dev, line),
             1 => net::run(dev, line),
+            26 => fs::run(dev, line),
             id => {
                 print("INFO skipping device type ");
                 print_hex(id as u64);

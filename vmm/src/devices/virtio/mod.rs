@@ -2,7 +2,7 @@
 //! and fs through vhost-user backends).
 
 pub mod mmio;
-// vhost_user comes next
+pub mod vhost_user;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
