@@ -346,3 +346,49 @@ fn linux_guest_on_enclave_vmm_talks_to_the_agent() {
     assert_eq!(version.protocol, enclave_agent_protocol::PROTOCOL_VERSION);
     let _ = vm.child.kill();
 }
+
+#[test]
+fn a_hostile_guest_is_counted_not_fatal() {
+    let Some(probe) = ready("a_hostile_guest_is_counted_not_fatal") else {
+        return;
+    };
+    let dir = VmmRun::dir("hostile");
+    let cfg = base_config(&probe, &dir, "probe.hostile probe.vsock_listen=5000");
+    let api = dir.join("api.sock");
+    let mut vm = VmmRun::start(
+        VMM.as_ref(),
+        &dir,
+        &cfg,
+        &["--api-sock", api.to_str().unwrap()],
+    )
+    .unwrap();
+    vm.wait_serial("INFO vsock listening", Duration::from_secs(20))
+        .unwrap();
+    let m = vm.api(r#"{"action":"metrics"}"#).unwrap();
+    let m = &m["result"];
+    assert!(m["bad_mmio_accesses"].as_u64().unwrap() >= 5, "{m}");
+    assert!(m["bad_descriptors"].as_u64().unwrap() >= 3, "{m}");
+    // The device still works after all that.
+    let mut s = hybrid_connect(&vm.path("vsock.sock"), 5000);
+    s.write_all(b"still here\n").unwrap();
+    let mut echo = [0u8; 11];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"STILL HERE\n");
+    drop(s);
+    let st = vm.wait(Duration::from_secs(30)).unwrap();
+    let serial = vm.serial();
+    assert!(st.success(), "{st}\n{serial}");
+    for want in [
+        "hostile.mmio_survived",
+        "hostile.bad_queue_refused",
+        "hostile.bad_descriptors_returned",
+        "vsock.accept",
+        "vsock.echo",
+    ] {
+        assert!(
+            checks(&serial).iter().any(|(n, ok, _)| n == want && *ok),
+            "{want}:\n{serial}"
+        );
+    }
+    assert!(serial.contains("PROBE DONE 0x0"), "{serial}");
+}

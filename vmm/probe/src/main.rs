@@ -12,12 +12,13 @@
 //! line: `probe.exit` (stop right after entry, for boot benchmarks), `probe.vsock_port=P`
 //! (host port to connect to), `probe.vsock_listen=P` (guest port to accept on),
 //! `probe.net_frames=N` (frames to send), `probe.net_expect=N` (frames to wait for),
-//! `probe.fs_file=NAME` (a file to read through virtio-fs), `probe.initrd_sum=X` (expected FNV-1a of the
+//! `probe.fs_file=NAME` (a file to read through virtio-fs), `probe.hostile` (misbehave first), `probe.initrd_sum=X` (expected FNV-1a of the
 //! initrd, hex).
 #![no_std]
 #![no_main]
 
 mod fs;
+mod hostile;
 mod io;
 mod net;
 mod virtio;
@@ -168,7 +169,12 @@ extern "C" fn probe_main(bp: usize) -> ! {
     println("");
     for dev in devices.iter().flatten() {
         match dev.device_id() {
-            19 => vsock::run(dev, line),
+            19 => {
+                if flag(line, "probe.hostile") {
+                    hostile::run(dev);
+                }
+                vsock::run(dev, line)
+            }
             1 => net::run(dev, line),
             26 => fs::run(dev, line),
             id => {

@@ -238,6 +238,21 @@ impl Queue {
         Some(ids[0])
     }
 
+    /// Points the second descriptor of the chain at `head` back at `head` (with NEXT set): a
+    /// loop, which a device must detect instead of following forever.
+    pub fn make_loop(&mut self, head: u16) {
+        // SAFETY: descriptors of a chain we own; the device sees them after the next kick.
+        unsafe {
+            let first = read_volatile(&raw const (*self.mem).desc[head as usize % QSIZE]);
+            let second = first.next as usize % QSIZE;
+            let mut d = read_volatile(&raw const (*self.mem).desc[second]);
+            d.flags |= F_NEXT;
+            d.next = head;
+            write_volatile(&raw mut (*self.mem).desc[second], d);
+        }
+        fence(Ordering::SeqCst);
+    }
+
     /// Notifies the device (a write to QueueNotify: KVM turns it into an ioeventfd kick).
     pub fn kick(&self) {
         self.dev.write(reg::QUEUE_NOTIFY, self.index);
@@ -255,7 +270,8 @@ impl Queue {
             let UsedElem { id, len } = read_volatile(&raw const (*self.mem).used_ring[self.last_used as usize % QSIZE]);
             self.last_used = self.last_used.wrapping_add(1);
             let mut d = (id as usize) % QSIZE;
-            loop {
+            // At most QSIZE steps: a chain made into a loop (probe.hostile) must not hang us.
+            for _ in 0..QSIZE {
                 self.free |= 1 << d;
                 let desc = read_volatile(&raw const (*self.mem).desc[d]);
                 if desc.flags & F_NEXT == 0 {
