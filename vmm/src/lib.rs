@@ -10,6 +10,7 @@ pub mod bus;
 pub mod config;
 pub mod cpu;
 pub mod devices;
+pub mod jail;
 pub mod memory;
 pub mod metrics;
 pub mod seccomp;
