@@ -234,10 +234,8 @@ fn child(spec: &JailSpec, root: &Path, binds: &Binds, go: libc::c_int) -> String
         // The mount namespace is the child's alone: the parent stays in the host's, so the
         // jail's mounts vanish with the VMM and --cleanup can remove the directory.
         // SAFETY: unshare with a constant flag.
-        check(
-            unsafe { libc::unshare(libc::CLONE_NEWNS) },
-            "unshare(CLONE_NEWNS)",
-        )?;
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+        check(rc, "unshare(CLONE_NEWNS)")?;
         let none = std::ptr::null::<libc::c_char>();
         // SAFETY: mount(2) calls with valid NUL-terminated paths (or null where allowed) and
         // constant flags; everything happens in our own new mount namespace.
@@ -333,24 +331,18 @@ pub fn run(spec: &JailSpec, cleanup: bool) -> Result<i32, String> {
     if let Some(ns) = &spec.netns {
         let f = fs::File::open(ns).map_err(io(ns.display()))?;
         // SAFETY: setns with an fd we own and the namespace type it must be.
-        check(
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
-            "joining the network namespace",
-        )?;
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        check(rc, "joining the network namespace")?;
     }
     // PID: for the child; IPC and UTS: harmless for the waiting parent. The mount namespace
     // is made in the child.
     // SAFETY: unshare with constant flags; the jailer is single-threaded here.
-    check(
-        unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) },
-        "unshare",
-    )?;
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) };
+    check(rc, "unshare")?;
     let mut pipe = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills our array.
-    check(
-        unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
-        "pipe",
-    )?;
+    let rc = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
+    check(rc, "pipe")?;
     // SAFETY: fork in a single-threaded process; the child only calls async-signal-safe
     // functions and allocation-light code before execve.
     let pid = unsafe { libc::fork() };
