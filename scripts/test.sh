@@ -25,6 +25,7 @@ echo "clean"
 printf '\n==> fuzz targets compile\n'
 cargo check -q --manifest-path netfilter/fuzz/Cargo.toml --bins
 cargo check -q --manifest-path guest/fuzz/Cargo.toml --bins
+cargo check -q --manifest-path vmm/fuzz/Cargo.toml --bins
 echo "ok"
 
 printf '\n==> tests\n'
