@@ -152,6 +152,8 @@ pub fn cpuid_for(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, kvm_ioctls::Erro
     Ok(cpuid)
 }
 
+/// A flat segment as KVM wants it: `limit` is the byte limit (0xffff_ffff with g = 1), not the
+/// 20-bit descriptor field.
 fn segment(selector: u16, base: u64, limit: u32, type_: u8, l: u8, db: u8) -> kvm_segment {
     kvm_segment {
         base,
@@ -233,8 +235,8 @@ pub fn setup_vcpu(
     sregs.idt.limit = 7;
     let regs = match entry.protocol {
         BootProtocol::Linux64 => {
-            let code = segment(0x08, 0, 0xfffff, 0xb, 1, 0);
-            let data = segment(0x10, 0, 0xfffff, 0x3, 0, 1);
+            let code = segment(0x08, 0, 0xffff_ffff, 0xb, 1, 0);
+            let data = segment(0x10, 0, 0xffff_ffff, 0x3, 0, 1);
             sregs.cs = code;
             sregs.ds = data;
             sregs.es = data;
@@ -243,7 +245,7 @@ pub fn setup_vcpu(
             sregs.ss = data;
             sregs.tr = kvm_segment {
                 s: 0,
-                ..segment(0x18, 0, 0xfffff, 0xb, 0, 0)
+                ..segment(0x18, 0, 0xffff_ffff, 0xb, 0, 0)
             };
             sregs.cr3 = PML4_START;
             sregs.cr4 |= X86_CR4_PAE;
@@ -259,8 +261,8 @@ pub fn setup_vcpu(
             }
         }
         BootProtocol::Pvh => {
-            let code = segment(0x08, 0, 0xfffff, 0xb, 0, 1);
-            let data = segment(0x10, 0, 0xfffff, 0x3, 0, 1);
+            let code = segment(0x08, 0, 0xffff_ffff, 0xb, 0, 1);
+            let data = segment(0x10, 0, 0xffff_ffff, 0x3, 0, 1);
             sregs.cs = code;
             sregs.ds = data;
             sregs.es = data;

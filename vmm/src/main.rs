@@ -108,8 +108,12 @@ fn main() -> ExitCode {
     }
     let reason = vm.run(mode, server, started);
     let code = reason.exit_code();
-    if code != 0 {
-        eprintln!("enclave-vmm: VM stopped: {reason:?}");
+    match &reason {
+        enclave_vmm::cpu::StopReason::GuestReset | enclave_vmm::cpu::StopReason::ApiShutdown => {}
+        enclave_vmm::cpu::StopReason::GuestShutdown => eprintln!(
+            "enclave-vmm: the guest triple-faulted (a Linux `reboot=t` reboot, or a crash)"
+        ),
+        other => eprintln!("enclave-vmm: VM stopped: {other:?}"),
     }
     ExitCode::from(code as u8)
 }

@@ -392,3 +392,76 @@ fn a_hostile_guest_is_counted_not_fatal() {
     }
     assert!(serial.contains("PROBE DONE 0x0"), "{serial}");
 }
+
+#[test]
+fn pvh_entry_works_and_the_probe_agrees_with_qemu() {
+    let Some(probe) = ready("pvh_entry_works_and_the_probe_agrees_with_qemu") else {
+        return;
+    };
+    let dir = VmmRun::dir("pvh");
+    let initrd: Vec<u8> = (0..50_000u32)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+        .collect();
+    std::fs::write(dir.join("initrd"), &initrd).unwrap();
+    let cmdline = format!("probe.initrd_sum={:#x}", fnv1a(&initrd));
+    let mut cfg = base_config(&probe, &dir, &cmdline);
+    cfg["boot"] = json!("pvh");
+    cfg["initrd"] = json!(dir.join("initrd"));
+    cfg.as_object_mut().unwrap().remove("vsock");
+    let mut vm = VmmRun::start(VMM.as_ref(), &dir, &cfg, &[]).unwrap();
+    let st = vm.wait(Duration::from_secs(30)).unwrap();
+    let serial = vm.serial();
+    assert!(st.success(), "{st}\n{serial}");
+    assert!(serial.contains("(PVH entry)"), "{serial}");
+    for want in ["pvh.magic", "cpl3", "e820", "cmdline", "initrd"] {
+        assert!(
+            checks(&serial).iter().any(|(n, ok, _)| n == want && *ok),
+            "{want}:\n{serial}"
+        );
+    }
+
+    // The same probe under QEMU's microvm (a reference VMM) passes the same checks, so the
+    // probe's idea of the boot protocol is not just ours.
+    let Ok(tools) = enclave_tests::Tools::find() else {
+        return skip_or_fail(
+            "pvh_entry_works_and_the_probe_agrees_with_qemu (QEMU half)",
+            "QEMU not found",
+        );
+    };
+    let out = std::process::Command::new(&tools.qemu)
+        .args([
+            "-M",
+            "microvm,pit=off,pic=off,rtc=off",
+            "-accel",
+            "kvm",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args([
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+        ])
+        .arg("-kernel")
+        .arg(&probe)
+        .arg("-initrd")
+        .arg(dir.join("initrd"))
+        .args(["-append", &format!("console=ttyS0 {cmdline}")])
+        .output()
+        .unwrap();
+    let qserial = String::from_utf8_lossy(&out.stdout);
+    for want in ["pvh.magic", "cpl3", "e820", "cmdline", "initrd"] {
+        assert!(
+            checks(&qserial).iter().any(|(n, ok, _)| n == want && *ok),
+            "QEMU: {want}:\n{qserial}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(qserial.contains("PROBE DONE 0x0"), "{qserial}");
+}

@@ -12,6 +12,38 @@ _start:
         out %al, %dx
 
         mov %rsi, %r15                  /* boot_params */
+        xor %r14d, %r14d                /* entered through the Linux 64-bit protocol */
+        jmp common64
+
+/* PVH entry (XEN_ELFNOTE_PHYS32_ENTRY): 32-bit protected mode, paging off, EBX = the
+ * hvm_start_info. Switch to long mode with our own page tables, then join the 64-bit path.
+ * This is also how QEMU's microvm machine starts the probe. */
+        .code32
+pvh_entry:
+        mov $0x3f8, %dx
+        mov $'@', %al
+        out %al, %dx
+        mov %ebx, %esi
+        mov $pml4, %eax
+        mov %eax, %cr3
+        mov %cr4, %eax
+        or $0x20, %eax                  /* PAE */
+        mov %eax, %cr4
+        mov $0xc0000080, %ecx           /* EFER */
+        rdmsr
+        or $0x100, %eax                 /* LME */
+        wrmsr
+        mov %cr0, %eax
+        or $0x80000001, %eax            /* PG | PE */
+        mov %eax, %cr0
+        lgdt gdt_ptr
+        ljmp $0x08, $pvh64
+        .code64
+pvh64:
+        mov %esi, %r15d
+        mov $1, %r14d                   /* entered through PVH */
+
+common64:
         lea kernel_stack_top(%rip), %rsp
 
         lea pml4(%rip), %rax
@@ -81,10 +113,15 @@ _start:
         lea probe_main(%rip), %rax
         push %rax
         mov %r15, %rdi
+        mov %r14, %rsi
         iretq
 
 /* A fault at CPL3: print "!F" and the RIP, then reset through the i8042. Runs at CPL0. */
 fault_entry:
+        /* probe_exit sets `exiting` and faults on purpose where the i8042 reset did not stop
+         * the VM (QEMU's microvm has no i8042): triple-fault quietly instead of reporting. */
+        cmpb $0, exiting(%rip)
+        jne triple_fault
         mov $0x3f8, %dx
         mov $'!', %al
         out %al, %dx
@@ -116,6 +153,9 @@ fault_entry:
         mov $0x64, %dx
         mov $0xfe, %al
         out %al, %dx
+triple_fault:
+        lidt null_idt_ptr(%rip)
+        ud2                             /* no IDT: #UD -> #DF -> triple fault */
 2:      hlt
         jmp 2b
 
@@ -154,6 +194,22 @@ gdt_ptr:
 idt_ptr:
         .word 32 * 16 - 1
         .quad idt
+null_idt_ptr:
+        .word 0
+        .quad 0
+        .globl exiting
+exiting:
+        .byte 0
+
+/* The PVH entry note, as Linux's (name "Xen", type 18 = XEN_ELFNOTE_PHYS32_ENTRY). */
+        .section .note.Xen, "a", @note
+        .balign 4
+        .long 4
+        .long 8
+        .long 18
+        .asciz "Xen"
+        .balign 4
+        .quad pvh_entry
 
         .section .bss
         .balign 4096

@@ -44,12 +44,23 @@ pub fn print_hex(v: u64) {
     }
 }
 
-/// Asks the VMM to stop: pulse the reset line through the i8042.
+extern "C" {
+    static mut exiting: u8;
+}
+
+/// Asks the VMM to stop: pulse the reset line through the i8042; then QEMU's isa-debug-exit
+/// port (0xf4), for QEMU's microvm which has no i8042; failing both, fault on purpose so the
+/// CPL0 handler triple-faults.
 pub fn reset() -> ! {
     outb(0x64, 0xfe);
-    loop {
+    outb(0xf4, 0);
+    // SAFETY: `exiting` is a byte in the probe's own (user-accessible) data.
+    unsafe { core::ptr::write_volatile(&raw mut exiting, 1) };
+    for _ in 0..1_000_000 {
         core::hint::spin_loop();
     }
+    // SAFETY: ud2 raises #UD, which the fault handler turns into a triple fault.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
 }
 
 /// Reads the time-stamp counter.

@@ -64,9 +64,8 @@ pub fn peek<T: Copy>(addr: usize) -> T {
     unsafe { core::ptr::read_volatile(addr as *const T) }
 }
 
-/// The kernel command line as bytes.
-fn cmdline(bp: usize) -> &'static [u8] {
-    let ptr = peek::<u32>(bp + bp::CMD_LINE_PTR) as usize;
+/// A NUL-terminated string at `ptr` (at most 4 KiB).
+fn c_string(ptr: usize) -> &'static [u8] {
     if ptr == 0 {
         return &[];
     }
@@ -76,6 +75,58 @@ fn cmdline(bp: usize) -> &'static [u8] {
     }
     // SAFETY: `len` bytes at `ptr` were just read one by one; memory is identity mapped.
     unsafe { core::slice::from_raw_parts(ptr as *const u8, len) }
+}
+
+/// What either boot protocol handed over.
+struct Boot {
+    cmdline: &'static [u8],
+    /// (address, size) of the initrd.
+    initrd: Option<(usize, usize)>,
+    /// e820-style memory map: (address, size, type) entries, at most 32.
+    map: [(u64, u64, u32); 32],
+    entries: usize,
+}
+
+/// Offsets in `hvm_start_info` (xen/include/public/arch-x86/hvm/start_info.h).
+mod pvh {
+    pub const MAGIC: u32 = 0x336e_c578;
+    pub const NR_MODULES: usize = 12;
+    pub const MODLIST: usize = 16;
+    pub const CMDLINE: usize = 24;
+    pub const MEMMAP: usize = 40;
+    pub const MEMMAP_ENTRIES: usize = 48;
+}
+
+fn boot_linux(bp: usize) -> Boot {
+    check("boot_params.magic", peek::<u32>(bp + bp::HEADER) == 0x5372_6448, "header is not HdrS");
+    check("boot_params.boot_flag", peek::<u16>(bp + bp::BOOT_FLAG) == 0xaa55, "boot_flag is not 0xAA55");
+    let mut b = Boot { cmdline: c_string(peek::<u32>(bp + bp::CMD_LINE_PTR) as usize), initrd: None, map: [(0, 0, 0); 32], entries: 0 };
+    let image = peek::<u32>(bp + bp::RAMDISK_IMAGE) as usize;
+    if image != 0 {
+        b.initrd = Some((image, peek::<u32>(bp + bp::RAMDISK_SIZE) as usize));
+    }
+    b.entries = (peek::<u8>(bp + bp::E820_ENTRIES) as usize).min(32);
+    for i in 0..b.entries {
+        let e = bp + bp::E820_TABLE + i * 20;
+        b.map[i] = (peek::<u64>(e), peek::<u64>(e + 8), peek::<u32>(e + 16));
+    }
+    b
+}
+
+fn boot_pvh(si: usize) -> Boot {
+    check("pvh.magic", peek::<u32>(si) == pvh::MAGIC, "hvm_start_info magic is wrong");
+    let mut b = Boot { cmdline: c_string(peek::<u64>(si + pvh::CMDLINE) as usize), initrd: None, map: [(0, 0, 0); 32], entries: 0 };
+    if peek::<u32>(si + pvh::NR_MODULES) > 0 {
+        let m = peek::<u64>(si + pvh::MODLIST) as usize;
+        b.initrd = Some((peek::<u64>(m) as usize, peek::<u64>(m + 8) as usize));
+    }
+    let map = peek::<u64>(si + pvh::MEMMAP) as usize;
+    b.entries = (peek::<u32>(si + pvh::MEMMAP_ENTRIES) as usize).min(32);
+    for i in 0..b.entries {
+        let e = map + i * 24;
+        b.map[i] = (peek::<u64>(e), peek::<u64>(e + 8), peek::<u32>(e + 16));
+    }
+    b
 }
 
 /// The value of `key=` on the command line.
@@ -114,33 +165,44 @@ fn fnv1a(addr: usize, len: usize) -> u64 {
     h
 }
 
-fn check_boot_params(bp: usize, line: &[u8]) {
-    check("boot_params.magic", peek::<u32>(bp + bp::HEADER) == 0x5372_6448, "header is not HdrS");
-    check("boot_params.boot_flag", peek::<u16>(bp + bp::BOOT_FLAG) == 0xaa55, "boot_flag is not 0xAA55");
-    let n = peek::<u8>(bp + bp::E820_ENTRIES) as usize;
+fn check_boot(b: &Boot) {
+    // Sorted by address (QEMU's PVH map is not), entries must not overlap.
+    let mut map = b.map;
+    map[..b.entries].sort_unstable_by_key(|e| e.0);
     let mut ram_above_1m = 0u64;
     let mut sorted = true;
     let mut last_end = 0u64;
-    for i in 0..n.min(128) {
-        let e = bp + bp::E820_TABLE + i * 20;
-        let (addr, size, kind) = (peek::<u64>(e), peek::<u64>(e + 8), peek::<u32>(e + 16));
+    for &(addr, size, kind) in &map[..b.entries] {
+        if size == 0 {
+            continue; // QEMU lists an empty entry
+        }
         sorted &= addr >= last_end;
-        last_end = addr + size;
+        last_end = addr.saturating_add(size);
         if kind == 1 && addr >= 0x10_0000 {
             ram_above_1m += size;
         }
     }
     print("INFO e820 entries=");
-    print_hex(n as u64);
+    print_hex(b.entries as u64);
     print(" ram_above_1m=");
     print_hex(ram_above_1m);
     println("");
-    check("e820", n >= 2 && sorted && ram_above_1m >= 8 << 20, "fewer than 2 entries, overlapping, or under 8 MiB of RAM above 1 MiB");
-    check("cmdline", !line.is_empty() && param(line, "console").is_some(), "no command line or no console= on it");
-    let image = peek::<u32>(bp + bp::RAMDISK_IMAGE) as usize;
-    let size = peek::<u32>(bp + bp::RAMDISK_SIZE) as usize;
-    if let Some(want) = param(line, "probe.initrd_sum").and_then(parse_u64) {
-        let ok = image != 0 && image % 4096 == 0 && image >= 0x10_0000 && fnv1a(image, size) == want;
+    let ok = b.entries >= 2 && sorted && ram_above_1m >= 8 << 20;
+    if !ok {
+        for &(addr, size, kind) in &map[..b.entries] {
+            print("INFO e820 ");
+            print_hex(addr);
+            print(" ");
+            print_hex(size);
+            print(" ");
+            print_hex(kind as u64);
+            println("");
+        }
+    }
+    check("e820", ok, "fewer than 2 entries, overlapping, or under 8 MiB of RAM above 1 MiB");
+    check("cmdline", !b.cmdline.is_empty() && param(b.cmdline, "console").is_some(), "no command line or no console= on it");
+    if let Some(want) = param(b.cmdline, "probe.initrd_sum").and_then(parse_u64) {
+        let ok = matches!(b.initrd, Some((image, size)) if image % 4096 == 0 && image >= 0x10_0000 && fnv1a(image, size) == want);
         check("initrd", ok, "initrd missing, misaligned, or its FNV-1a differs");
     }
 }
@@ -153,15 +215,23 @@ fn cpl() -> u16 {
 }
 
 #[no_mangle]
-extern "C" fn probe_main(bp: usize) -> ! {
-    let line = cmdline(bp);
+extern "C" fn probe_main(info: usize, pvh: usize) -> ! {
+    println(""); // after the '@' the entry code printed
+    let boot = if pvh == 1 { boot_pvh(info) } else { boot_linux(info) };
+    let line = boot.cmdline;
     if flag(line, "probe.exit") {
         reset();
     }
-    println("");
-    println("enclave probe guest");
+    println(if pvh == 1 { "enclave probe guest (PVH entry)" } else { "enclave probe guest (Linux 64-bit entry)" });
     check("cpl3", cpl() == 3, "not running in user mode");
-    check_boot_params(bp, line);
+    check_boot(&boot);
+    if flag(line, "probe.idle") {
+        // For memory measurements: stay up, natively, at CPL3.
+        println("INFO idle");
+        loop {
+            core::hint::spin_loop();
+        }
+    }
 
     let devices = virtio::discover(line);
     print("INFO virtio devices=");
