@@ -30,3 +30,7 @@ for n in (10, 1000, 10000):
     r = f"linear baseline {l/c:,.0f}x slower" if c and l else ""
     print(f"{'rule lookup, ' + str(n) + ' rules: compiled':<40}{fmt(c):>12}  vs linear {fmt(l).strip()}: {r}")
 PY
+
+echo
+echo "== enclave-vmm vs QEMU microvm on the probe guest (real KVM) =="
+cargo bench --locked -p enclave-vmm --bench vmm_boot 2>&1 | grep -vE '^\s+(Compiling|Finished|Running|Downloaded|Downloading)' || true
