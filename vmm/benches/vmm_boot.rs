@@ -54,7 +54,7 @@ impl Setup {
             Which::Qemu => Command::new(&self.qemu)
                 .args([
                     "-M",
-                    &format!("microvm,pit=off,pic=off,rtc=off,memory-backend=mem"),
+                    "microvm,pit=off,pic=off,rtc=off,memory-backend=mem",
                     "-accel",
                     "kvm",
                     "-m",
