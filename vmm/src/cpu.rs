@@ -50,6 +50,8 @@ pub enum StopReason {
     GuestShutdown,
     /// A control-API shutdown.
     ApiShutdown,
+    /// SIGTERM, SIGINT or SIGHUP.
+    Signal(i32),
     /// KVM could not run the guest (emulation failure, entry failure).
     VcpuError(String),
     /// The VMM itself failed.
@@ -61,7 +63,7 @@ impl StopReason {
     /// distinct codes an operator (or the shim) can tell apart.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::GuestReset | StopReason::ApiShutdown => 0,
+            StopReason::GuestReset | StopReason::ApiShutdown | StopReason::Signal(_) => 0,
             StopReason::GuestShutdown => 0,
             StopReason::VcpuError(_) => 3,
             StopReason::VmmError(_) => 4,

@@ -28,7 +28,8 @@ OPTIONS:
     -V, --version      the version
 
 EXIT STATUS:
-    0  the guest stopped itself (i8042 reset, triple fault) or `shutdown` was requested
+    0  the guest stopped itself (i8042 reset, triple fault), or `shutdown` was requested
+       (control API, or SIGTERM/SIGINT/SIGHUP)
     1  the configuration is invalid (the message names the file, line and field)
     2  bad command-line usage
     3  KVM could not run the guest (the message says which vCPU and why)
@@ -110,6 +111,7 @@ fn main() -> ExitCode {
     let code = reason.exit_code();
     match &reason {
         enclave_vmm::cpu::StopReason::GuestReset | enclave_vmm::cpu::StopReason::ApiShutdown => {}
+        enclave_vmm::cpu::StopReason::Signal(n) => eprintln!("enclave-vmm: stopped by signal {n}"),
         enclave_vmm::cpu::StopReason::GuestShutdown => eprintln!(
             "enclave-vmm: the guest triple-faulted (a Linux `reboot=t` reboot, or a crash)"
         ),

@@ -37,6 +37,7 @@ const I8042_BASE: u64 = 0x60;
 const T_STOP: u64 = 0;
 const T_RESET: u64 = 1;
 const T_VSOCK: u64 = 2;
+const T_SIGNAL: u64 = 3;
 
 /// A failure building the VM, worded for an operator.
 #[derive(Debug)]
@@ -85,8 +86,6 @@ pub struct Vm {
     reset_evt: EventFd,
     vsock: Option<Vsock>,
     devices: Vec<(String, u64, u32)>,
-    /// Kept alive: vhost-user frontends own their backend connections.
-    _keep: Vec<Box<dyn Send>>,
 }
 
 impl Vm {
@@ -208,7 +207,6 @@ impl Vm {
                 .map_err(|e| BuildError(format!("fs[{i}]: {e}")))?;
             add(Box::new(dev), "fs", None)?;
         }
-        let keep: Vec<Box<dyn Send>> = Vec::new();
         let cmdline = cmdline.trim().to_string();
 
         // Kernel, initrd, boot structures.
@@ -253,7 +251,6 @@ impl Vm {
             reset_evt,
             vsock,
             devices,
-            _keep: keep,
         })
     }
 
@@ -282,6 +279,9 @@ impl Vm {
         started: Instant,
     ) -> Result<StopReason, BuildError> {
         cpu::install_kick_handler().map_err(err("signal handler"))?;
+        // SIGTERM, SIGINT and SIGHUP become a clean stop, read from a signalfd by the event
+        // loop; they are blocked here, before any thread starts, so every thread inherits it.
+        let signals = stop_signals().map_err(err("signalfd"))?;
         let n = self.cfg.vcpus;
         // Every thread installs its filter first; nobody enters the guest until all have.
         let barrier = Arc::new(Barrier::new(n as usize + 1));
@@ -359,11 +359,11 @@ impl Vm {
             }
             None => None,
         };
-        let epoll = self.event_epoll()?;
+        let epoll = self.event_epoll(&signals)?;
         seccomp::install(ThreadKind::Vmm, mode).map_err(err("seccomp for the VMM thread"))?;
         barrier.wait();
 
-        let reason = self.event_loop(&epoll, &threads);
+        let reason = self.event_loop(&epoll, &signals, &threads);
         self.state.request_stop(reason.clone());
         for t in &threads {
             kick(t.as_pthread_t());
@@ -380,8 +380,15 @@ impl Vm {
     }
 
     /// The event loop's epoll, made before the VMM thread's seccomp filter goes in.
-    fn event_epoll(&self) -> Result<Epoll, BuildError> {
+    fn event_epoll(&self, signals: &std::fs::File) -> Result<Epoll, BuildError> {
         let epoll = Epoll::new().map_err(err("epoll"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                signals.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, T_SIGNAL),
+            )
+            .map_err(err("epoll"))?;
         let mut fds = vec![
             (self.state.stop_evt.as_raw_fd(), T_STOP),
             (self.reset_evt.as_raw_fd(), T_RESET),
@@ -397,7 +404,12 @@ impl Vm {
         Ok(epoll)
     }
 
-    fn event_loop(&self, epoll: &Epoll, threads: &[JoinHandle<()>]) -> StopReason {
+    fn event_loop(
+        &self,
+        epoll: &Epoll,
+        signals: &std::fs::File,
+        threads: &[JoinHandle<()>],
+    ) -> StopReason {
         let mut events = [EpollEvent::default(); 16];
         loop {
             let n = match epoll.wait(-1, &mut events) {
@@ -419,6 +431,16 @@ impl Vm {
                             kick(t.as_pthread_t());
                         }
                     }
+                    T_SIGNAL => {
+                        let mut info = [0u8; 128]; // struct signalfd_siginfo
+                        let n = std::io::Read::read(&mut &*signals, &mut info).unwrap_or(0);
+                        let signo = if n >= 4 {
+                            u32::from_le_bytes([info[0], info[1], info[2], info[3]])
+                        } else {
+                            0
+                        };
+                        return StopReason::Signal(signo as i32);
+                    }
                     T_RESET => {
                         let _ = self.reset_evt.read();
                         return StopReason::GuestReset;
@@ -432,6 +454,28 @@ impl Vm {
                 }
             }
         }
+    }
+}
+
+/// Blocks the stop signals and returns a signalfd for them.
+fn stop_signals() -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: sigset operations on a local set; pthread_sigmask on the calling thread;
+    // signalfd returns a new fd we take ownership of.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(std::fs::File::from_raw_fd(fd))
     }
 }
 

@@ -465,3 +465,20 @@ fn pvh_entry_works_and_the_probe_agrees_with_qemu() {
     }
     assert!(qserial.contains("PROBE DONE 0x0"), "{qserial}");
 }
+
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    let Some(probe) = ready("sigterm_stops_the_vm_cleanly") else {
+        return;
+    };
+    let dir = VmmRun::dir("sigterm");
+    let cfg = base_config(&probe, &dir, "probe.idle");
+    let mut vm = VmmRun::start(VMM.as_ref(), &dir, &cfg, &[]).unwrap();
+    vm.wait_serial("INFO idle", Duration::from_secs(20))
+        .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let st = vm.wait(Duration::from_secs(5)).unwrap();
+    assert!(st.success(), "{st}");
+    assert!(vm.stderr().contains("stopped by signal 15"));
+}
