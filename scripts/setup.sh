@@ -44,10 +44,13 @@ if [ "$rustc_minor" -lt 80 ]; then
 fi
 rustc --version
 
-step "build (release): enclavectl"
-cargo build --release --locked --bin enclavectl 2>&1 | grep -vE '^\s+(Compiling|Downloaded|Downloading)' || true
-test -x target/release/enclavectl
-echo "built target/release/enclavectl"
+step "build (release): enclavectl, enclave-vmm, enclave-jailer, enclave-netd"
+cargo build --release --locked --bin enclavectl --bin enclave-vmm --bin enclave-jailer --bin enclave-netd 2>&1 \
+  | grep -vE '^\s+(Compiling|Downloaded|Downloading)' || true
+for b in enclavectl enclave-vmm enclave-jailer enclave-netd; do
+  test -x "target/release/$b" || { echo "build failed: target/release/$b" >&2; exit 1; }
+done
+echo "built target/release/{enclavectl,enclave-vmm,enclave-jailer,enclave-netd}"
 
 # Tools built from crates.io, cached outside the clone (keyed by name and version) so a
 # fresh clone does not rebuild them.

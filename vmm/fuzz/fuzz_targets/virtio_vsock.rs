@@ -45,13 +45,42 @@ fn libc_nonblock() -> i32 {
     0o4000 // EFD_NONBLOCK
 }
 
+/// Queue i's rings: descriptors at 0x1000 + i * 0x3000, avail 0x1000 later, used after.
+fn queue_base(i: u32) -> u64 {
+    0x1000 + i as u64 * 0x3000
+}
+
 fuzz_target!(|data: &[u8]| {
+    // Input: [flags][n_ops: u16][n_ops * 7 bytes of register ops][guest memory seed].
+    // flags bit 0: bring the device up the way a driver does before the ops run.
     let r = rig();
-    let (seed, ops) = data.split_at(data.len().min(SEED));
+    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some(n) = rest.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize) else { return };
+    let rest = &rest[2..];
+    let (ops, seed) = rest.split_at((n * 7).min(rest.len()));
+    let seed = &seed[..seed.len().min(SEED)];
     let _ = r.mem.write_slice(&vec![0u8; SEED], GuestAddress(0));
     let _ = r.mem.write_slice(seed, GuestAddress(0));
     let mut t = r.transport.lock().unwrap_or_else(|p| p.into_inner());
-    t.write(0x70, &0u32.to_le_bytes()); // start from reset
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    w(&mut t, 0x70, 0); // reset
+    if flags & 1 != 0 {
+        w(&mut t, 0x70, 1);
+        w(&mut t, 0x70, 3);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1); // VERSION_1
+        w(&mut t, 0x70, 11);
+        for q in 0..3u32 {
+            let base = queue_base(q);
+            w(&mut t, 0x30, q);
+            w(&mut t, 0x38, 16);
+            w(&mut t, 0x80, base as u32);
+            w(&mut t, 0x90, (base + 0x1000) as u32);
+            w(&mut t, 0xa0, (base + 0x2000) as u32);
+            w(&mut t, 0x44, 1);
+        }
+        w(&mut t, 0x70, 15);
+    }
     for op in ops.chunks_exact(7) {
         let offset = u16::from_le_bytes([op[1], op[2]]) as u64 & 0x1ff;
         let value = [op[3], op[4], op[5], op[6]];
@@ -75,4 +104,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    drop(t);
+    // Always end with a tx and an rx kick, so memory-only inputs reach the device too.
+    let _ = r.kicks[1].write(1);
+    let _ = r.kicks[0].write(1);
+    r.vsock.process();
 });

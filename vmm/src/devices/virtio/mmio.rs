@@ -169,7 +169,7 @@ impl MmioTransport {
                 Ok(()) => self.active = true,
                 Err(e) => {
                     eprintln!(
-                        "enclave-vmm: virtio device type {} failed to start: {e}",
+                        "enclave-vmm: virtio device type {} not started (guest driver error; device flagged for reset): {e}",
                         self.device.device_type()
                     );
                     self.status = v | STATUS_NEEDS_RESET;
