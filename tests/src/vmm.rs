@@ -196,3 +196,85 @@ pub fn checks(serial: &str) -> Vec<(String, bool, String)> {
         })
         .collect()
 }
+
+/// Asserts the probe ran: every check in `wanted` passed, no check failed, and it finished.
+#[allow(clippy::panic)] // failing the calling test is the point
+pub fn assert_checks(serial: &str, wanted: &[&str]) {
+    let results = checks(serial);
+    for want in wanted {
+        if !results.iter().any(|(n, ok, _)| n == want && *ok) {
+            panic!("probe check {want} missing or failed; serial:\n{serial}");
+        }
+    }
+    if results.iter().any(|(_, ok, _)| !ok) || !serial.contains("PROBE DONE 0x0") {
+        panic!("a probe check failed or the probe did not finish; serial:\n{serial}");
+    }
+}
+
+/// Runs a VM to its end (30 s at most) and returns its serial log; panics unless it exits 0.
+#[allow(clippy::panic)]
+pub fn run_to_end(vmm: &Path, dir: &Path, config: &serde_json::Value) -> String {
+    let mut vm = VmmRun::start(vmm, dir, config, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let st = vm
+        .wait(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let serial = vm.serial();
+    if !st.success() {
+        panic!("enclave-vmm exited {st}: {}\n{serial}", vm.stderr());
+    }
+    serial
+}
+
+/// Pseudo-random bytes (a fixed multiplicative sequence), for initrds the probe hashes.
+pub fn test_bytes(len: u32, seed: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(seed) >> 13) as u8)
+        .collect()
+}
+
+/// Whether a test that needs KVM and root can run; reports the skip (or fails under CI).
+pub fn kvm_and_root(test: &str, why_root: &str) -> bool {
+    if let Err(e) = kvm_usable() {
+        crate::skip_or_fail(test, &e);
+        return false;
+    }
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        crate::skip_or_fail(test, why_root);
+        return false;
+    }
+    true
+}
+
+/// Connects to a VM's hybrid vsock socket and opens guest port `port` (`CONNECT`/`OK`),
+/// retrying for up to 4 s while the guest is not listening yet.
+#[allow(clippy::panic)]
+pub fn hybrid_connect(sock: &Path, port: u32) -> UnixStream {
+    let mut last = String::new();
+    for _ in 0..200 {
+        match UnixStream::connect(sock) {
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                if writeln!(s, "CONNECT {port}").is_err() {
+                    continue;
+                }
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while std::io::Read::read(&mut s, &mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                let line = String::from_utf8_lossy(&line).to_string();
+                if line.starts_with("OK ") {
+                    return s;
+                }
+                last = line;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "hybrid vsock CONNECT {port} on {} failed: {last}",
+        sock.display()
+    );
+}

@@ -6,18 +6,27 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use enclave_tests::vmm::{checks, kvm_usable, probe_guest};
+use enclave_tests::vmm::{checks, hybrid_connect, kvm_usable, probe_guest};
 
 fn main() {
-    let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let (vmm, jailer) = (bin.join("enclave-vmm"), bin.join("enclave-jailer"));
     for b in [&vmm, &jailer] {
-        assert!(b.exists(), "{} missing: cargo build --release -p enclave-vmm", b.display());
+        assert!(
+            b.exists(),
+            "{} missing: cargo build --release -p enclave-vmm",
+            b.display()
+        );
     }
     if let Err(e) = kvm_usable() {
         println!("SKIPPED: {e}");
@@ -37,53 +46,102 @@ fn main() {
     println!("starting: enclave-jailer --id {id} --uid 65534 --gid 65534 --cgroup pids.max=32 (probe guest, 2 vCPUs, 64 MiB)");
     let t = Instant::now();
     let mut j = Command::new(&jailer)
-        .args(["--id", &id, "--exec", vmm.to_str().unwrap(), "--config", dir.join("vm.json").to_str().unwrap()])
-        .args(["--uid", "65534", "--gid", "65534", "--base", dir.join("jails").to_str().unwrap(), "--cgroup", "pids.max=32"])
+        .args([
+            "--id",
+            &id,
+            "--exec",
+            vmm.to_str().unwrap(),
+            "--config",
+            dir.join("vm.json").to_str().unwrap(),
+        ])
+        .args([
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--base",
+            dir.join("jails").to_str().unwrap(),
+            "--cgroup",
+            "pids.max=32",
+        ])
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let root: PathBuf = dir.join("jails").join(&id).join("root");
     let serial = root.join("run/serial.log");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("INFO vsock listening") {
-        assert!(Instant::now() < deadline && j.try_wait().unwrap().is_none(), "the VM did not come up");
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("INFO vsock listening")
+    {
+        assert!(
+            Instant::now() < deadline && j.try_wait().unwrap().is_none(),
+            "the VM did not come up"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-    println!("guest up and listening {:.1} ms after the jailer started", t.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "guest up and listening {:.1} ms after the jailer started",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", j.id())).unwrap();
     let pid = children.split_whitespace().next().unwrap().to_string();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let get = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("").split_whitespace().collect::<Vec<_>>().join(" ");
+    let get = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or("")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!("\nthe VMM as the host sees it (pid {pid}):");
     println!("  uid/gid        {} / {}", get("Uid:"), get("Gid:"));
     println!("  pid in its ns  {}", get("NSpid:"));
     println!("  capabilities   {}", get("CapEff:"));
     println!("  root           {}", root.display());
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        let f = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("").trim().to_string();
-        println!("  thread {:<22} Seccomp: {} (2 = filter)", f("Name:"), f("Seccomp:"));
+        let f = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        println!(
+            "  thread {:<22} Seccomp: {} (2 = filter)",
+            f("Name:"),
+            f("Seccomp:")
+        );
     }
-    let mut s = UnixStream::connect(root.join("run/vsock.sock")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(s, "CONNECT 5000").unwrap();
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-        line.push(b[0]);
-    }
-    println!("\nhost -> guest vsock port 5000: {:?}", String::from_utf8_lossy(&line));
+    let mut s = hybrid_connect(&root.join("run/vsock.sock"), 5000);
+    println!("\nhost -> guest vsock port 5000: connected (CONNECT 5000 / OK)");
     s.write_all(b"hello from the node\n").unwrap();
     let mut echo = [0u8; 20];
     s.read_exact(&mut echo).unwrap();
     println!("guest answered: {:?}", String::from_utf8_lossy(&echo));
     drop(s);
     let st = j.wait().unwrap();
-    println!("\nVM stopped ({st}); what the guest checked from inside (probe.hostile misbehaved first):");
+    println!(
+        "\nVM stopped ({st}); what the guest checked from inside (probe.hostile misbehaved first):"
+    );
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     let results = checks(&log);
     for (name, ok, why) in &results {
-        println!("  {:<36} {}", name, if *ok { "ok".to_string() } else { format!("FAIL {why}") });
+        println!(
+            "  {:<36} {}",
+            name,
+            if *ok {
+                "ok".to_string()
+            } else {
+                format!("FAIL {why}")
+            }
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     for cg in ["/sys/fs/cgroup/pids/enclave", "/sys/fs/cgroup/enclave"] {

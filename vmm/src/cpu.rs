@@ -178,6 +178,18 @@ fn segment(selector: u16, base: u64, limit: u32, type_: u8, l: u8, db: u8) -> kv
     }
 }
 
+/// Flat code (selector 0x08, `l`/`db` as given) and data (0x10) segments, and `tss`.
+fn flat_segments(sregs: &mut kvm_sregs, l: u8, code_db: u8, tss: kvm_segment) {
+    let data = segment(0x10, 0, 0xffff_ffff, 0x3, 0, 1);
+    sregs.cs = segment(0x08, 0, 0xffff_ffff, 0xb, l, code_db);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+}
+
 /// Puts a vCPU in the state the entry protocol asks for. Only the boot vCPU (id 0) gets
 /// registers; the others wait for INIT/SIPI from the guest.
 pub fn setup_vcpu(
@@ -237,18 +249,12 @@ pub fn setup_vcpu(
     sregs.idt.limit = 7;
     let regs = match entry.protocol {
         BootProtocol::Linux64 => {
-            let code = segment(0x08, 0, 0xffff_ffff, 0xb, 1, 0);
-            let data = segment(0x10, 0, 0xffff_ffff, 0x3, 0, 1);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = kvm_segment {
+            // 64-bit code (L = 1), flat data, a TSS.
+            let tss = kvm_segment {
                 s: 0,
                 ..segment(0x18, 0, 0xffff_ffff, 0xb, 0, 0)
             };
+            flat_segments(&mut sregs, 1, 0, tss);
             sregs.cr3 = PML4_START;
             sregs.cr4 |= X86_CR4_PAE;
             sregs.cr0 |= X86_CR0_PE | X86_CR0_PG | X86_CR0_ET;
@@ -263,19 +269,13 @@ pub fn setup_vcpu(
             }
         }
         BootProtocol::Pvh => {
-            let code = segment(0x08, 0, 0xffff_ffff, 0xb, 0, 1);
-            let data = segment(0x10, 0, 0xffff_ffff, 0x3, 0, 1);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = kvm_segment {
+            // 32-bit code (D = 1), flat data, a 104-byte TSS.
+            let tss = kvm_segment {
                 s: 0,
                 g: 0,
                 ..segment(0x18, 0, 0x67, 0xb, 0, 0)
             };
+            flat_segments(&mut sregs, 0, 1, tss);
             sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
             sregs.cr4 = 0;
             kvm_regs {

@@ -5,13 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use enclave_tests::skip_or_fail;
-use enclave_tests::vmm::{kvm_usable, probe_guest, VmmRun};
+use enclave_tests::vmm::{hybrid_connect, kvm_and_root, probe_guest, VmmRun};
 use serde_json::json;
 
 const VMM: &str = env!("CARGO_BIN_EXE_enclave-vmm");
@@ -32,12 +30,8 @@ fn ns(pid: &str, kind: &str) -> String {
 #[test]
 fn the_jailed_vmm_is_unprivileged_isolated_and_works() {
     let test = "the_jailed_vmm_is_unprivileged_isolated_and_works";
-    if let Err(e) = kvm_usable() {
-        return skip_or_fail(test, &e);
-    }
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return skip_or_fail(test, "the jailer needs root (namespaces, mknod, cgroups)");
+    if !kvm_and_root(test, "the jailer needs root (namespaces, mknod, cgroups)") {
+        return;
     }
     let probe = probe_guest().unwrap();
     let dir = VmmRun::dir("jail");
@@ -173,14 +167,7 @@ fn the_jailed_vmm_is_unprivileged_isolated_and_works() {
     assert!(std::fs::metadata(format!("/proc/{pid}/root/enclave-vmm")).is_ok());
 
     // The VM works through the jail's socket.
-    let mut s = UnixStream::connect(root.join("run/vsock.sock")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(s, "CONNECT 5000").unwrap();
-    let mut ok = [0u8; 3];
-    s.read_exact(&mut ok).unwrap();
-    assert_eq!(&ok, b"OK ");
-    let mut b = [0u8; 1];
-    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {}
+    let mut s = hybrid_connect(&root.join("run/vsock.sock"), 5000);
     s.write_all(b"jailed\n").unwrap();
     let mut echo = [0u8; 7];
     s.read_exact(&mut echo).unwrap();

@@ -4,12 +4,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use enclave_tests::skip_or_fail;
-use enclave_tests::vmm::{checks, fnv1a, kvm_usable, probe_guest, VmmRun};
+use enclave_tests::vmm::{
+    checks, fnv1a, hybrid_connect, kvm_usable, probe_guest, test_bytes, VmmRun,
+};
 use serde_json::json;
 
 const VMM: &str = env!("CARGO_BIN_EXE_enclave-vmm");
@@ -32,32 +34,6 @@ fn base_config(probe: &PathBuf, dir: &std::path::Path, cmdline: &str) -> serde_j
     })
 }
 
-/// Connects to the VM's hybrid vsock socket and opens guest port `port`.
-fn hybrid_connect(sock: &std::path::Path, port: u32) -> UnixStream {
-    let mut last = String::new();
-    for _ in 0..200 {
-        match UnixStream::connect(sock) {
-            Ok(mut s) => {
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                writeln!(s, "CONNECT {port}").unwrap();
-                let mut line = Vec::new();
-                let mut b = [0u8; 1];
-                while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
-                    line.push(b[0]);
-                }
-                let line = String::from_utf8_lossy(&line).to_string();
-                if line.starts_with("OK ") {
-                    return s;
-                }
-                last = line;
-            }
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("hybrid vsock CONNECT {port} failed: {last}");
-}
-
 #[test]
 fn probe_checks_boot_layout_and_drives_vsock_from_cpl3() {
     let Some(probe) = ready("probe_checks_boot_layout_and_drives_vsock_from_cpl3") else {
@@ -65,9 +41,7 @@ fn probe_checks_boot_layout_and_drives_vsock_from_cpl3() {
     };
     let dir = VmmRun::dir("layout");
     // An initrd of random bytes: the probe hashes what it finds where boot_params says.
-    let initrd: Vec<u8> = (0..300_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let initrd = test_bytes(300_000, 2_654_435_761);
     std::fs::write(dir.join("initrd"), &initrd).unwrap();
     // Host side of the guest's connection to host port 6000.
     let listener = UnixListener::bind(dir.join("vsock.sock_6000")).unwrap();
@@ -139,6 +113,21 @@ fn probe_checks_boot_layout_and_drives_vsock_from_cpl3() {
     assert!(serial.starts_with('@'), "{serial}");
 }
 
+/// Starts a VM with a control socket and waits until the probe listens on vsock.
+fn start_listening_with_api(dir: &std::path::Path, cfg: &serde_json::Value) -> VmmRun {
+    let api = dir.join("api.sock");
+    let mut vm = VmmRun::start(
+        VMM.as_ref(),
+        dir,
+        cfg,
+        &["--api-sock", api.to_str().unwrap()],
+    )
+    .unwrap();
+    vm.wait_serial("INFO vsock listening", Duration::from_secs(20))
+        .unwrap();
+    vm
+}
+
 fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -171,16 +160,7 @@ fn every_thread_is_filtered_and_the_control_api_works() {
     let dir = VmmRun::dir("api");
     let mut cfg = base_config(&probe, &dir, "probe.vsock_listen=5000");
     cfg["vcpus"] = json!(2);
-    let api = dir.join("api.sock");
-    let mut vm = VmmRun::start(
-        VMM.as_ref(),
-        &dir,
-        &cfg,
-        &["--api-sock", api.to_str().unwrap()],
-    )
-    .unwrap();
-    vm.wait_serial("INFO vsock listening", Duration::from_secs(20))
-        .unwrap();
+    let mut vm = start_listening_with_api(&dir, &cfg);
 
     let threads = seccomp_modes(vm.child.id());
     let names: Vec<_> = threads.iter().map(|(n, _)| n.as_str()).collect();
@@ -354,16 +334,7 @@ fn a_hostile_guest_is_counted_not_fatal() {
     };
     let dir = VmmRun::dir("hostile");
     let cfg = base_config(&probe, &dir, "probe.hostile probe.vsock_listen=5000");
-    let api = dir.join("api.sock");
-    let mut vm = VmmRun::start(
-        VMM.as_ref(),
-        &dir,
-        &cfg,
-        &["--api-sock", api.to_str().unwrap()],
-    )
-    .unwrap();
-    vm.wait_serial("INFO vsock listening", Duration::from_secs(20))
-        .unwrap();
+    let mut vm = start_listening_with_api(&dir, &cfg);
     let m = vm.api(r#"{"action":"metrics"}"#).unwrap();
     let m = &m["result"];
     assert!(m["bad_mmio_accesses"].as_u64().unwrap() >= 5, "{m}");
@@ -399,9 +370,7 @@ fn pvh_entry_works_and_the_probe_agrees_with_qemu() {
         return;
     };
     let dir = VmmRun::dir("pvh");
-    let initrd: Vec<u8> = (0..50_000u32)
-        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
-        .collect();
+    let initrd = test_bytes(50_000, 2_246_822_519);
     std::fs::write(dir.join("initrd"), &initrd).unwrap();
     let cmdline = format!("probe.initrd_sum={:#x}", fnv1a(&initrd));
     let mut cfg = base_config(&probe, &dir, &cmdline);

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use enclave_tests::vmm::{checks, kvm_usable, probe_guest, VmmRun};
+use enclave_tests::vmm::{
+    assert_checks, kvm_and_root, kvm_usable, probe_guest, run_to_end, VmmRun,
+};
 use enclave_tests::{skip_or_fail, Tools};
 use serde_json::json;
 
@@ -28,21 +30,6 @@ fn wait_for_path(p: &Path) {
     while !p.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn all_ok(serial: &str, wanted: &[&str]) {
-    let results = checks(serial);
-    for want in wanted {
-        assert!(
-            results.iter().any(|(n, ok, _)| n == want && *ok),
-            "check {want} missing or failed; serial:\n{serial}"
-        );
-    }
-    assert!(
-        results.iter().all(|(_, ok, _)| *ok),
-        "a check failed:\n{serial}"
-    );
-    assert!(serial.contains("PROBE DONE 0x0"), "{serial}");
 }
 
 #[test]
@@ -89,11 +76,8 @@ fn virtio_fs_through_virtiofsd() {
         "serial": {"path": dir.join("serial.log")},
         "fs": [{"socket": sock, "tag": "shared"}],
     });
-    let mut vm = VmmRun::start(VMM.as_ref(), &dir, &cfg, &[]).unwrap();
-    let st = vm.wait(Duration::from_secs(30)).unwrap();
-    let serial = vm.serial();
-    assert!(st.success(), "{st} {}\n{serial}", vm.stderr());
-    all_ok(
+    let serial = run_to_end(VMM.as_ref(), &dir, &cfg);
+    assert_checks(
         &serial,
         &[
             "fs.features",
@@ -226,12 +210,8 @@ fn tap_peer(ns: PathBuf, frames: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>>
 #[test]
 fn virtio_net_through_enclave_netd_to_a_tap() {
     let test = "virtio_net_through_enclave_netd_to_a_tap";
-    if let Err(e) = kvm_usable() {
-        return skip_or_fail(test, &e);
-    }
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return skip_or_fail(test, "needs root for a network namespace and a tap");
+    if !kvm_and_root(test, "needs root for a network namespace and a tap") {
+        return;
     }
     let netd = Path::new(VMM).with_file_name("enclave-netd");
     if !netd.exists() {
@@ -267,16 +247,13 @@ fn virtio_net_through_enclave_netd_to_a_tap() {
         "serial": {"path": dir.join("serial.log")},
         "net": [{"socket": sock, "mac": "52:54:00:12:34:56"}],
     });
-    let mut vm = VmmRun::start(VMM.as_ref(), &dir, &cfg, &[]).unwrap();
-    let st = vm.wait(Duration::from_secs(30)).unwrap();
-    let serial = vm.serial();
-    assert!(st.success(), "{st} {}\n{serial}", vm.stderr());
+    let serial = run_to_end(VMM.as_ref(), &dir, &cfg);
     let seen = peer.join().unwrap();
     let want: Vec<Vec<u8>> = (0..4)
         .map(|i| format!("enclave-probe frame {i}").into_bytes())
         .collect();
     assert_eq!(seen, want, "frames on the tap");
-    all_ok(
+    assert_checks(
         &serial,
         &["net.features", "net.driver_ok", "net.tx", "net.rx"],
     );

@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_queue::DescriptorChain;
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::tap::VNET_HDR_LEN;
@@ -29,6 +30,24 @@ const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// The next available descriptor chain of a queue, if any.
+fn next_chain(
+    vring: &VringRwLock,
+    mem: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+) -> Option<DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>> {
+    vring
+        .get_mut()
+        .get_queue_mut()
+        .iter(mem.clone())
+        .ok()
+        .and_then(|mut it| it.next())
+}
+
+/// A virtqueue error as an io::Error (the library's handler wants io results).
+fn queue_err(e: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("virtqueue: {e:?}"))
+}
 
 /// Counters.
 #[derive(Default, Debug)]
@@ -72,12 +91,7 @@ impl NetBackend {
     fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.mem.memory();
         loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem.clone())
-                .ok()
-                .and_then(|mut it| it.next());
+            let chain = next_chain(vring, &mem);
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             // Copy the frame out of guest memory first: the guest can change it under us.
@@ -104,9 +118,7 @@ impl NetBackend {
                     self.stats.bad_chains.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            vring
-                .add_used(head, 0)
-                .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            vring.add_used(head, 0).map_err(queue_err)?;
         }
         if vring.needs_notification().unwrap_or(true) {
             vring.signal_used_queue()?;
@@ -129,12 +141,7 @@ impl NetBackend {
                 },
             };
             // DECIDE: enclave-netd's policy check goes here, on frame[VNET_HDR_LEN..].
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem.clone())
-                .ok()
-                .and_then(|mut it| it.next());
+            let chain = next_chain(vring, &mem);
             let Some(chain) = chain else {
                 // No buffer: keep the frame until the guest adds one (its rx kick).
                 self.pending = Some(frame);
@@ -149,15 +156,11 @@ impl NetBackend {
             };
             match written {
                 Some(n) => {
-                    vring
-                        .add_used(head, n as u32)
-                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                    vring.add_used(head, n as u32).map_err(queue_err)?;
                     self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {
-                    vring
-                        .add_used(head, 0)
-                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                    vring.add_used(head, 0).map_err(queue_err)?;
                     self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -210,15 +213,10 @@ impl VhostUserBackendMut for NetBackend {
             TXQ => loop {
                 // With EVENT_IDX, re-check after enabling notifications (no lost kicks).
                 if self.event_idx {
-                    tx.disable_notification()
-                        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                    tx.disable_notification().map_err(queue_err)?;
                 }
                 self.process_tx(tx)?;
-                if !self.event_idx
-                    || !tx
-                        .enable_notification()
-                        .map_err(|e| io::Error::other(format!("{e:?}")))?
-                {
+                if !self.event_idx || !tx.enable_notification().map_err(queue_err)? {
                     break;
                 }
             },

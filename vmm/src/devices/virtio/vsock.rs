@@ -308,37 +308,42 @@ impl VsockState {
         self.flush_rx();
     }
 
+    /// Registers a host stream for reading and makes its connection state.
+    fn watch(
+        &self,
+        stream: UnixStream,
+        state: ConnState,
+        local_port: u32,
+        peer_port: u32,
+    ) -> Option<Conn> {
+        let fd = stream.as_raw_fd();
+        let ev = EpollEvent::new(EventSet::IN, TOKEN_STREAM_BASE + fd as u64);
+        self.epoll.ctl(ControlOperation::Add, fd, ev).ok()?;
+        Some(Conn {
+            stream,
+            state,
+            local_port,
+            peer_port,
+            to_host: VecDeque::new(),
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            tx_cnt: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            line: Vec::new(),
+            interest: EventSet::IN,
+            host_eof: false,
+        })
+    }
+
     fn accept(&mut self) {
         while let Ok((stream, _)) = self.listener.accept() {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
             let fd = stream.as_raw_fd();
-            if self
-                .epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, TOKEN_STREAM_BASE + fd as u64),
-                )
-                .is_err()
-            {
+            let Some(conn) = self.watch(stream, ConnState::AwaitingConnectLine, 0, 0) else {
                 continue;
-            }
-            let conn = Conn {
-                stream,
-                state: ConnState::AwaitingConnectLine,
-                local_port: 0,
-                peer_port: 0,
-                to_host: VecDeque::new(),
-                fwd_cnt: 0,
-                last_fwd_cnt_sent: 0,
-                tx_cnt: 0,
-                peer_buf_alloc: 0,
-                peer_fwd_cnt: 0,
-                line: Vec::new(),
-                interest: EventSet::IN,
-                host_eof: false,
             };
             self.pending.insert(fd, conn);
         }
@@ -533,34 +538,13 @@ impl VsockState {
             let path = format!("{}_{}", self.uds_path.display(), dst_port);
             match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
                 Ok(stream) => {
-                    let fd = stream.as_raw_fd();
-                    if self
-                        .epoll
-                        .ctl(
-                            ControlOperation::Add,
-                            fd,
-                            EpollEvent::new(EventSet::IN, TOKEN_STREAM_BASE + fd as u64),
-                        )
-                        .is_err()
-                    {
+                    let Some(mut c) = self.watch(stream, ConnState::Established, key.0, key.1)
+                    else {
                         self.control(key.0, key.1, OP_RST, 0);
                         return;
-                    }
-                    let c = Conn {
-                        stream,
-                        state: ConnState::Established,
-                        local_port: key.0,
-                        peer_port: key.1,
-                        to_host: VecDeque::new(),
-                        fwd_cnt: 0,
-                        last_fwd_cnt_sent: 0,
-                        tx_cnt: 0,
-                        peer_buf_alloc: h.buf_alloc,
-                        peer_fwd_cnt: h.fwd_cnt,
-                        line: Vec::new(),
-                        interest: EventSet::IN,
-                        host_eof: false,
                     };
+                    c.peer_buf_alloc = h.buf_alloc;
+                    c.peer_fwd_cnt = h.fwd_cnt;
                     self.conns.insert(key, c);
                     self.metrics
                         .vsock_connections
