@@ -80,8 +80,8 @@ impl ApiServer {
         let mut config: Option<VmConfig> = None;
         loop {
             let (stream, _) = self.listener.accept()?;
-            let mut started = false;
-            serve_connection(stream, |req| {
+            let started = std::cell::Cell::new(false);
+            serve_connection(stream, &started, |req| {
                 match req {
                 Request::Configure { config: c } => match c.validate() {
                     Ok(()) => {
@@ -92,7 +92,7 @@ impl ApiServer {
                 },
                 Request::Start => match &config {
                     Some(_) => {
-                        started = true;
+                        started.set(true);
                         Ok(Value::Null)
                     }
                     None => Err("start before configure: send {\"action\":\"configure\",\"config\":{...}} first".into()),
@@ -101,7 +101,7 @@ impl ApiServer {
                 _ => Err("the VM has not started".into()),
             }
             });
-            if started {
+            if started.get() {
                 if let Some(c) = config.take() {
                     return Ok(c);
                 }
@@ -124,7 +124,7 @@ impl ApiServer {
                     let Ok((stream, _)) = self.listener.accept() else {
                         continue;
                     };
-                    serve_connection(stream, |req| ctl.handle(req));
+                    serve_connection(stream, &std::cell::Cell::new(false), |req| ctl.handle(req));
                 }
             })
     }
@@ -135,8 +135,13 @@ impl ApiServer {
     }
 }
 
-/// Serves one client until it hangs up.
-fn serve_connection(stream: UnixStream, mut handle: impl FnMut(Request) -> Result<Value, String>) {
+/// Serves one client until it hangs up, or until `done` is set (the VM was started from this
+/// connection: the rest of the API is served by the API thread, on new connections).
+fn serve_connection(
+    stream: UnixStream,
+    done: &std::cell::Cell<bool>,
+    mut handle: impl FnMut(Request) -> Result<Value, String>,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut out) = stream.try_clone() else {
         return;
@@ -161,7 +166,7 @@ fn serve_connection(stream: UnixStream, mut handle: impl FnMut(Request) -> Resul
                 Err(e) => json!({"ok": false, "error": e}),
             }
         };
-        if writeln!(out, "{resp}").is_err() || line.len() > MAX_REQUEST {
+        if writeln!(out, "{resp}").is_err() || line.len() > MAX_REQUEST || done.get() {
             return;
         }
     }

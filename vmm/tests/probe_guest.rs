@@ -451,3 +451,60 @@ fn sigterm_stops_the_vm_cleanly() {
     assert!(st.success(), "{st}");
     assert!(vm.stderr().contains("stopped by signal 15"));
 }
+
+#[test]
+fn configure_and_start_over_the_api() {
+    let Some(probe) = ready("configure_and_start_over_the_api") else {
+        return;
+    };
+    let dir = VmmRun::dir("apistart");
+    let api = dir.join("api.sock");
+    let mut child = std::process::Command::new(VMM)
+        .arg("--api-sock")
+        .arg(&api)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !api.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut s = std::os::unix::net::UnixStream::connect(&api).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ask = |req: &str| {
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let early = ask(r#"{"action":"start"}"#);
+    assert_eq!(early["ok"], false);
+    assert!(
+        early["error"].as_str().unwrap().contains("configure"),
+        "{early}"
+    );
+    let bad = ask(r#"{"action":"configure","config":{"kernel":"/nonexistent"}}"#);
+    assert!(
+        bad["error"].as_str().unwrap().contains("field `kernel`"),
+        "{bad}"
+    );
+    let cfg = json!({"action": "configure", "config": {"kernel": probe, "memory_mib": 32, "cmdline": "console=ttyS0", "serial": {"path": dir.join("serial.log")}}});
+    assert_eq!(ask(&cfg.to_string())["ok"], true);
+    assert_eq!(ask(r#"{"action":"start"}"#)["ok"], true);
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM started over the API did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(st.success(), "{st}");
+    let serial = std::fs::read_to_string(dir.join("serial.log")).unwrap();
+    assert!(serial.contains("PROBE DONE 0x0"), "{serial}");
+    let _ = std::fs::remove_dir_all(dir);
+}
