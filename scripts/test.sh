@@ -29,10 +29,13 @@ cargo check -q --manifest-path vmm/fuzz/Cargo.toml --bins
 echo "ok"
 
 printf '\n==> tests\n'
+# Every binary first: tests of one crate run another's (the VMM tests start enclave-netd),
+# and `cargo test` builds only the binaries of the crate under test.
+cargo build --locked --workspace --bins -q
 # --nocapture so that SKIPPED lines from passing tests reach the log and are counted.
-cargo test --locked --workspace -- --nocapture 2>&1 | tee target/test.log | grep -E '^(test |running|test result)|SKIPPED|panicked' || true
+cargo test --locked --workspace --no-fail-fast -- --nocapture 2>&1 | tee target/test.log | grep -E '^(test |running|test result)|SKIPPED|panicked' || true
 if ! grep -q "test result" target/test.log || grep -q "test result: FAILED" target/test.log || grep -qE "^error" target/test.log; then
-  grep -E "^error|FAILED|panicked" target/test.log | head -20
+  grep -E -A3 "^error|FAILED|panicked" target/test.log | head -40
   echo "TESTS FAILED" >&2
   exit 1
 fi

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use enclave_agent_protocol::messages::*;
-use enclave_tests::{busybox_rootfs, spec, GuestVm, Tools, VmOptions};
+use enclave_tests::{busybox_rootfs, spec, GuestVm, VmOptions};
 
 fn stats(name: &str, v: &mut [f64], note: &str) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -31,7 +31,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let tools = match Tools::find() {
+    let tools = match enclave_tests::tools() {
         Ok(t) => t,
         Err(why) => {
             println!("SKIPPED guest_boot: {why}");

@@ -6,14 +6,14 @@
 use std::time::{Duration, Instant};
 
 use enclave_agent_protocol::messages::*;
-use enclave_tests::{busybox_rootfs, spec, GuestVm, Tools, VmOptions};
+use enclave_tests::{busybox_rootfs, spec, GuestVm, VmOptions};
 
 fn read_all(c: &enclave_agent_protocol::Client, id: &str, exec: &str) -> String {
     String::from_utf8_lossy(&enclave_tests::read_to_end(c, id, exec, false).unwrap()).into_owned()
 }
 
 fn main() {
-    let tools = Tools::find().unwrap_or_else(|e| {
+    let tools = enclave_tests::tools().unwrap_or_else(|e| {
         eprintln!("guest demo: {e}");
         std::process::exit(2)
     });

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use enclave_agent_protocol::messages::*;
 use enclave_agent_protocol::{Client, Code};
-use enclave_tests::{busybox_rootfs, spec, GuestVm, Tools, VmOptions};
+use enclave_tests::{busybox_rootfs, spec, GuestVm, VmOptions};
 
 const BOOT: Duration = Duration::from_secs(120);
 
 fn boot(test: &str, opts: VmOptions) -> Option<(GuestVm, Client)> {
-    let tools = match Tools::find() {
+    let tools = match enclave_tests::tools() {
         Ok(t) => t,
         Err(why) => {
             enclave_tests::skip_or_fail(test, &why);

@@ -177,7 +177,7 @@ fn main() {
         println!("SKIPPED vmm_boot: {e}");
         return;
     }
-    let Ok(tools) = enclave_tests::Tools::find() else {
+    let Ok(tools) = enclave_tests::tools() else {
         println!("SKIPPED vmm_boot: QEMU not found (scripts/setup.sh installs it)");
         return;
     };

@@ -391,7 +391,7 @@ fn pvh_entry_works_and_the_probe_agrees_with_qemu() {
 
     // The same probe under QEMU's microvm (a reference VMM) passes the same checks, so the
     // probe's idea of the boot protocol is not just ours.
-    let Ok(tools) = enclave_tests::Tools::find() else {
+    let Ok(tools) = enclave_tests::tools() else {
         return skip_or_fail(
             "pvh_entry_works_and_the_probe_agrees_with_qemu (QEMU half)",
             "QEMU not found",

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use enclave_tests::skip_or_fail;
 use enclave_tests::vmm::{
     assert_checks, kvm_and_root, kvm_usable, probe_guest, run_to_end, VmmRun,
 };
-use enclave_tests::{skip_or_fail, Tools};
 use serde_json::json;
 
 const VMM: &str = env!("CARGO_BIN_EXE_enclave-vmm");
@@ -38,7 +38,7 @@ fn virtio_fs_through_virtiofsd() {
     if let Err(e) = kvm_usable() {
         return skip_or_fail(test, &e);
     }
-    let tools = match Tools::find() {
+    let tools = match enclave_tests::tools() {
         Ok(t) => t,
         Err(e) => return skip_or_fail(test, &e),
     };

@@ -1,0 +1,4 @@
+//! containerd-shim-enclave-v2 and the VM backends it drives.
+
+pub mod mount;
+pub mod vm;

@@ -1,0 +1,397 @@
+//! The QEMU backend: QEMU (`-M microvm`) with the Enclave guest image,
+//! `vhost-device-vsock` for the agent channel (hybrid vsock over a Unix socket, the same
+//! scheme `enclave-vmm` and Firecracker use) and `virtiofsd` for the shared filesystem.
+//! Everything runs under the VM's own directory and is killed when the [`GuestVm`] is
+//! dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use enclave_agent_protocol::{connect_hybrid_vsock, Client, AGENT_VSOCK_PORT};
+
+/// Host vsock port the agent announces its readiness on.
+pub const READY_PORT: u32 = 1025;
+
+/// The tools and image a guest needs, found on this machine.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// `vhost-device-vsock`.
+    pub vsock: PathBuf,
+    /// `virtiofsd`.
+    pub virtiofsd: PathBuf,
+    /// The image directory (`target/guest`).
+    pub image: PathBuf,
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    let cache = std::env::var_os("ENCLAVE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/enclave")));
+    if let Some(c) = cache {
+        dirs.insert(0, c.join("tools/bin"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.push("/usr/libexec".into());
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+impl Tools {
+    /// Finds the tools, with the guest image in `image` (`ENCLAVE_GUEST_IMAGE` overrides
+    /// it), or says what is missing and how to get it.
+    pub fn find(image: PathBuf) -> Result<Tools, String> {
+        let need = |name: &str, how: &str| {
+            find_tool(name)
+                .ok_or_else(|| format!("{name} not found ({how}; scripts/setup.sh does it)"))
+        };
+        let image = std::env::var_os("ENCLAVE_GUEST_IMAGE")
+            .map(PathBuf::from)
+            .unwrap_or(image);
+        for f in ["vmlinux", "initramfs.cpio", "cmdline"] {
+            if !image.join(f).is_file() {
+                return Err(format!(
+                    "{} missing: build the image with guest/image/build.sh",
+                    image.join(f).display()
+                ));
+            }
+        }
+        Ok(Tools {
+            qemu: need("qemu-system-x86_64", "apt-get install qemu-system-x86")?,
+            vsock: need(
+                "vhost-device-vsock",
+                "cargo install --locked vhost-device-vsock",
+            )?,
+            virtiofsd: need("virtiofsd", "cargo install --locked virtiofsd")?,
+            image,
+        })
+    }
+}
+
+/// `kvm` when this host can run a Linux guest at full speed, else `tcg`, with the reason.
+/// KVM through PVM (nested, kernel mode emulated) cannot boot a stock kernel, so it counts
+/// as no KVM.
+pub fn accel() -> (&'static str, String) {
+    if !Path::new("/dev/kvm").exists() {
+        return ("tcg", "no /dev/kvm".into());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return (
+            "tcg",
+            "/dev/kvm is kvm-pvm (nested; guest kernel code is emulated)".into(),
+        );
+    }
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = flags
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if hw {
+        ("kvm", "/dev/kvm with hardware virtualization".into())
+    } else {
+        ("tcg", "/dev/kvm without vmx/svm".into())
+    }
+}
+
+fn tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+/// A running guest.
+pub struct GuestVm {
+    dir: PathBuf,
+    shared: PathBuf,
+    ready: Option<std::os::unix::net::UnixListener>,
+    announced: std::sync::atomic::AtomicBool,
+    children: Vec<(&'static str, Child)>,
+    /// When QEMU was started.
+    pub started: Instant,
+    /// The accelerator in use.
+    pub accel: &'static str,
+}
+
+/// How to boot.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Add a virtio-net device with this MAC (user-mode backend, `restrict=on`: no traffic
+    /// leaves the VM).
+    pub net_mac: Option<String>,
+    /// Extra kernel command line.
+    pub cmdline: String,
+    /// The VM's own directory (sockets, logs); default: a fresh one under the temp dir,
+    /// removed when the VM is dropped.
+    pub dir: Option<PathBuf>,
+    /// The host directory shared with the guest (at /run/enclave/shared); default
+    /// `<dir>/shared`.
+    pub shared: Option<PathBuf>,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            memory_mib: 256,
+            net_mac: None,
+            cmdline: String::new(),
+            dir: None,
+            shared: None,
+        }
+    }
+}
+
+fn spawn(
+    name: &'static str,
+    cmd: &mut Command,
+    log: &Path,
+) -> Result<(&'static str, Child), String> {
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start {name}: {e}"))?;
+    Ok((name, child))
+}
+
+fn wait_for_socket(p: &Path, t: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + t;
+    while !p.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} did not appear", p.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+impl GuestVm {
+    /// Starts the backends and QEMU. The agent is not ready yet: see [`GuestVm::connect`].
+    pub fn boot(tools: &Tools, opts: &VmOptions) -> Result<GuestVm, String> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = opts.dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("enclave-vm-{}-{n}", std::process::id()))
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let shared = opts.shared.clone().unwrap_or_else(|| dir.join("shared"));
+        std::fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+        let (accel, _) = accel();
+        let mut vm = GuestVm {
+            dir: dir.clone(),
+            shared: shared.clone(),
+            children: Vec::new(),
+            started: Instant::now(),
+            accel,
+            ready: None,
+            announced: Default::default(),
+        };
+        let d = |f: &str| dir.join(f);
+        vm.children.push(spawn(
+            "vhost-device-vsock",
+            Command::new(&tools.vsock)
+                .arg("--guest-cid=3")
+                .arg("--socket")
+                .arg(d("vsock.sock"))
+                .arg("--uds-path")
+                .arg(d("vm.vsock")),
+            &d("vsock.log"),
+        )?);
+        vm.children.push(spawn(
+            "virtiofsd",
+            Command::new(&tools.virtiofsd)
+                .arg("--socket-path")
+                .arg(d("fs.sock"))
+                .arg("--shared-dir")
+                .arg(&shared)
+                .args(["--cache", "never", "--sandbox", "none"]),
+            &d("virtiofsd.log"),
+        )?);
+        wait_for_socket(&d("vsock.sock"), Duration::from_secs(10))?;
+        wait_for_socket(&d("fs.sock"), Duration::from_secs(10))?;
+        let base =
+            std::fs::read_to_string(tools.image.join("cmdline")).map_err(|e| e.to_string())?;
+        // The agent announces itself on this host port (guest -> host vsock arrives on
+        // `<uds-path>_<port>`); connecting only then avoids queueing connection requests
+        // before the guest's vsock driver is up, which can wedge vhost-device-vsock.
+        let ready = std::os::unix::net::UnixListener::bind(d(&format!("vm.vsock_{READY_PORT}")))
+            .map_err(|e| format!("ready listener: {e}"))?;
+        vm.ready = Some(ready);
+        let mut cmdline = format!(
+            "{} enclave.shared=shared enclave.ready_port={READY_PORT} {}",
+            base.trim(),
+            opts.cmdline
+        );
+        if accel == "tcg" {
+            // PIT calibration of the TSC fails at random under TCG and the boot hangs.
+            if let Some(khz) = tsc_khz() {
+                cmdline += &format!(" tsc_early_khz={khz}");
+            }
+        }
+        let mem = opts.memory_mib;
+        let mut q = Command::new(&tools.qemu);
+        q.args(["-M", "microvm,memory-backend=mem", "-accel", accel, "-cpu"])
+            .arg(if accel == "kvm" { "host" } else { "max" })
+            .args([
+                "-m",
+                &format!("{mem}M"),
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+            ])
+            .args(["-display", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", d("console.log").display()))
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            ])
+            .arg("-kernel")
+            .arg(tools.image.join("vmlinux"))
+            .arg("-initrd")
+            .arg(tools.image.join("initramfs.cpio"))
+            .args(["-append", &cmdline])
+            .args([
+                "-chardev",
+                &format!("socket,id=vsock,path={}", d("vsock.sock").display()),
+            ])
+            .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+            .args([
+                "-chardev",
+                &format!("socket,id=fs,path={}", d("fs.sock").display()),
+            ])
+            .args(["-device", "vhost-user-fs-device,chardev=fs,tag=shared"]);
+        if let Some(mac) = &opts.net_mac {
+            q.args(["-netdev", "user,id=n0,restrict=on"])
+                .args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
+        }
+        vm.started = Instant::now();
+        vm.children.push(spawn("qemu", &mut q, &d("qemu.log"))?);
+        Ok(vm)
+    }
+
+    /// Connects to the agent, retrying until it listens or `timeout` passes, and does the
+    /// version handshake.
+    pub fn connect(&self, timeout: Duration) -> Result<Client, String> {
+        let deadline = Instant::now() + timeout;
+        self.wait_ready(deadline)?;
+        let stream = connect_hybrid_vsock(&self.dir.join("vm.vsock"), AGENT_VSOCK_PORT, deadline)
+            .map_err(|e| format!("{e}\n{}", self.logs()))?;
+        let client = Client::new(stream).map_err(|e| e.to_string())?;
+        client
+            .handshake()
+            .map_err(|e| format!("handshake: {e}\n{}", self.logs()))?;
+        Ok(client)
+    }
+
+    /// Waits for the agent's readiness announcement (once; later calls return at once).
+    fn wait_ready(&self, deadline: Instant) -> Result<(), String> {
+        let Some(l) = &self.ready else { return Ok(()) };
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        // Checked on every turn: another thread may take the one announcement.
+        while !self.announced.load(std::sync::atomic::Ordering::Acquire) {
+            match l.accept() {
+                Ok(_) => {
+                    self.announced
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("ready listener: {e}")),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the agent did not announce itself\n{}",
+                    self.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// A raw connection to the agent's port (for sending garbage).
+    pub fn connect_raw(&self, timeout: Duration) -> Result<std::os::unix::net::UnixStream, String> {
+        connect_hybrid_vsock(
+            &self.dir.join("vm.vsock"),
+            AGENT_VSOCK_PORT,
+            Instant::now() + timeout,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// The host directory the guest sees at /run/enclave/shared.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.shared.clone()
+    }
+
+    /// The VM's directory (sockets and logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Process ids of QEMU and its backends.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.children.iter().map(|(n, c)| (*n, c.id())).collect()
+    }
+
+    /// Waits for QEMU to exit.
+    pub fn wait_qemu(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let q = self.children.iter_mut().find(|(n, _)| *n == "qemu")?;
+            if let Ok(Some(st)) = q.1.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The guest console and backend logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for f in ["console.log", "qemu.log", "vsock.log", "virtiofsd.log"] {
+            let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            s += &format!("--- {f} (last lines)\n");
+            for l in tail.into_iter().rev() {
+                s += l;
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+impl Drop for GuestVm {
+    fn drop(&mut self) {
+        for (_, c) in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::env::var_os("ENCLAVE_KEEP_VM_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
