@@ -8,8 +8,9 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # netfilter: libnftnl/libmnl/nftables/iproute2. guest: qemu (test VMs), busybox-static
 # (test container rootfs), lz4 (kernel payload), libcap-ng/libseccomp (to build virtiofsd).
+# shim: containerd and runc (the real containerd the shim is tested with), tar (images).
 APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
-  qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev)
+  qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()
@@ -44,13 +45,14 @@ if [ "$rustc_minor" -lt 80 ]; then
 fi
 rustc --version
 
-step "build (release): enclavectl, enclave-vmm, enclave-jailer, enclave-netd"
-cargo build --release --locked --bin enclavectl --bin enclave-vmm --bin enclave-jailer --bin enclave-netd 2>&1 \
+step "build (release): enclavectl, enclave-vmm, enclave-jailer, enclave-netd, containerd-shim-enclave-v2"
+cargo build --release --locked --bin enclavectl --bin enclave-vmm --bin enclave-jailer --bin enclave-netd \
+  --bin containerd-shim-enclave-v2 2>&1 \
   | grep -vE '^\s+(Compiling|Downloaded|Downloading)' || true
-for b in enclavectl enclave-vmm enclave-jailer enclave-netd; do
+for b in enclavectl enclave-vmm enclave-jailer enclave-netd containerd-shim-enclave-v2; do
   test -x "target/release/$b" || { echo "build failed: target/release/$b" >&2; exit 1; }
 done
-echo "built target/release/{enclavectl,enclave-vmm,enclave-jailer,enclave-netd}"
+echo "built target/release/{enclavectl,enclave-vmm,enclave-jailer,enclave-netd,containerd-shim-enclave-v2}"
 
 # Tools built from crates.io, cached outside the clone (keyed by name and version) so a
 # fresh clone does not rebuild them.

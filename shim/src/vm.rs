@@ -192,7 +192,9 @@ impl GuestVm {
         });
         let _ = std::fs::remove_dir_all(&dir);
         let shared = opts.shared.clone().unwrap_or_else(|| dir.join("shared"));
-        std::fs::create_dir_all(&shared).map_err(|e| format!("{}: {e}", shared.display()))?;
+        for d in [&dir, &shared] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
         let (accel, _) = accel();
         let mut vm = GuestVm {
             dir: dir.clone(),

@@ -1,0 +1,678 @@
+//! The Task service containerd drives: one microVM per shim (per container, or per pod
+//! sandbox), containers created in it through the agent, their stdio carried between
+//! containerd's FIFOs and the agent, exits recorded and reported.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use containerd_shim_protos::api::{self, Status};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::MessageField;
+use containerd_shim_protos::ttrpc::{self, TtrpcContext};
+use containerd_shim_protos::Task;
+use enclave_agent_protocol::messages::*;
+use enclave_agent_protocol::Client;
+
+use crate::events::Publisher;
+use crate::vm::{GuestVm, Tools, VmOptions};
+
+/// Where per-VM state lives on the host (sockets, logs, VM files).
+pub const STATE_ROOT: &str = "/run/enclave";
+
+/// How long a guest gets to boot and answer (TCG boots take seconds).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Waiting for a process: long, it ends when the process does.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// One process: a container's init (exec id "") or an exec.
+struct Proc {
+    pid: u32,
+    status: Status,
+    exit: Option<(u32, Timestamp)>,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    /// An exec's OCI process JSON, until it is started.
+    exec_spec: Option<Vec<u8>>,
+}
+
+struct Container {
+    bundle: PathBuf,
+    procs: HashMap<String, Proc>,
+}
+
+/// The VM and the agent connection.
+struct Sandbox {
+    vm: GuestVm,
+    agent: Arc<Client>,
+}
+
+/// The service state.
+pub struct Service {
+    namespace: String,
+    id: String,
+    sandbox: Mutex<Option<Sandbox>>,
+    containers: Mutex<HashMap<String, Container>>,
+    exited: Condvar,
+    publisher: Publisher,
+    /// Asked to exit (Shutdown).
+    pub shutdown: Arc<(Mutex<bool>, Condvar)>,
+}
+
+fn err(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The state directory of shim `id` in `namespace`.
+pub fn state_dir(namespace: &str, id: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(namespace).join(id)
+}
+
+/// The guest image directory: `ENCLAVE_GUEST_IMAGE`, else the installed one.
+pub fn guest_image() -> PathBuf {
+    std::env::var_os("ENCLAVE_GUEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/share/enclave/guest"))
+}
+
+/// Keeps the parts of containerd's OCI spec the guest agent applies, pointing the root at
+/// the shared `rootfs` directory.
+pub fn guest_spec(spec: &mut serde_json::Value) {
+    spec["root"] = serde_json::json!({"path": "rootfs", "readonly": spec["root"]["readonly"].as_bool().unwrap_or(false)});
+    if let Some(linux) = spec.get_mut("linux").and_then(|l| l.as_object_mut()) {
+        // Host-side settings with no meaning in the guest: the VM is the boundary.
+        for k in [
+            "cgroupsPath",
+            "seccomp",
+            "namespaces",
+            "devices",
+            "resources",
+        ] {
+            linux.remove(k);
+        }
+    }
+}
+
+impl Service {
+    /// A service for shim `id`.
+    pub fn new(namespace: &str, id: &str, publisher: Publisher) -> Service {
+        Service {
+            namespace: namespace.into(),
+            id: id.into(),
+            sandbox: Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            exited: Condvar::new(),
+            publisher,
+            shutdown: Arc::new((Mutex::new(false), Condvar::new())),
+        }
+    }
+
+    fn agent(&self) -> ttrpc::Result<Arc<Client>> {
+        lock(&self.sandbox)
+            .as_ref()
+            .map(|s| s.agent.clone())
+            .ok_or_else(|| {
+                err(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    "the microVM is not running",
+                )
+            })
+    }
+
+    /// Boots the VM with `bundle` shared into the guest, and connects to the agent.
+    fn boot(&self, bundle: &Path) -> Result<(), String> {
+        let tools = Tools::find(guest_image())?;
+        let opts = VmOptions {
+            dir: Some(state_dir(&self.namespace, &self.id).join("vm")),
+            shared: Some(bundle.to_path_buf()),
+            ..VmOptions::default()
+        };
+        let vm = GuestVm::boot(&tools, &opts).map_err(|e| format!("starting the microVM: {e}"))?;
+        let agent = vm
+            .connect(BOOT_TIMEOUT)
+            .map_err(|e| format!("the guest agent did not answer: {e}"))?;
+        // Record the VM's processes so `delete` can clean up after a crash of the shim.
+        let pids: Vec<String> = vm.pids().iter().map(|(_, p)| p.to_string()).collect();
+        let _ = std::fs::write(
+            state_dir(&self.namespace, &self.id).join("pids"),
+            pids.join("\n"),
+        );
+        *lock(&self.sandbox) = Some(Sandbox {
+            vm,
+            agent: Arc::new(agent),
+        });
+        Ok(())
+    }
+
+    /// Watches a started process: waits for its end through the agent, records it, and
+    /// publishes the exit.
+    fn watch(self: &Arc<Self>, agent: Arc<Client>, cid: String, exec: String, pid: u32) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let r = agent.call_timeout::<WaitProcess>(
+                &ProcessRequest {
+                    container_id: cid.clone(),
+                    exec_id: exec.clone(),
+                },
+                Some(WAIT_TIMEOUT),
+            );
+            // A lost agent (the VM died) counts as killed.
+            let status = r.map(|w| w.exit_status as u32).unwrap_or(137);
+            let at = now();
+            {
+                let mut cs = lock(&me.containers);
+                if let Some(p) = cs.get_mut(&cid).and_then(|c| c.procs.get_mut(&exec)) {
+                    p.status = Status::STOPPED;
+                    p.exit = Some((status, at.clone()));
+                }
+            }
+            me.exited.notify_all();
+            me.publisher.task_exit(&cid, &exec, pid, status, at);
+        });
+    }
+}
+
+/// Copies the agent's stdout or stderr of a process into containerd's FIFO until EOF.
+fn pump_out(agent: Arc<Client>, cid: String, exec: String, fifo: String, stderr: bool) {
+    if fifo.is_empty() {
+        return;
+    }
+    std::thread::spawn(move || {
+        let Ok(mut out) = OpenOptions::new().write(true).open(&fifo) else {
+            return;
+        };
+        loop {
+            let req = ReadStreamRequest {
+                container_id: cid.clone(),
+                exec_id: exec.clone(),
+                max_len: 65536,
+            };
+            let data = if stderr {
+                agent
+                    .call_timeout::<ReadStderr>(&req, Some(WAIT_TIMEOUT))
+                    .map(|r| r.data)
+            } else {
+                agent
+                    .call_timeout::<ReadStdout>(&req, Some(WAIT_TIMEOUT))
+                    .map(|r| r.data)
+            };
+            match data {
+                Ok(d) if !d.is_empty() => {
+                    if out.write_all(&d).is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    });
+}
+
+/// Copies containerd's stdin FIFO to the process, then closes its stdin.
+fn pump_in(agent: Arc<Client>, cid: String, exec: String, fifo: String) {
+    if fifo.is_empty() {
+        return;
+    }
+    std::thread::spawn(move || {
+        let Ok(mut input) = OpenOptions::new().read(true).open(&fifo) else {
+            return;
+        };
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match input.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let req = WriteStdinRequest {
+                        container_id: cid.clone(),
+                        exec_id: exec.clone(),
+                        data: buf[..n].to_vec(),
+                    };
+                    if agent.call::<WriteStdin>(&req).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = agent.call::<CloseStdin>(&ProcessRequest {
+            container_id: cid,
+            exec_id: exec,
+        });
+    });
+}
+
+/// The service behind an `Arc`, as the ttrpc handlers need it.
+pub struct TaskService(pub Arc<Service>);
+
+impl Task for TaskService {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> ttrpc::Result<api::CreateTaskResponse> {
+        let s = &self.0;
+        let bundle = PathBuf::from(&req.bundle);
+        let rootfs = bundle.join("rootfs");
+        if !req.rootfs.is_empty() {
+            crate::mount::mount_all(&req.rootfs, &rootfs)
+                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        }
+        let spec_path = bundle.join("config.json");
+        let mut spec: serde_json::Value = std::fs::read(&spec_path)
+            .map_err(|e| format!("{}: {e}", spec_path.display()))
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", spec_path.display()))
+            })
+            .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        guest_spec(&mut spec);
+        if lock(&s.sandbox).is_none() {
+            if let Err(e) = s.boot(&bundle) {
+                crate::mount::unmount(&rootfs);
+                return Err(err(ttrpc::Code::INTERNAL, e));
+            }
+        }
+        let agent = s.agent()?;
+        let r = agent
+            .call::<CreateContainer>(&CreateContainerRequest {
+                container_id: req.id.clone(),
+                oci_spec: spec.to_string().into_bytes(),
+                rootfs: "rootfs".into(),
+            })
+            .map_err(|e| {
+                err(
+                    ttrpc::Code::INTERNAL,
+                    format!("creating the container in the guest: {e}"),
+                )
+            })?;
+        let init = Proc {
+            pid: r.pid,
+            status: Status::CREATED,
+            exit: None,
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            exec_spec: None,
+        };
+        lock(&s.containers).insert(
+            req.id.clone(),
+            Container {
+                bundle,
+                procs: HashMap::from([(String::new(), init)]),
+            },
+        );
+        s.publisher.task_create(&req.id, &req.bundle, r.pid);
+        Ok(api::CreateTaskResponse {
+            pid: r.pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> ttrpc::Result<api::StartResponse> {
+        let s = &self.0;
+        let agent = s.agent()?;
+        let (stdin, stdout, stderr, exec_spec) = {
+            let cs = lock(&s.containers);
+            let p = cs
+                .get(&req.id)
+                .and_then(|c| c.procs.get(&req.exec_id))
+                .ok_or_else(|| {
+                    err(
+                        ttrpc::Code::NOT_FOUND,
+                        format!("no process {}/{}", req.id, req.exec_id),
+                    )
+                })?;
+            (
+                p.stdin.clone(),
+                p.stdout.clone(),
+                p.stderr.clone(),
+                p.exec_spec.clone(),
+            )
+        };
+        let pid = match exec_spec {
+            None => agent
+                .call::<StartContainer>(&ContainerRequest {
+                    container_id: req.id.clone(),
+                })
+                .map(|r| r.pid),
+            Some(process) => agent
+                .call::<ExecProcess>(&ExecProcessRequest {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    process,
+                })
+                .map(|r| r.pid),
+        }
+        .map_err(|e| {
+            err(
+                ttrpc::Code::INTERNAL,
+                format!("starting the process in the guest: {e}"),
+            )
+        })?;
+        if let Some(p) = lock(&s.containers)
+            .get_mut(&req.id)
+            .and_then(|c| c.procs.get_mut(&req.exec_id))
+        {
+            p.pid = pid;
+            p.status = Status::RUNNING;
+        }
+        pump_out(
+            agent.clone(),
+            req.id.clone(),
+            req.exec_id.clone(),
+            stdout,
+            false,
+        );
+        pump_out(
+            agent.clone(),
+            req.id.clone(),
+            req.exec_id.clone(),
+            stderr,
+            true,
+        );
+        pump_in(agent.clone(), req.id.clone(), req.exec_id.clone(), stdin);
+        s.watch(agent, req.id.clone(), req.exec_id.clone(), pid);
+        s.publisher.task_start(&req.id, &req.exec_id, pid);
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> ttrpc::Result<api::StateResponse> {
+        let cs = lock(&self.0.containers);
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        let p = c.procs.get(&req.exec_id).ok_or_else(|| {
+            err(
+                ttrpc::Code::NOT_FOUND,
+                format!("no process {}/{}", req.id, req.exec_id),
+            )
+        })?;
+        let (exit_status, exited_at) = p
+            .exit
+            .clone()
+            .map(|(s, t)| (s, MessageField::some(t)))
+            .unwrap_or((0, MessageField::none()));
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle.to_string_lossy().into(),
+            pid: p.pid,
+            status: p.status.into(),
+            stdin: p.stdin.clone(),
+            stdout: p.stdout.clone(),
+            stderr: p.stderr.clone(),
+            terminal: p.terminal,
+            exit_status,
+            exited_at,
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> ttrpc::Result<api::WaitResponse> {
+        let s = &self.0;
+        let mut cs = lock(&s.containers);
+        loop {
+            let p = cs
+                .get(&req.id)
+                .and_then(|c| c.procs.get(&req.exec_id))
+                .ok_or_else(|| {
+                    err(
+                        ttrpc::Code::NOT_FOUND,
+                        format!("no process {}/{}", req.id, req.exec_id),
+                    )
+                })?;
+            if let Some((status, at)) = &p.exit {
+                return Ok(api::WaitResponse {
+                    exit_status: *status,
+                    exited_at: MessageField::some(at.clone()),
+                    ..Default::default()
+                });
+            }
+            cs = s.exited.wait(cs).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<api::Empty> {
+        let s = &self.0;
+        let running = lock(&s.containers)
+            .get(&req.id)
+            .and_then(|c| c.procs.get(&req.exec_id))
+            .map(|p| p.exit.is_none());
+        match running {
+            None => {
+                return Err(err(
+                    ttrpc::Code::NOT_FOUND,
+                    format!("no process {}/{}", req.id, req.exec_id),
+                ))
+            }
+            Some(false) => return Ok(api::Empty::new()), // already gone: nothing to signal
+            Some(true) => {}
+        }
+        s.agent()?
+            .call::<SignalProcess>(&SignalProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                signal: req.signal,
+                all: req.all,
+            })
+            .map_err(|e| {
+                err(
+                    ttrpc::Code::INTERNAL,
+                    format!("signalling the process in the guest: {e}"),
+                )
+            })?;
+        Ok(api::Empty::new())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> ttrpc::Result<api::Empty> {
+        let mut cs = lock(&self.0.containers);
+        let c = cs
+            .get_mut(&req.id)
+            .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        if c.procs.contains_key(&req.exec_id) {
+            return Err(err(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("exec {} exists", req.exec_id),
+            ));
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        let p = Proc {
+            pid: 0,
+            status: Status::CREATED,
+            exit: None,
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            exec_spec: Some(spec),
+        };
+        c.procs.insert(req.exec_id.clone(), p);
+        self.0.publisher.exec_added(&req.id, &req.exec_id);
+        Ok(api::Empty::new())
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> ttrpc::Result<api::PidsResponse> {
+        let cs = lock(&self.0.containers);
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        let processes = c
+            .procs
+            .values()
+            .filter(|p| p.exit.is_none() && p.pid != 0)
+            .map(|p| api::ProcessInfo {
+                pid: p.pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> ttrpc::Result<api::Empty> {
+        if req.stdin {
+            let _ = self.0.agent()?.call::<CloseStdin>(&ProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+            });
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        self.0
+            .agent()?
+            .call::<ResizeTty>(&ResizeTtyRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                rows: req.height,
+                cols: req.width,
+            })
+            .map_err(|e| err(ttrpc::Code::INTERNAL, format!("resizing the tty: {e}")))?;
+        Ok(api::Empty::new())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> ttrpc::Result<api::DeleteResponse> {
+        let s = &self.0;
+        let mut cs = lock(&s.containers);
+        let c = cs
+            .get_mut(&req.id)
+            .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        if !req.exec_id.is_empty() {
+            let p = c
+                .procs
+                .remove(&req.exec_id)
+                .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no exec {}", req.exec_id)))?;
+            let (status, at) = p.exit.unwrap_or((0, now()));
+            return Ok(api::DeleteResponse {
+                pid: p.pid,
+                exit_status: status,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            });
+        }
+        let init = c.procs.get(&String::new());
+        let (pid, (status, at)) = (
+            init.map(|p| p.pid).unwrap_or(0),
+            init.and_then(|p| p.exit.clone()).unwrap_or((0, now())),
+        );
+        let bundle = c.bundle.clone();
+        cs.remove(&req.id);
+        let last = cs.is_empty();
+        drop(cs);
+        if let Ok(agent) = s.agent() {
+            let _ = agent.call::<RemoveContainer>(&ContainerRequest {
+                container_id: req.id.clone(),
+            });
+        }
+        if last {
+            // The VM goes with its last container: QEMU, virtiofsd and the vsock backend.
+            if let Some(sb) = lock(&s.sandbox).take() {
+                let _ = sb
+                    .agent
+                    .call_timeout::<Shutdown>(&Empty {}, Some(Duration::from_secs(2)));
+                drop(sb.vm);
+            }
+            let _ = std::fs::remove_file(state_dir(&s.namespace, &s.id).join("pids"));
+        }
+        crate::mount::unmount(&bundle.join("rootfs"));
+        s.publisher.task_delete(&req.id, pid, status, at.clone());
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: status,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> ttrpc::Result<api::StatsResponse> {
+        let st = self
+            .0
+            .agent()?
+            .call::<StatsContainer>(&ContainerRequest {
+                container_id: req.id.clone(),
+            })
+            .map_err(|e| {
+                err(
+                    ttrpc::Code::INTERNAL,
+                    format!("reading container stats in the guest: {e}"),
+                )
+            })?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(crate::events::metrics_any(&st)),
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> ttrpc::Result<api::ConnectResponse> {
+        let pid = lock(&self.0.containers)
+            .get(&req.id)
+            .and_then(|c| c.procs.get(""))
+            .map(|p| p.pid)
+            .unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: pid,
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        if !lock(&self.0.containers).is_empty() {
+            return Ok(api::Empty::new()); // containers remain: containerd asks again later
+        }
+        let (m, cv) = &*self.0.shutdown;
+        *lock(m) = true;
+        cv.notify_all();
+        Ok(api::Empty::new())
+    }
+}

@@ -1,0 +1,349 @@
+//! containerd-shim-enclave-v2 with the real containerd: a private containerd (own root,
+//! state and sockets), a busybox image built here and imported, and `ctr` driving
+//! containers in microVMs (QEMU backend; TCG on this host).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use enclave_tests::{busybox_rootfs, skip_or_fail, workspace_root};
+use sha2::{Digest, Sha256};
+
+const NS: &str = "enclave-test";
+const IMAGE: &str = "enclave.local/busybox:latest";
+
+struct Containerd {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Containerd {
+    fn sock(&self) -> String {
+        self.dir.join("containerd.sock").display().to_string()
+    }
+
+    fn start(dir: &Path) -> Containerd {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        let config = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let shim_dir = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env("PATH", path)
+            .env("ENCLAVE_GUEST_IMAGE", workspace_root().join("target/guest"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Containerd {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !Path::new(&c.sock()).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .args(["--address", &self.sock(), "--namespace", NS])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}\n{}\ncontainerd log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        log.lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.join("root"))
+            .output();
+        if std::env::var_os("ENCLAVE_KEEP_VM_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Writes an OCI image layout tarball of a busybox root filesystem.
+fn busybox_image(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("img-rootfs");
+    busybox_rootfs(&rootfs).unwrap();
+    let layout = dir.join("img-layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let tar = |args: &[&str]| assert!(Command::new("tar").args(args).status().unwrap().success());
+    let layer_path = dir.join("layer.tar");
+    tar(&[
+        "--numeric-owner",
+        "-C",
+        rootfs.to_str().unwrap(),
+        "-cf",
+        layer_path.to_str().unwrap(),
+        ".",
+    ]);
+    let layer = std::fs::read(&layer_path).unwrap();
+    let put = |b: &[u8]| -> (String, usize) {
+        let h = sha256_hex(b);
+        std::fs::write(blobs.join(&h), b).unwrap();
+        (format!("sha256:{h}"), b.len())
+    };
+    let (layer_digest, layer_size) = put(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    });
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
+    });
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size,
+            "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "latest"}}],
+    });
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let out = dir.join("busybox.oci.tar");
+    tar(&[
+        "-C",
+        layout.to_str().unwrap(),
+        "-cf",
+        out.to_str().unwrap(),
+        ".",
+    ]);
+    out
+}
+
+fn leftovers(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(marker)
+            && (cmd.contains("qemu")
+                || cmd.contains("virtiofsd")
+                || cmd.contains("vhost-device-vsock")
+                || cmd.contains("containerd-shim-enclave"))
+        {
+            found.push(cmd);
+        }
+    }
+    found
+}
+
+#[test]
+fn ctr_runs_containers_in_microvms() {
+    let test = "ctr_runs_containers_in_microvms";
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return skip_or_fail(test, "needs root (containerd, mounts)");
+    }
+    if Command::new("containerd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return skip_or_fail(
+            test,
+            "containerd not installed (apt-get install containerd runc)",
+        );
+    }
+    if let Err(e) = enclave_tests::tools() {
+        return skip_or_fail(test, &e);
+    }
+    let dir = std::env::temp_dir().join(format!("enclave-ctrd-{}", std::process::id()));
+    let ctrd = Containerd::start(&dir);
+    let image = busybox_image(&dir);
+    ctrd.ctr_ok(&[
+        "images",
+        "import",
+        "--no-unpack=false",
+        image.to_str().unwrap(),
+    ]);
+    let fifo = dir.join("fifo");
+    let fifo = fifo.to_str().unwrap();
+    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+
+    // The container prints the guest's kernel release, not the host's.
+    let t = Instant::now();
+    let out = ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--fifo-dir",
+        fifo,
+        "--runtime",
+        "io.containerd.enclave.v2",
+        IMAGE,
+        "uname1",
+        "uname",
+        "-r",
+    ]);
+    eprintln!(
+        "ctr run uname -r: {:?} in {:?} (host: {})",
+        out.trim(),
+        t.elapsed(),
+        host.trim()
+    );
+    assert!(
+        out.trim().contains("cloud-amd64"),
+        "guest kernel expected, got {out:?}"
+    );
+    assert_ne!(out.trim(), host.trim());
+
+    // The exit code propagates.
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--fifo-dir",
+        fifo,
+        "--runtime",
+        "io.containerd.enclave.v2",
+        IMAGE,
+        "exit7",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A long-running container: exec, metrics, kill.
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--fifo-dir",
+        fifo,
+        "--runtime",
+        "io.containerd.enclave.v2",
+        IMAGE,
+        "sleeper",
+        "sleep",
+        "1000",
+    ]);
+    let out = ctrd.ctr_ok(&[
+        "task",
+        "exec",
+        "--fifo-dir",
+        fifo,
+        "--exec-id",
+        "e1",
+        "sleeper",
+        "echo",
+        "hello from exec",
+    ]);
+    assert_eq!(out.trim(), "hello from exec");
+    let metrics = ctrd.ctr_ok(&["task", "metrics", "sleeper"]);
+    assert!(
+        metrics.contains("memory.usage_in_bytes") || metrics.contains("memory"),
+        "{metrics}"
+    );
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "sleeper"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ls = ctrd.ctr_ok(&["task", "ls"]);
+        if ls
+            .lines()
+            .any(|l| l.starts_with("sleeper") && l.contains("STOPPED"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sleeper not stopped after SIGKILL:\n{ls}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ctrd.ctr_ok(&["task", "rm", "sleeper"]);
+    ctrd.ctr_ok(&["containers", "rm", "sleeper"]);
+
+    // Nothing left behind: no VM processes, no state, no rootfs mounts.
+    std::thread::sleep(Duration::from_millis(500));
+    let left = leftovers(&format!("/run/enclave/{NS}/"));
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let state = Path::new("/run/enclave").join(NS);
+    let entries: Vec<_> = std::fs::read_dir(&state)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(entries.is_empty(), "state left behind: {entries:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts
+            .lines()
+            .any(|l| l.contains(dir.to_str().unwrap()) && l.contains("rootfs")),
+        "rootfs mounts left behind"
+    );
+}
