@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use enclave_tests::{busybox_rootfs, skip_or_fail, workspace_root};
 use sha2::{Digest, Sha256};
 
-const NS: &str = "enclave-test";
 const IMAGE: &str = "enclave.local/busybox:latest";
 
 struct Containerd {
     child: Child,
     dir: PathBuf,
+    ns: &'static str,
 }
 
 impl Containerd {
@@ -23,7 +23,7 @@ impl Containerd {
         self.dir.join("containerd.sock").display().to_string()
     }
 
-    fn start(dir: &Path) -> Containerd {
+    fn start(dir: &Path, ns: &'static str) -> Containerd {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
         let config = format!(
@@ -53,6 +53,7 @@ impl Containerd {
         let c = Containerd {
             child,
             dir: dir.to_path_buf(),
+            ns,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !Path::new(&c.sock()).exists() {
@@ -68,7 +69,7 @@ impl Containerd {
 
     fn ctr(&self, args: &[&str]) -> Output {
         Command::new("ctr")
-            .args(["--address", &self.sock(), "--namespace", NS])
+            .args(["--address", &self.sock(), "--namespace", self.ns])
             .args(args)
             .output()
             .unwrap()
@@ -201,36 +202,88 @@ fn leftovers(marker: &str) -> Vec<String> {
     found
 }
 
-#[test]
-fn ctr_runs_containers_in_microvms() {
-    let test = "ctr_runs_containers_in_microvms";
+/// A private containerd with the busybox image imported, or None (skipped) when this
+/// machine cannot run it.
+fn setup(test: &str, ns: &'static str) -> Option<(Containerd, PathBuf)> {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
-        return skip_or_fail(test, "needs root (containerd, mounts)");
+        skip_or_fail(test, "needs root (containerd, mounts)");
+        return None;
     }
     if Command::new("containerd")
         .arg("--version")
         .output()
         .is_err()
     {
-        return skip_or_fail(
+        skip_or_fail(
             test,
             "containerd not installed (apt-get install containerd runc)",
         );
+        return None;
     }
     if let Err(e) = enclave_tests::tools() {
-        return skip_or_fail(test, &e);
+        skip_or_fail(test, &e);
+        return None;
     }
-    let dir = std::env::temp_dir().join(format!("enclave-ctrd-{}", std::process::id()));
-    let ctrd = Containerd::start(&dir);
+    let dir = std::env::temp_dir().join(format!("enclave-ctrd-{ns}-{}", std::process::id()));
+    let ctrd = Containerd::start(&dir, ns);
     let image = busybox_image(&dir);
-    ctrd.ctr_ok(&[
-        "images",
-        "import",
-        "--no-unpack=false",
-        image.to_str().unwrap(),
-    ]);
-    let fifo = dir.join("fifo");
+    ctrd.ctr_ok(&["images", "import", image.to_str().unwrap()]);
+    Some((ctrd, dir.join("fifo")))
+}
+
+/// Asserts nothing of the test's namespace is left: VM processes, shim state, rootfs mounts.
+fn assert_nothing_left(ctrd: &Containerd) {
+    std::thread::sleep(Duration::from_millis(500));
+    let left = leftovers(&format!("/run/enclave/{}/", ctrd.ns));
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let state = Path::new("/run/enclave").join(ctrd.ns);
+    let entries: Vec<_> = std::fs::read_dir(&state)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(entries.is_empty(), "state left behind: {entries:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts
+            .lines()
+            .any(|l| l.contains(ctrd.dir.to_str().unwrap()) && l.contains("rootfs")),
+        "rootfs mounts left behind"
+    );
+}
+
+/// Waits until `ctr task ls` shows `id` stopped (or no longer lists it).
+fn wait_stopped(ctrd: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ls = ctrd.ctr_ok(&["task", "ls"]);
+        let line = ls.lines().find(|l| l.split_whitespace().next() == Some(id));
+        if line.is_none_or(|l| l.contains("STOPPED")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} not stopped:\n{ls}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pid of the process whose command line contains every one of `needle`.
+fn pid_of(needle: &[&str]) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if needle.iter().all(|n| cmd.contains(n)) {
+            p.file_name().to_string_lossy().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+#[test]
+fn ctr_runs_containers_in_microvms() {
+    let Some((ctrd, fifo)) = setup("ctr_runs_containers_in_microvms", "enclave-run") else {
+        return;
+    };
     let fifo = fifo.to_str().unwrap();
     let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
 
@@ -331,19 +384,52 @@ fn ctr_runs_containers_in_microvms() {
     ctrd.ctr_ok(&["containers", "rm", "sleeper"]);
 
     // Nothing left behind: no VM processes, no state, no rootfs mounts.
-    std::thread::sleep(Duration::from_millis(500));
-    let left = leftovers(&format!("/run/enclave/{NS}/"));
-    assert!(left.is_empty(), "processes left behind: {left:?}");
-    let state = Path::new("/run/enclave").join(NS);
-    let entries: Vec<_> = std::fs::read_dir(&state)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(entries.is_empty(), "state left behind: {entries:?}");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts
-            .lines()
-            .any(|l| l.contains(dir.to_str().unwrap()) && l.contains("rootfs")),
-        "rootfs mounts left behind"
-    );
+    assert_nothing_left(&ctrd);
+}
+
+#[test]
+fn killing_the_shim_or_the_vm_ends_the_task_and_leaves_nothing() {
+    let Some((ctrd, fifo)) = setup(
+        "killing_the_shim_or_the_vm_ends_the_task_and_leaves_nothing",
+        "enclave-kill",
+    ) else {
+        return;
+    };
+    let fifo = fifo.to_str().unwrap();
+    let run = |id: &str| {
+        ctrd.ctr_ok(&[
+            "run",
+            "-d",
+            "--fifo-dir",
+            fifo,
+            "--runtime",
+            "io.containerd.enclave.v2",
+            IMAGE,
+            id,
+            "sleep",
+            "1000",
+        ])
+    };
+
+    // kill -9 of the shim: containerd sees the task end and runs `shim delete`, which kills
+    // the VM the shim left and cleans up.
+    run("shimkill");
+    let shim =
+        pid_of(&["containerd-shim-enclave-v2", "-id shimkill", "serve"]).expect("shim process");
+    // SAFETY: SIGKILL to the shim we started through containerd.
+    unsafe { libc::kill(shim, libc::SIGKILL) };
+    wait_stopped(&ctrd, "shimkill");
+    let _ = ctrd.ctr(&["task", "rm", "shimkill"]);
+    ctrd.ctr_ok(&["containers", "rm", "shimkill"]);
+
+    // kill -9 of the VM: the agent connection drops, the task exits (137), delete cleans up.
+    run("vmkill");
+    let qemu = pid_of(&["qemu-system", &format!("/run/enclave/{}/vmkill/", ctrd.ns)])
+        .expect("qemu process");
+    // SAFETY: SIGKILL to the VM's QEMU.
+    unsafe { libc::kill(qemu, libc::SIGKILL) };
+    wait_stopped(&ctrd, "vmkill");
+    ctrd.ctr_ok(&["task", "rm", "vmkill"]);
+    ctrd.ctr_ok(&["containers", "rm", "vmkill"]);
+    assert_nothing_left(&ctrd);
 }
