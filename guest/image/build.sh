@@ -10,7 +10,8 @@ Builds the Enclave guest image into DIR (default: target/guest):
   vmlinux            the guest kernel (ELF, PVH entry)
   initramfs.cpio     /init = enclave-agent (static), and the modules it loads at boot
   cmdline            the kernel command line the image expects
-  manifest           kernel package, agent hash, module list
+  manifest           kernel package, agent hash, module list, cmdline-devices when the
+                     kernel takes virtio-mmio devices from its command line
 
 The kernel comes from Debian's cloud kernel package (the one linux-image-cloud-amd64
 depends on, or --kernel-package), fetched with apt-get download and cached under
@@ -88,5 +89,10 @@ echo "console=ttyS0 reboot=t panic=-1 quiet" > "$OUT/cmdline"
     echo "kernel $PKG $VER"
     echo "agent $(sha256sum "$AGENT" | cut -d' ' -f1)"
     echo "modules ${MODULES[*]}"
+    # enclave-vmm declares its devices on the command line; only a kernel built with
+    # CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES finds them (the shim's `auto` backend checks this).
+    if grep -q '^CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y' "$KDIR/config" 2>/dev/null; then
+        echo "cmdline-devices"
+    fi
 } > "$OUT/manifest"
 step "image ready in $OUT"

@@ -1,6 +1,7 @@
 //! containerd-shim-enclave-v2: each container (and, with CRI, each pod sandbox) in a
 //! microVM, driven through containerd's shim v2 Task API; and the VM backends it uses.
 
+pub mod config;
 pub mod events;
 pub mod mount;
 pub mod task;

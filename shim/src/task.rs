@@ -17,6 +17,7 @@ use containerd_shim_protos::Task;
 use enclave_agent_protocol::messages::*;
 use enclave_agent_protocol::Client;
 
+use crate::config::{resources, Config};
 use crate::events::Publisher;
 use crate::vm::{GuestVm, Tools, VmOptions};
 
@@ -81,13 +82,6 @@ pub fn state_dir(namespace: &str, id: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(namespace).join(id)
 }
 
-/// The guest image directory: `ENCLAVE_GUEST_IMAGE`, else the installed one.
-pub fn guest_image() -> PathBuf {
-    std::env::var_os("ENCLAVE_GUEST_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/share/enclave/guest"))
-}
-
 /// Keeps the parts of containerd's OCI spec the guest agent applies, pointing the root at
 /// the shared `rootfs` directory.
 pub fn guest_spec(spec: &mut serde_json::Value) {
@@ -132,10 +126,16 @@ impl Service {
             })
     }
 
-    /// Boots the VM with `bundle` shared into the guest, and connects to the agent.
-    fn boot(&self, bundle: &Path) -> Result<(), String> {
-        let tools = Tools::find(guest_image())?;
+    /// Boots the VM with `bundle` shared into the guest, sized for `spec`, and connects to
+    /// the agent.
+    fn boot(&self, bundle: &Path, spec: &serde_json::Value) -> Result<(), String> {
+        let cfg = Config::load()?;
+        let tools = Tools::find(cfg.paths.guest_image.clone())?;
+        let (vcpus, memory_mib) = resources(&cfg, spec);
         let opts = VmOptions {
+            backend: cfg.backend(),
+            vcpus,
+            memory_mib,
             dir: Some(state_dir(&self.namespace, &self.id).join("vm")),
             shared: Some(bundle.to_path_buf()),
             ..VmOptions::default()
@@ -276,13 +276,13 @@ impl Task for TaskService {
                 serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", spec_path.display()))
             })
             .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
-        guest_spec(&mut spec);
         if lock(&s.sandbox).is_none() {
-            if let Err(e) = s.boot(&bundle) {
+            if let Err(e) = s.boot(&bundle, &spec) {
                 crate::mount::unmount(&rootfs);
                 return Err(err(ttrpc::Code::INTERNAL, e));
             }
         }
+        guest_spec(&mut spec);
         let agent = s.agent()?;
         let r = agent
             .call::<CreateContainer>(&CreateContainerRequest {

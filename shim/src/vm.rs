@@ -112,6 +112,77 @@ fn tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// QEMU's command line for the guest image.
+fn qemu_command(
+    tools: &Tools,
+    opts: &VmOptions,
+    accel: &str,
+    cmdline: &str,
+    dir: &Path,
+) -> Command {
+    let d = |f: &str| dir.join(f);
+    let mem = opts.memory_mib;
+    let mut q = Command::new(&tools.qemu);
+    q.args(["-M", "microvm,memory-backend=mem", "-accel", accel, "-cpu"])
+        .arg(if accel == "kvm" { "host" } else { "max" })
+        .args([
+            "-m",
+            &format!("{mem}M"),
+            "-smp",
+            &opts.vcpus.max(1).to_string(),
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-display", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", d("console.log").display()))
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        ])
+        .arg("-kernel")
+        .arg(tools.image.join("vmlinux"))
+        .arg("-initrd")
+        .arg(tools.image.join("initramfs.cpio"))
+        .args(["-append", cmdline])
+        .args([
+            "-chardev",
+            &format!("socket,id=vsock,path={}", d("vsock.sock").display()),
+        ])
+        .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+        .args([
+            "-chardev",
+            &format!("socket,id=fs,path={}", d("fs.sock").display()),
+        ])
+        .args(["-device", "vhost-user-fs-device,chardev=fs,tag=shared"]);
+    if let Some(mac) = &opts.net_mac {
+        q.args(["-netdev", "user,id=n0,restrict=on"])
+            .args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
+    }
+    q
+}
+
+/// enclave-vmm's config for the guest image: the same devices (vsock on `vm.vsock`, the
+/// shared directory through virtiofsd), declared to the kernel on its command line.
+pub fn enclave_vmm_config(
+    tools: &Tools,
+    opts: &VmOptions,
+    cmdline: &str,
+    dir: &Path,
+) -> serde_json::Value {
+    let d = |f: &str| dir.join(f);
+    serde_json::json!({
+        "kernel": tools.image.join("vmlinux"),
+        "initrd": tools.image.join("initramfs.cpio"),
+        "vcpus": opts.vcpus.max(1),
+        "memory_mib": opts.memory_mib,
+        "cmdline": cmdline,
+        "serial": {"path": d("console.log")},
+        "vsock": {"cid": 3, "uds_path": d("vm.vsock")},
+        "fs": [{"socket": d("fs.sock"), "tag": "shared"}],
+    })
+}
+
 /// A running guest.
 pub struct GuestVm {
     dir: PathBuf,
@@ -125,9 +196,30 @@ pub struct GuestVm {
     pub accel: &'static str,
 }
 
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// QEMU `-M microvm` with vhost-device-vsock for the agent channel; `accel` is `kvm` or
+    /// `tcg` (None: [`accel`] decides).
+    Qemu {
+        /// The accelerator.
+        accel: Option<&'static str>,
+    },
+    /// enclave-vmm (its own vsock device), this binary. Needs a host that runs Linux guests on
+    /// KVM and a guest kernel that takes virtio-mmio devices from the command line.
+    EnclaveVmm {
+        /// Path of enclave-vmm.
+        binary: PathBuf,
+    },
+}
+
 /// How to boot.
 #[derive(Debug, Clone)]
 pub struct VmOptions {
+    /// The VMM.
+    pub backend: Backend,
+    /// vCPUs.
+    pub vcpus: u8,
     /// Guest memory, MiB.
     pub memory_mib: u32,
     /// Add a virtio-net device with this MAC (user-mode backend, `restrict=on`: no traffic
@@ -146,6 +238,8 @@ pub struct VmOptions {
 impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
+            backend: Backend::Qemu { accel: None },
+            vcpus: 1,
             memory_mib: 256,
             net_mac: None,
             cmdline: String::new(),
@@ -195,7 +289,11 @@ impl GuestVm {
         for d in [&dir, &shared] {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
-        let (accel, _) = accel();
+        let accel = match &opts.backend {
+            Backend::Qemu { accel: Some(a) } => *a,
+            Backend::Qemu { accel: None } => accel().0,
+            Backend::EnclaveVmm { .. } => "kvm",
+        };
         let mut vm = GuestVm {
             dir: dir.clone(),
             shared: shared.clone(),
@@ -206,16 +304,20 @@ impl GuestVm {
             announced: Default::default(),
         };
         let d = |f: &str| dir.join(f);
-        vm.children.push(spawn(
-            "vhost-device-vsock",
-            Command::new(&tools.vsock)
-                .arg("--guest-cid=3")
-                .arg("--socket")
-                .arg(d("vsock.sock"))
-                .arg("--uds-path")
-                .arg(d("vm.vsock")),
-            &d("vsock.log"),
-        )?);
+        let qemu = matches!(opts.backend, Backend::Qemu { .. });
+        if qemu {
+            // enclave-vmm has its own vsock device; QEMU gets it from a vhost-user backend.
+            vm.children.push(spawn(
+                "vhost-device-vsock",
+                Command::new(&tools.vsock)
+                    .arg("--guest-cid=3")
+                    .arg("--socket")
+                    .arg(d("vsock.sock"))
+                    .arg("--uds-path")
+                    .arg(d("vm.vsock")),
+                &d("vsock.log"),
+            )?);
+        }
         vm.children.push(spawn(
             "virtiofsd",
             Command::new(&tools.virtiofsd)
@@ -226,7 +328,9 @@ impl GuestVm {
                 .args(["--cache", "never", "--sandbox", "none"]),
             &d("virtiofsd.log"),
         )?);
-        wait_for_socket(&d("vsock.sock"), Duration::from_secs(10))?;
+        if qemu {
+            wait_for_socket(&d("vsock.sock"), Duration::from_secs(10))?;
+        }
         wait_for_socket(&d("fs.sock"), Duration::from_secs(10))?;
         let base =
             std::fs::read_to_string(tools.image.join("cmdline")).map_err(|e| e.to_string())?;
@@ -247,46 +351,22 @@ impl GuestVm {
                 cmdline += &format!(" tsc_early_khz={khz}");
             }
         }
-        let mem = opts.memory_mib;
-        let mut q = Command::new(&tools.qemu);
-        q.args(["-M", "microvm,memory-backend=mem", "-accel", accel, "-cpu"])
-            .arg(if accel == "kvm" { "host" } else { "max" })
-            .args([
-                "-m",
-                &format!("{mem}M"),
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-no-user-config",
-            ])
-            .args(["-display", "none", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("file:{}", d("console.log").display()))
-            .args([
-                "-object",
-                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-            ])
-            .arg("-kernel")
-            .arg(tools.image.join("vmlinux"))
-            .arg("-initrd")
-            .arg(tools.image.join("initramfs.cpio"))
-            .args(["-append", &cmdline])
-            .args([
-                "-chardev",
-                &format!("socket,id=vsock,path={}", d("vsock.sock").display()),
-            ])
-            .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
-            .args([
-                "-chardev",
-                &format!("socket,id=fs,path={}", d("fs.sock").display()),
-            ])
-            .args(["-device", "vhost-user-fs-device,chardev=fs,tag=shared"]);
-        if let Some(mac) = &opts.net_mac {
-            q.args(["-netdev", "user,id=n0,restrict=on"])
-                .args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
-        }
         vm.started = Instant::now();
-        vm.children.push(spawn("qemu", &mut q, &d("qemu.log"))?);
+        match &opts.backend {
+            Backend::Qemu { .. } => {
+                let mut q = qemu_command(tools, opts, accel, &cmdline, &dir);
+                vm.children.push(spawn("qemu", &mut q, &d("qemu.log"))?);
+            }
+            Backend::EnclaveVmm { binary } => {
+                let cfg = enclave_vmm_config(tools, opts, &cmdline, &dir);
+                std::fs::write(d("vm.json"), cfg.to_string())
+                    .map_err(|e| format!("{}: {e}", d("vm.json").display()))?;
+                let mut c = Command::new(binary);
+                c.arg("--config").arg(d("vm.json"));
+                vm.children
+                    .push(spawn("enclave-vmm", &mut c, &d("vmm.log"))?);
+            }
+        }
         Ok(vm)
     }
 
@@ -359,7 +439,10 @@ impl GuestVm {
     pub fn wait_qemu(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
-            let q = self.children.iter_mut().find(|(n, _)| *n == "qemu")?;
+            let q = self
+                .children
+                .iter_mut()
+                .find(|(n, _)| *n == "qemu" || *n == "enclave-vmm")?;
             if let Ok(Some(st)) = q.1.try_wait() {
                 return Some(st);
             }
@@ -373,7 +456,13 @@ impl GuestVm {
     /// The guest console and backend logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
-        for f in ["console.log", "qemu.log", "vsock.log", "virtiofsd.log"] {
+        for f in [
+            "console.log",
+            "qemu.log",
+            "vmm.log",
+            "vsock.log",
+            "virtiofsd.log",
+        ] {
             let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
             s += &format!("--- {f} (last lines)\n");

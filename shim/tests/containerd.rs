@@ -433,3 +433,25 @@ fn killing_the_shim_or_the_vm_ends_the_task_and_leaves_nothing() {
     ctrd.ctr_ok(&["containers", "rm", "vmkill"]);
     assert_nothing_left(&ctrd);
 }
+
+#[test]
+fn the_enclave_vmm_backend_boots_the_guest_image() {
+    let test = "the_enclave_vmm_backend_boots_the_guest_image";
+    let (accel, why) = enclave_tests::accel();
+    if accel != "kvm" {
+        eprintln!("SKIPPED {test}: this host cannot run a Linux guest on KVM ({why}); the shim uses its QEMU backend here");
+        return;
+    }
+    let tools = match enclave_tests::tools() {
+        Ok(t) => t,
+        Err(e) => return skip_or_fail(test, &e),
+    };
+    let vmm = workspace_root().join("target/debug/enclave-vmm");
+    let opts = enclave_shim::vm::VmOptions {
+        backend: enclave_shim::vm::Backend::EnclaveVmm { binary: vmm },
+        ..Default::default()
+    };
+    let vm = enclave_shim::vm::GuestVm::boot(&tools, &opts).unwrap();
+    let agent = vm.connect(Duration::from_secs(60)).unwrap();
+    drop(agent);
+}

@@ -1,0 +1,225 @@
+//! The runtime configuration: `/etc/enclave/config.toml` (or the file `ENCLAVE_CONFIG`
+//! names), every key optional. Unknown keys are errors that name the file, line and key.
+//! `configs/enclave-config.toml` documents every option.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::vm::Backend;
+
+/// Default location of the config file.
+pub const DEFAULT_PATH: &str = "/etc/enclave/config.toml";
+
+/// `[vm]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmSection {
+    /// `auto`, `qemu` or `enclave-vmm`.
+    pub backend: String,
+    /// QEMU accelerator: `auto`, `kvm` or `tcg`.
+    pub accel: String,
+    /// vCPUs when the pod does not say.
+    pub vcpus: u8,
+    /// Guest memory (MiB) when the pod does not say.
+    pub memory_mib: u32,
+    /// Guest memory added to a pod's memory limit (the guest kernel and agent).
+    pub overhead_mib: u32,
+}
+
+impl Default for VmSection {
+    fn default() -> Self {
+        VmSection {
+            backend: "auto".into(),
+            accel: "auto".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            overhead_mib: 128,
+        }
+    }
+}
+
+/// `[paths]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsSection {
+    /// Guest image directory (vmlinux, initramfs.cpio, cmdline).
+    pub guest_image: PathBuf,
+    /// enclave-vmm binary.
+    pub enclave_vmm: PathBuf,
+}
+
+impl Default for PathsSection {
+    fn default() -> Self {
+        PathsSection {
+            guest_image: "/usr/share/enclave/guest".into(),
+            enclave_vmm: "/usr/local/bin/enclave-vmm".into(),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[vm]`
+    pub vm: VmSection,
+    /// `[paths]`
+    pub paths: PathsSection,
+}
+
+impl Config {
+    /// Parses `text`; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            format!("{source}:{line}:{col}: {}", e.message())
+        })?;
+        c.validate()
+            .map_err(|(key, msg)| format!("{source}: `{key}`: {msg}"))?;
+        Ok(c)
+    }
+
+    /// The config in effect: `ENCLAVE_CONFIG`, else /etc/enclave/config.toml when it exists,
+    /// else the defaults; `ENCLAVE_GUEST_IMAGE` overrides the image directory.
+    pub fn load() -> Result<Config, String> {
+        let path = std::env::var_os("ENCLAVE_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| DEFAULT_PATH.into());
+        let mut c = if path.exists() {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Config::parse(&text, &path.display().to_string())?
+        } else {
+            Config::default()
+        };
+        if let Some(img) = std::env::var_os("ENCLAVE_GUEST_IMAGE") {
+            c.paths.guest_image = img.into();
+        }
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !matches!(self.vm.backend.as_str(), "auto" | "qemu" | "enclave-vmm") {
+            return Err((
+                "vm.backend",
+                format!("{:?}: use auto, qemu or enclave-vmm", self.vm.backend),
+            ));
+        }
+        if !matches!(self.vm.accel.as_str(), "auto" | "kvm" | "tcg") {
+            return Err((
+                "vm.accel",
+                format!("{:?}: use auto, kvm or tcg", self.vm.accel),
+            ));
+        }
+        if self.vm.vcpus == 0 || self.vm.vcpus > 32 {
+            return Err(("vm.vcpus", format!("{}: 1 to 32", self.vm.vcpus)));
+        }
+        if self.vm.memory_mib < 64 || self.vm.memory_mib % 2 != 0 {
+            return Err((
+                "vm.memory_mib",
+                format!("{}: an even number, at least 64", self.vm.memory_mib),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The backend `auto` stands for on this host: enclave-vmm where KVM runs Linux guests
+    /// at full speed and the guest kernel takes virtio-mmio devices from its command line
+    /// (the image's manifest says `cmdline-devices`); QEMU otherwise.
+    pub fn backend(&self) -> Backend {
+        let qemu_accel = match self.vm.accel.as_str() {
+            "kvm" => Some("kvm"),
+            "tcg" => Some("tcg"),
+            _ => None,
+        };
+        match self.vm.backend.as_str() {
+            "qemu" => Backend::Qemu { accel: qemu_accel },
+            "enclave-vmm" => Backend::EnclaveVmm {
+                binary: self.paths.enclave_vmm.clone(),
+            },
+            _ => {
+                let manifest = std::fs::read_to_string(self.paths.guest_image.join("manifest"))
+                    .unwrap_or_default();
+                let cmdline_devices = manifest.lines().any(|l| l.trim() == "cmdline-devices");
+                if crate::vm::accel().0 == "kvm"
+                    && cmdline_devices
+                    && self.paths.enclave_vmm.exists()
+                {
+                    Backend::EnclaveVmm {
+                        binary: self.paths.enclave_vmm.clone(),
+                    }
+                } else {
+                    Backend::Qemu { accel: qemu_accel }
+                }
+            }
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|i| offset - i).unwrap_or(offset + 1);
+    (line, col)
+}
+
+/// Guest memory for a container's spec: the `enclave.io/memory-mib` annotation, else the
+/// memory limit plus the guest overhead, else the default; vCPUs from `enclave.io/vcpus`,
+/// else the CPU quota (rounded up), else the default.
+pub fn resources(cfg: &Config, spec: &serde_json::Value) -> (u8, u32) {
+    let ann = |k: &str| {
+        spec["annotations"][k]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let limit_mib = spec["linux"]["resources"]["memory"]["limit"]
+        .as_i64()
+        .filter(|&l| l > 0)
+        .map(|l| (l as u64).div_ceil(1 << 20));
+    let memory = ann("enclave.io/memory-mib")
+        .or(limit_mib.map(|m| m + cfg.vm.overhead_mib as u64))
+        .unwrap_or(cfg.vm.memory_mib as u64);
+    let memory = (memory.clamp(64, 65536) as u32 + 1) & !1;
+    let quota = spec["linux"]["resources"]["cpu"]["quota"]
+        .as_i64()
+        .filter(|&q| q > 0);
+    let period = spec["linux"]["resources"]["cpu"]["period"]
+        .as_i64()
+        .filter(|&p| p > 0)
+        .unwrap_or(100_000);
+    let cpus = ann("enclave.io/vcpus")
+        .or(quota.map(|q| (q as u64).div_ceil(period as u64)))
+        .unwrap_or(cfg.vm.vcpus as u64);
+    (cpus.clamp(1, 32) as u8, memory)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = Config::parse("[vm]\nbackend = \"qemu\"\nmemory = 3\n", "config.toml").unwrap_err();
+        assert!(
+            e.starts_with("config.toml:3:1:") && e.contains("unknown field `memory`"),
+            "{e}"
+        );
+        let e = Config::parse("[vm]\nbackend = \"xen\"\n", "c.toml").unwrap_err();
+        assert!(e.contains("`vm.backend`"), "{e}");
+        let c = Config::parse("[vm]\nbackend = \"qemu\"\naccel = \"tcg\"\n", "c").unwrap();
+        assert_eq!(c.backend(), Backend::Qemu { accel: Some("tcg") });
+        assert_eq!(Config::parse("", "c").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn resources_from_annotations_and_limits() {
+        let c = Config::default();
+        assert_eq!(resources(&c, &serde_json::json!({})), (1, 256));
+        let s = serde_json::json!({"linux": {"resources": {"memory": {"limit": 512u64 << 20}, "cpu": {"quota": 150000, "period": 100000}}}});
+        assert_eq!(resources(&c, &s), (2, 640));
+        let s = serde_json::json!({"annotations": {"enclave.io/memory-mib": "1024", "enclave.io/vcpus": "4"}});
+        assert_eq!(resources(&c, &s), (4, 1024));
+    }
+}
