@@ -140,10 +140,22 @@ impl Service {
             shared: Some(bundle.to_path_buf()),
             ..VmOptions::default()
         };
+        let t0 = std::time::Instant::now();
         let vm = GuestVm::boot(&tools, &opts).map_err(|e| format!("starting the microVM: {e}"))?;
+        let t_vm = t0.elapsed();
         let agent = vm
             .connect(BOOT_TIMEOUT)
             .map_err(|e| format!("the guest agent did not answer: {e}"))?;
+        // Step timings go to the shim log (docs/shim.md, docs/benchmarks.md read them).
+        eprintln!(
+            "enclave-shim: {} VM up: backend {:?}, {} vCPU, {} MiB; VMM and backends started in {:.1} ms, agent ready after {:.1} ms",
+            self.id,
+            opts.backend,
+            opts.vcpus,
+            opts.memory_mib,
+            t_vm.as_secs_f64() * 1e3,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         // Record the VM's processes so `delete` can clean up after a crash of the shim.
         let pids: Vec<String> = vm.pids().iter().map(|(_, p)| p.to_string()).collect();
         let _ = std::fs::write(
@@ -263,6 +275,7 @@ impl Task for TaskService {
         req: api::CreateTaskRequest,
     ) -> ttrpc::Result<api::CreateTaskResponse> {
         let s = &self.0;
+        let t0 = std::time::Instant::now();
         let bundle = PathBuf::from(&req.bundle);
         let rootfs = bundle.join("rootfs");
         if !req.rootfs.is_empty() {
@@ -314,6 +327,12 @@ impl Task for TaskService {
             },
         );
         s.publisher.task_create(&req.id, &req.bundle, r.pid);
+        eprintln!(
+            "enclave-shim: {} created (guest pid {}) in {:.1} ms",
+            req.id,
+            r.pid,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         Ok(api::CreateTaskResponse {
             pid: r.pid,
             ..Default::default()
@@ -326,6 +345,7 @@ impl Task for TaskService {
         req: api::StartRequest,
     ) -> ttrpc::Result<api::StartResponse> {
         let s = &self.0;
+        let t0 = std::time::Instant::now();
         let agent = s.agent()?;
         let (stdin, stdout, stderr, exec_spec) = {
             let cs = lock(&s.containers);
@@ -389,6 +409,12 @@ impl Task for TaskService {
         pump_in(agent.clone(), req.id.clone(), req.exec_id.clone(), stdin);
         s.watch(agent, req.id.clone(), req.exec_id.clone(), pid);
         s.publisher.task_start(&req.id, &req.exec_id, pid);
+        eprintln!(
+            "enclave-shim: {}/{} started (guest pid {pid}) in {:.1} ms",
+            req.id,
+            req.exec_id,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         Ok(api::StartResponse {
             pid,
             ..Default::default()

@@ -4,202 +4,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use enclave_tests::{busybox_rootfs, skip_or_fail, workspace_root};
-use sha2::{Digest, Sha256};
+use enclave_tests::containerd::{busybox_image, leftovers, pid_of, Containerd, IMAGE};
+use enclave_tests::{skip_or_fail, workspace_root};
 
-const IMAGE: &str = "enclave.local/busybox:latest";
-
-struct Containerd {
-    child: Child,
-    dir: PathBuf,
-    ns: &'static str,
-}
-
-impl Containerd {
-    fn sock(&self) -> String {
-        self.dir.join("containerd.sock").display().to_string()
-    }
-
-    fn start(dir: &Path, ns: &'static str) -> Containerd {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir).unwrap();
-        let config = format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
-            d = dir.display()
-        );
-        std::fs::write(dir.join("config.toml"), config).unwrap();
-        let shim_dir = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .env("PATH", path)
-            .env("ENCLAVE_GUEST_IMAGE", workspace_root().join("target/guest"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let c = Containerd {
-            child,
-            dir: dir.to_path_buf(),
-            ns,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !Path::new(&c.sock()).exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        c
-    }
-
-    fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .args(["--address", &self.sock(), "--namespace", self.ns])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}\n{}\ncontainerd log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
-        log.lines()
-            .rev()
-            .take(30)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.join("root"))
-            .output();
-        if std::env::var_os("ENCLAVE_KEEP_VM_DIR").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
-
-/// Writes an OCI image layout tarball of a busybox root filesystem.
-fn busybox_image(dir: &Path) -> PathBuf {
-    let rootfs = dir.join("img-rootfs");
-    busybox_rootfs(&rootfs).unwrap();
-    let layout = dir.join("img-layout");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let tar = |args: &[&str]| assert!(Command::new("tar").args(args).status().unwrap().success());
-    let layer_path = dir.join("layer.tar");
-    tar(&[
-        "--numeric-owner",
-        "-C",
-        rootfs.to_str().unwrap(),
-        "-cf",
-        layer_path.to_str().unwrap(),
-        ".",
-    ]);
-    let layer = std::fs::read(&layer_path).unwrap();
-    let put = |b: &[u8]| -> (String, usize) {
-        let h = sha256_hex(b);
-        std::fs::write(blobs.join(&h), b).unwrap();
-        (format!("sha256:{h}"), b.len())
-    };
-    let (layer_digest, layer_size) = put(&layer);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    });
-    let (config_digest, config_size) = put(config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
-    });
-    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size,
-            "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "latest"}}],
-    });
-    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let out = dir.join("busybox.oci.tar");
-    tar(&[
-        "-C",
-        layout.to_str().unwrap(),
-        "-cf",
-        out.to_str().unwrap(),
-        ".",
-    ]);
-    out
-}
-
-fn leftovers(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(marker)
-            && (cmd.contains("qemu")
-                || cmd.contains("virtiofsd")
-                || cmd.contains("vhost-device-vsock")
-                || cmd.contains("containerd-shim-enclave"))
-        {
-            found.push(cmd);
-        }
-    }
-    found
+/// Where this test binary's shim lives (target/debug).
+fn shim_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A private containerd with the busybox image imported, or None (skipped) when this
@@ -226,7 +42,7 @@ fn setup(test: &str, ns: &'static str) -> Option<(Containerd, PathBuf)> {
         return None;
     }
     let dir = std::env::temp_dir().join(format!("enclave-ctrd-{ns}-{}", std::process::id()));
-    let ctrd = Containerd::start(&dir, ns);
+    let ctrd = Containerd::start(&dir, ns, &shim_dir());
     let image = busybox_image(&dir);
     ctrd.ctr_ok(&["images", "import", image.to_str().unwrap()]);
     Some((ctrd, dir.join("fifo")))
@@ -263,20 +79,6 @@ fn wait_stopped(ctrd: &Containerd, id: &str) {
         assert!(Instant::now() < deadline, "{id} not stopped:\n{ls}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// The pid of the process whose command line contains every one of `needle`.
-fn pid_of(needle: &[&str]) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
-        let cmd =
-            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-        if needle.iter().all(|n| cmd.contains(n)) {
-            p.file_name().to_string_lossy().parse().ok()
-        } else {
-            None
-        }
-    })
 }
 
 #[test]
