@@ -34,3 +34,7 @@ PY
 echo
 echo "== enclave-vmm vs QEMU microvm on the probe guest (real KVM) =="
 cargo bench --locked -p enclave-vmm --bench vmm_boot 2>&1 | grep -vE '^\s+(Compiling|Finished|Running|Downloaded|Downloading)' || true
+
+echo
+echo "== ctr run through containerd-shim-enclave-v2 vs runc (real containerd; guest under TCG here) =="
+cargo bench --locked -p enclave-shim --bench ctr_run 2>&1 | grep -vE '^\s+(Compiling|Finished|Running|Downloaded|Downloading)' || true
