@@ -214,6 +214,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_file_parses_to_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/enclave-config.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(Config::parse(&text, path).unwrap(), Config::default());
+    }
+
+    #[test]
     fn resources_from_annotations_and_limits() {
         let c = Config::default();
         assert_eq!(resources(&c, &serde_json::json!({})), (1, 256));
