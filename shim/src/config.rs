@@ -215,7 +215,10 @@ mod tests {
 
     #[test]
     fn the_shipped_config_file_parses_to_the_defaults() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/enclave-config.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/enclave-config.toml"
+        );
         let text = std::fs::read_to_string(path).unwrap();
         assert_eq!(Config::parse(&text, path).unwrap(), Config::default());
     }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub const STATE_ROOT: &str = "/run/enclave";
 
 /// How long a guest gets to boot and answer (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an exited process's output may take to reach containerd before the exit is
+/// reported anyway.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// Waiting for a process: long, it ends when the process does.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -82,6 +86,17 @@ pub fn state_dir(namespace: &str, id: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(namespace).join(id)
 }
 
+/// Container ids the shim accepts (they name directories): `[A-Za-z0-9_.-]`, 1 to 64.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
 /// Keeps the parts of containerd's OCI spec the guest agent applies, pointing the root at
 /// the shared `rootfs` directory.
 pub fn guest_spec(spec: &mut serde_json::Value) {
@@ -114,6 +129,11 @@ impl Service {
         }
     }
 
+    /// The directory shared with the guest: one `<id>/rootfs` per container.
+    fn shared_dir(&self) -> PathBuf {
+        state_dir(&self.namespace, &self.id).join("shared")
+    }
+
     fn agent(&self) -> ttrpc::Result<Arc<Client>> {
         lock(&self.sandbox)
             .as_ref()
@@ -128,7 +148,7 @@ impl Service {
 
     /// Boots the VM with `bundle` shared into the guest, sized for `spec`, and connects to
     /// the agent.
-    fn boot(&self, bundle: &Path, spec: &serde_json::Value) -> Result<(), String> {
+    fn boot(&self, spec: &serde_json::Value) -> Result<(), String> {
         let cfg = Config::load()?;
         let tools = Tools::find(cfg.paths.guest_image.clone())?;
         let (vcpus, memory_mib) = resources(&cfg, spec);
@@ -137,7 +157,7 @@ impl Service {
             vcpus,
             memory_mib,
             dir: Some(state_dir(&self.namespace, &self.id).join("vm")),
-            shared: Some(bundle.to_path_buf()),
+            shared: Some(self.shared_dir()),
             ..VmOptions::default()
         };
         let t0 = std::time::Instant::now();
@@ -169,9 +189,18 @@ impl Service {
         Ok(())
     }
 
-    /// Watches a started process: waits for its end through the agent, records it, and
-    /// publishes the exit.
-    fn watch(self: &Arc<Self>, agent: Arc<Client>, cid: String, exec: String, pid: u32) {
+    /// Watches a started process: waits for its end through the agent, then for its output
+    /// to be drained into containerd's FIFOs (containerd expects every byte before the
+    /// exit; bounded, in case a daemonized child keeps the streams open), then records the
+    /// exit and publishes it.
+    fn watch(
+        self: &Arc<Self>,
+        agent: Arc<Client>,
+        cid: String,
+        exec: String,
+        pid: u32,
+        pumps: Vec<Receiver<()>>,
+    ) {
         let me = self.clone();
         std::thread::spawn(move || {
             let r = agent.call_timeout::<WaitProcess>(
@@ -183,6 +212,9 @@ impl Service {
             );
             // A lost agent (the VM died) counts as killed.
             let status = r.map(|w| w.exit_status as u32).unwrap_or(137);
+            for done in pumps {
+                let _ = done.recv_timeout(OUTPUT_DRAIN);
+            }
             let at = now();
             {
                 let mut cs = lock(&me.containers);
@@ -198,12 +230,23 @@ impl Service {
 }
 
 /// Copies the agent's stdout or stderr of a process into containerd's FIFO until EOF.
-fn pump_out(agent: Arc<Client>, cid: String, exec: String, fifo: String, stderr: bool) {
+/// Returns a receiver that hangs up when the copy ends.
+fn pump_out(
+    agent: Arc<Client>,
+    cid: String,
+    exec: String,
+    fifo: String,
+    stderr: bool,
+) -> Option<Receiver<()>> {
     if fifo.is_empty() {
-        return;
+        return None;
     }
+    let (done, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        let Ok(mut out) = OpenOptions::new().write(true).open(&fifo) else {
+        let _done = done; // dropped when the copy ends, however it ends
+                          // Read-write: opening a FIFO write-only blocks until a reader comes, and a detached
+                          // client (`ctr run -d`) may never come.
+        let Ok(mut out) = OpenOptions::new().read(true).write(true).open(&fifo) else {
             return;
         };
         loop {
@@ -231,6 +274,7 @@ fn pump_out(agent: Arc<Client>, cid: String, exec: String, fifo: String, stderr:
             }
         }
     });
+    Some(rx)
 }
 
 /// Copies containerd's stdin FIFO to the process, then closes its stdin.
@@ -277,11 +321,30 @@ impl Task for TaskService {
         let s = &self.0;
         let t0 = std::time::Instant::now();
         let bundle = PathBuf::from(&req.bundle);
-        let rootfs = bundle.join("rootfs");
-        if !req.rootfs.is_empty() {
-            crate::mount::mount_all(&req.rootfs, &rootfs)
-                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        // Every container of the VM under one shared directory: <shared>/<id>/rootfs.
+        if !valid_id(&req.id) {
+            return Err(err(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!(
+                    "container id {:?}: use letters, digits, '_', '.', '-'",
+                    req.id
+                ),
+            ));
         }
+        let rootfs = s.shared_dir().join(&req.id).join("rootfs");
+        let mounts = if req.rootfs.is_empty() {
+            // The bundle already has a root filesystem (no snapshot mounts): bind it.
+            let bind = api::Mount {
+                type_: "bind".into(),
+                source: bundle.join("rootfs").to_string_lossy().into(),
+                options: vec!["rbind".into()],
+                ..Default::default()
+            };
+            vec![bind]
+        } else {
+            req.rootfs.to_vec()
+        };
+        crate::mount::mount_all(&mounts, &rootfs).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
         let spec_path = bundle.join("config.json");
         let mut spec: serde_json::Value = std::fs::read(&spec_path)
             .map_err(|e| format!("{}: {e}", spec_path.display()))
@@ -290,7 +353,7 @@ impl Task for TaskService {
             })
             .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         if lock(&s.sandbox).is_none() {
-            if let Err(e) = s.boot(&bundle, &spec) {
+            if let Err(e) = s.boot(&spec) {
                 crate::mount::unmount(&rootfs);
                 return Err(err(ttrpc::Code::INTERNAL, e));
             }
@@ -301,7 +364,7 @@ impl Task for TaskService {
             .call::<CreateContainer>(&CreateContainerRequest {
                 container_id: req.id.clone(),
                 oci_spec: spec.to_string().into_bytes(),
-                rootfs: "rootfs".into(),
+                rootfs: format!("{}/rootfs", req.id),
             })
             .map_err(|e| {
                 err(
@@ -392,22 +455,20 @@ impl Task for TaskService {
             p.pid = pid;
             p.status = Status::RUNNING;
         }
-        pump_out(
-            agent.clone(),
-            req.id.clone(),
-            req.exec_id.clone(),
-            stdout,
-            false,
-        );
-        pump_out(
-            agent.clone(),
-            req.id.clone(),
-            req.exec_id.clone(),
-            stderr,
-            true,
-        );
+        let pumps = [(stdout, false), (stderr, true)]
+            .into_iter()
+            .filter_map(|(fifo, err)| {
+                pump_out(
+                    agent.clone(),
+                    req.id.clone(),
+                    req.exec_id.clone(),
+                    fifo,
+                    err,
+                )
+            })
+            .collect();
         pump_in(agent.clone(), req.id.clone(), req.exec_id.clone(), stdin);
-        s.watch(agent, req.id.clone(), req.exec_id.clone(), pid);
+        s.watch(agent, req.id.clone(), req.exec_id.clone(), pid, pumps);
         s.publisher.task_start(&req.id, &req.exec_id, pid);
         eprintln!(
             "enclave-shim: {}/{} started (guest pid {pid}) in {:.1} ms",
@@ -638,7 +699,11 @@ impl Task for TaskService {
             }
             let _ = std::fs::remove_file(state_dir(&s.namespace, &s.id).join("pids"));
         }
-        crate::mount::unmount(&bundle.join("rootfs"));
+        let dir = s.shared_dir().join(&req.id);
+        crate::mount::unmount(&dir.join("rootfs"));
+        let _ = std::fs::remove_dir(dir.join("rootfs"));
+        let _ = std::fs::remove_dir(&dir);
+        let _ = bundle;
         s.publisher.task_delete(&req.id, pid, status, at.clone());
         Ok(api::DeleteResponse {
             pid,

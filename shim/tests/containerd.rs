@@ -257,3 +257,82 @@ fn the_enclave_vmm_backend_boots_the_guest_image() {
     let agent = vm.connect(Duration::from_secs(60)).unwrap();
     drop(agent);
 }
+
+#[test]
+fn containers_of_one_pod_share_its_vm() {
+    let Some((ctrd, fifo)) = setup("containers_of_one_pod_share_its_vm", "enclave-pod") else {
+        return;
+    };
+    let fifo = fifo.to_str().unwrap();
+    let rt = "io.containerd.enclave.v2";
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--fifo-dir",
+        fifo,
+        "--runtime",
+        rt,
+        IMAGE,
+        "pod1",
+        "sleep",
+        "1000",
+    ]);
+    // What CRI sets on a pod's containers (the kubelet's CreateContainer).
+    let grouped = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+    ];
+    let mut args = vec!["run", "-d", "--fifo-dir", fifo, "--runtime", rt];
+    args.extend(grouped);
+    args.extend([IMAGE, "app1", "sleep", "1000"]);
+    ctrd.ctr_ok(&args);
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--fifo-dir",
+        fifo,
+        "--runtime",
+        rt,
+        IMAGE,
+        "other",
+        "sleep",
+        "1000",
+    ]);
+
+    // Proved from inside: the guest kernel's boot id is the same in the pod's two containers
+    // and different in the other one's VM.
+    let boot_id = |id: &str| {
+        ctrd.ctr_ok(&[
+            "task",
+            "exec",
+            "--fifo-dir",
+            fifo,
+            "--exec-id",
+            &format!("b-{id}"),
+            id,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ])
+        .trim()
+        .to_string()
+    };
+    let (p, a, o) = (boot_id("pod1"), boot_id("app1"), boot_id("other"));
+    assert_eq!(p.len(), 36, "{p:?}");
+    assert_eq!(p, a, "the pod's containers are in one VM");
+    assert_ne!(p, o, "another container has its own VM");
+    let vms = leftovers(&format!("/run/enclave/{}/", ctrd.ns))
+        .iter()
+        .filter(|c| c.contains("qemu-system") || c.contains("enclave-vmm --config"))
+        .count();
+    assert_eq!(vms, 2, "one VM for the pod, one for the other container");
+
+    for id in ["app1", "pod1", "other"] {
+        ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_stopped(&ctrd, id);
+        ctrd.ctr_ok(&["task", "rm", id]);
+        ctrd.ctr_ok(&["containers", "rm", id]);
+    }
+    assert_nothing_left(&ctrd);
+}

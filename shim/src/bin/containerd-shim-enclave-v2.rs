@@ -106,8 +106,35 @@ fn socket_path(f: &Flags) -> PathBuf {
     PathBuf::from("/run/containerd/s").join(hex)
 }
 
+/// The shim a container belongs to: its pod sandbox's for a CRI container
+/// (`io.kubernetes.cri.sandbox-id`), its own otherwise.
+fn grouping(bundle: &std::path::Path, id: &str) -> String {
+    let spec: serde_json::Value = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let ann = &spec["annotations"];
+    let is_container = ann["io.kubernetes.cri.container-type"].as_str() == Some("container");
+    match ann["io.kubernetes.cri.sandbox-id"].as_str() {
+        Some(sandbox) if is_container && enclave_shim::task::valid_id(sandbox) => {
+            sandbox.to_string()
+        }
+        _ => id.to_string(),
+    }
+}
+
 fn start(f: &Flags) -> Result<String, String> {
     let bundle = std::env::current_dir().map_err(|e| e.to_string())?;
+    // Containers of one pod share the pod's shim (and VM): containerd gets its address.
+    let group = grouping(&bundle, &f.id);
+    let f = &Flags {
+        id: group,
+        namespace: f.namespace.clone(),
+        address: f.address.clone(),
+        publish_binary: f.publish_binary.clone(),
+        bundle: None,
+        action: None,
+    };
     let sock = socket_path(f);
     let address = format!("unix://{}", sock.display());
     if UnixStream::connect(&sock).is_ok() {
@@ -216,12 +243,17 @@ fn delete(f: &Flags) -> Result<Vec<u8>, String> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    let bundle = f
-        .bundle
-        .clone()
-        .or_else(|| std::env::current_dir().ok())
-        .unwrap_or_default();
-    enclave_shim::mount::unmount(&bundle.join("rootfs"));
+    // The container's rootfs in whichever shim's shared directory it was.
+    if let Ok(shims) =
+        std::fs::read_dir(std::path::Path::new(enclave_shim::task::STATE_ROOT).join(&f.namespace))
+    {
+        for shim in shims.flatten() {
+            let dir = shim.path().join("shared").join(&f.id);
+            enclave_shim::mount::unmount(&dir.join("rootfs"));
+            let _ = std::fs::remove_dir(dir.join("rootfs"));
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_file(socket_path(f));
     let resp = DeleteResponse {
