@@ -101,6 +101,18 @@ pub fn valid_id(id: &str) -> bool {
 /// the shared `rootfs` directory.
 pub fn guest_spec(spec: &mut serde_json::Value) {
     spec["root"] = serde_json::json!({"path": "rootfs", "readonly": spec["root"]["readonly"].as_bool().unwrap_or(false)});
+    // Bind mounts name host paths (CRI's /etc/hosts, resolv.conf, hostname, /dev/shm of the
+    // sandbox) that the guest cannot see; the guest's own file systems (proc, sysfs, tmpfs,
+    // devpts, mqueue, cgroup) are kept.
+    if let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+        mounts.retain(|m| {
+            let bind = m["type"].as_str() == Some("bind")
+                || m["options"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+            !bind
+        });
+    }
     if let Some(linux) = spec.get_mut("linux").and_then(|l| l.as_object_mut()) {
         // Host-side settings with no meaning in the guest: the VM is the boundary.
         for k in [

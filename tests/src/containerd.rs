@@ -27,13 +27,31 @@ impl Containerd {
         self.dir.join("containerd.sock").display().to_string()
     }
 
-    /// Starts containerd with the shim binaries of `shim_dir` first on its PATH and the
-    /// workspace's guest image.
+    /// Starts containerd (CRI off) with the shim binaries of `shim_dir` first on its PATH
+    /// and the workspace's guest image.
     pub fn start(dir: &Path, ns: &'static str, shim_dir: &Path) -> Containerd {
+        Self::start_with(
+            dir,
+            ns,
+            shim_dir,
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+            None,
+        )
+    }
+
+    /// Starts containerd with `extra` added to its config, inside network namespace
+    /// `netns` when given (so CNI's bridge stays off the host's network).
+    pub fn start_with(
+        dir: &Path,
+        ns: &'static str,
+        shim_dir: &Path,
+        extra: &str,
+        netns: Option<&str>,
+    ) -> Containerd {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
         let config = format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{extra}\n[grpc]\n  address = \"{d}/containerd.sock\"\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
             d = dir.display()
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
@@ -43,7 +61,15 @@ impl Containerd {
             std::env::var("PATH").unwrap_or_default()
         );
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
+        let mut cmd = match netns {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", n, "containerd"]);
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        let child = cmd
             .arg("--config")
             .arg(dir.join("config.toml"))
             .env("PATH", path)
@@ -132,15 +158,47 @@ fn sha256_hex(b: &[u8]) -> String {
         .collect()
 }
 
-/// Writes an OCI image layout tarball of a busybox root filesystem.
+/// Writes an OCI image layout tarball of a busybox root filesystem, named [`IMAGE`].
 pub fn busybox_image(dir: &Path) -> PathBuf {
     let rootfs = dir.join("img-rootfs");
     busybox_rootfs(&rootfs).unwrap();
-    let layout = dir.join("img-layout");
+    image_from_rootfs(dir, &rootfs, IMAGE, &["sh"])
+}
+
+/// Writes an OCI image layout tarball named `name` of a static pause program (what CRI
+/// runs as a pod's sandbox container), built with gcc.
+pub fn pause_image(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let rootfs = dir.join("pause-rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| e.to_string())?;
+    let src = dir.join("pause.c");
+    std::fs::write(
+        &src,
+        "#include <unistd.h>\nint main(void) { for (;;) pause(); }\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let out = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(rootfs.join("pause"))
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("gcc: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building pause: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(image_from_rootfs(dir, &rootfs, name, &["/pause"]))
+}
+
+/// Writes an OCI image layout tarball of `rootfs` (one uncompressed layer) named `name`.
+pub fn image_from_rootfs(dir: &Path, rootfs: &Path, name: &str, cmd: &[&str]) -> PathBuf {
+    let tag = sha256_hex(name.as_bytes())[..12].to_string();
+    let layout = dir.join(format!("img-layout-{tag}"));
     let blobs = layout.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let tar = |args: &[&str]| assert!(Command::new("tar").args(args).status().unwrap().success());
-    let layer_path = dir.join("layer.tar");
+    let layer_path = dir.join(format!("layer-{tag}.tar"));
     tar(&[
         "--numeric-owner",
         "-C",
@@ -158,7 +216,7 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
     let (layer_digest, layer_size) = put(&layer);
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
     let (config_digest, config_size) = put(config.to_string().as_bytes());
@@ -171,7 +229,7 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
     let index = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size,
-            "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "latest"}}],
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "latest"}}],
     });
     std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
     std::fs::write(
@@ -179,7 +237,7 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .unwrap();
-    let out = dir.join("busybox.oci.tar");
+    let out = dir.join(format!("image-{tag}.oci.tar"));
     tar(&[
         "-C",
         layout.to_str().unwrap(),

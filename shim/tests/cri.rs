@@ -1,0 +1,292 @@
+//! Pods through CRI, as the kubelet drives a RuntimeClass: a private containerd with the CRI
+//! plugin (in a network namespace of its own, so CNI's bridge stays off the host network),
+//! the runtime handler `enclave`, and a Rust CRI client (k8s-cri): RunPodSandbox,
+//! CreateContainer and StartContainer for two containers in one pod (one VM, proved from
+//! inside), ExecSync, ContainerStatus with an exit code, the log file, StopPodSandbox,
+//! RemovePodSandbox, and nothing left behind.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use enclave_tests::containerd::{busybox_image, leftovers, pause_image, Containerd, IMAGE};
+use enclave_tests::skip_or_fail;
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const PAUSE: &str = "enclave.local/pause:latest";
+
+fn shim_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+async fn client(sock: &str) -> RuntimeServiceClient<Channel> {
+    let path = sock.to_string();
+    let channel = Endpoint::try_from("http://[::]")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    RuntimeServiceClient::new(channel)
+}
+
+struct Netns(String);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn container_config(name: &str, cmd: &[&str], log: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: log.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_pod_through_cri_runs_in_one_microvm() {
+    let test = "a_pod_through_cri_runs_in_one_microvm";
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return skip_or_fail(test, "needs root (containerd, CNI, mounts)");
+    }
+    for (what, path) in [
+        ("containerd", "/usr/bin/containerd"),
+        (
+            "CNI plugins (apt-get install containernetworking-plugins)",
+            "/usr/lib/cni/bridge",
+        ),
+        ("gcc", "/usr/bin/gcc"),
+    ] {
+        if !Path::new(path).exists() {
+            return skip_or_fail(test, &format!("{what} not installed"));
+        }
+    }
+    if let Err(e) = enclave_tests::tools() {
+        return skip_or_fail(test, &e);
+    }
+    let dir = std::env::temp_dir().join(format!("enclave-cri-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("cni")).unwrap();
+    let ns = Netns(format!("enclave-cri-{}", std::process::id()));
+    let _ = Command::new("ip").args(["netns", "del", &ns.0]).output();
+    assert!(Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .status()
+        .unwrap()
+        .success());
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
+        .status();
+    std::fs::write(
+        dir.join("cni/10-enclave-test.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "enclave-test", "plugins": [
+            {"type": "bridge", "bridge": "enctest0", "isGateway": true, "ipMasq": false,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.77.0/24"}]], "dataDir": "DATADIR"}},
+            {"type": "loopback"}]}"#
+            .replace("DATADIR", &dir.join("cni-ipam").display().to_string()),
+    )
+    .unwrap();
+    let extra = format!(
+        r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.enclave]
+      runtime_type = "io.containerd.enclave.v2"
+      pod_annotations = ["enclave.io/*"]
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+        cni = dir.join("cni").display()
+    );
+    let ctrd = Containerd::start_with(
+        &dir.join("containerd"),
+        "k8s.io",
+        &shim_dir(),
+        &extra,
+        Some(&ns.0),
+    );
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    ctrd.ctr_ok(&["images", "import", busybox_image(&images).to_str().unwrap()]);
+    ctrd.ctr_ok(&[
+        "images",
+        "import",
+        pause_image(&images, PAUSE).unwrap().to_str().unwrap(),
+    ]);
+    let mut cri = client(&ctrd.sock()).await;
+
+    // RunPodSandbox with the enclave handler, as the kubelet does for the RuntimeClass.
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let sandbox_config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "payments-api".into(),
+            uid: "uid-1".into(),
+            namespace: "payments".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.display().to_string(),
+        annotations: HashMap::from([("enclave.io/zone".to_string(), "cde".to_string())]),
+        linux: Some(LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let sandbox = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: "enclave".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctrd.log_tail()))
+        .into_inner()
+        .pod_sandbox_id;
+    eprintln!("RunPodSandbox (enclave, TCG) took {:?}", t.elapsed());
+
+    let mut ids = Vec::new();
+    for (name, cmd) in [
+        (
+            "api",
+            vec!["sh", "-c", "echo hello-from-api; exec sleep 1000"],
+        ),
+        ("sidecar", vec!["sleep", "1000"]),
+        ("quitter", vec!["sh", "-c", "exit 3"]),
+    ] {
+        let c = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.clone(),
+                config: Some(container_config(name, &cmd, &format!("{name}.log"))),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", ctrd.log_tail()))
+            .into_inner()
+            .container_id;
+        cri.start_container(StartContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        ids.push(c);
+    }
+
+    // One VM for the pod: the guest's boot id is the same in both containers, and the
+    // kernel is the guest's.
+    let exec = |id: String, cmd: Vec<&'static str>| {
+        let mut cri = cri.clone();
+        async move {
+            let r = cri
+                .exec_sync(ExecSyncRequest {
+                    container_id: id,
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    timeout: 60,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+            String::from_utf8_lossy(&r.stdout).trim().to_string()
+        }
+    };
+    let a = exec(
+        ids[0].clone(),
+        vec!["cat", "/proc/sys/kernel/random/boot_id"],
+    )
+    .await;
+    let b = exec(
+        ids[1].clone(),
+        vec!["cat", "/proc/sys/kernel/random/boot_id"],
+    )
+    .await;
+    assert_eq!(a.len(), 36);
+    assert_eq!(a, b, "the pod's containers share one VM");
+    let kernel = exec(ids[0].clone(), vec!["uname", "-r"]).await;
+    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    assert_ne!(kernel, host.trim(), "the container sees the guest's kernel");
+    let vms = leftovers("/run/enclave/k8s.io/")
+        .iter()
+        .filter(|c| c.contains("qemu-system") || c.contains("enclave-vmm --config"))
+        .count();
+    assert_eq!(vms, 1, "one VM for the pod");
+
+    // ContainerStatus carries the exit code; the log file has the output.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = cri
+            .container_status(ContainerStatusRequest {
+                container_id: ids[2].clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if st.state == ContainerState::ContainerExited as i32 {
+            assert_eq!(st.exit_code, 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "quitter did not exit: {st:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = std::fs::read_to_string(logs.join("api.log")).unwrap_or_default();
+    assert!(
+        log.contains("stdout F hello-from-api"),
+        "CRI log file: {log:?}"
+    );
+
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: sandbox.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctrd.log_tail()));
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: sandbox.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctrd.log_tail()));
+
+    // Nothing left behind (checked): VM processes, shims, state, rootfs mounts.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let left = leftovers("/run/enclave/k8s.io/");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let state: Vec<_> = std::fs::read_dir("/run/enclave/k8s.io")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(state.is_empty(), "state left behind: {state:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.lines().any(|l| l.contains("/run/enclave/k8s.io/")),
+        "mounts left behind"
+    );
+    drop(ctrd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
