@@ -8,9 +8,11 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # netfilter: libnftnl/libmnl/nftables/iproute2. guest: qemu (test VMs), busybox-static
 # (test container rootfs), lz4 (kernel payload), libcap-ng/libseccomp (to build virtiofsd).
-# shim: containerd and runc (the real containerd the shim is tested with), tar (images).
+# shim: containerd and runc (the real containerd the shim is tested with), tar (images),
+# CNI plugins (pods through CRI).
 APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
-  qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar)
+  qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar
+  containernetworking-plugins)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()
