@@ -47,6 +47,9 @@ pub struct PathsSection {
     pub guest_image: PathBuf,
     /// enclave-vmm binary.
     pub enclave_vmm: PathBuf,
+    /// enclave-netd binary (the pod network's vhost-user backend); when it does not exist,
+    /// the one next to the shim's own binary.
+    pub enclave_netd: PathBuf,
 }
 
 impl Default for PathsSection {
@@ -54,6 +57,7 @@ impl Default for PathsSection {
         PathsSection {
             guest_image: "/usr/share/enclave/guest".into(),
             enclave_vmm: "/usr/local/bin/enclave-vmm".into(),
+            enclave_netd: "/usr/local/bin/enclave-netd".into(),
         }
     }
 }
@@ -97,6 +101,18 @@ impl Config {
             c.paths.guest_image = img.into();
         }
         Ok(c)
+    }
+
+    /// The enclave-netd binary to run.
+    pub fn netd(&self) -> PathBuf {
+        if self.paths.enclave_netd.exists() {
+            return self.paths.enclave_netd.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("enclave-netd")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| self.paths.enclave_netd.clone())
     }
 
     fn validate(&self) -> Result<(), (&'static str, String)> {

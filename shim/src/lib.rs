@@ -4,5 +4,6 @@
 pub mod config;
 pub mod events;
 pub mod mount;
+pub mod podnet;
 pub mod task;
 pub mod vm;

@@ -20,7 +20,7 @@ use enclave_agent_protocol::Client;
 
 use crate::config::{resources, Config};
 use crate::events::Publisher;
-use crate::vm::{GuestVm, Tools, VmOptions};
+use crate::vm::{GuestVm, NetBackend, NetOptions, Tools, VmOptions};
 
 /// Where per-VM state lives on the host (sockets, logs, VM files).
 pub const STATE_ROOT: &str = "/run/enclave";
@@ -164,8 +164,41 @@ impl Service {
         let cfg = Config::load()?;
         let tools = Tools::find(cfg.paths.guest_image.clone())?;
         let (vcpus, memory_mib) = resources(&cfg, spec);
+        // A pod sandbox (CRI) names the network namespace CNI made: carry it into the guest.
+        let podnet = match crate::podnet::netns_of(spec) {
+            Some(ns) => {
+                let net = crate::podnet::discover(&ns)?;
+                crate::podnet::plumb(&net)?;
+                Some(net)
+            }
+            None => None,
+        };
+        let backend = cfg.backend();
+        let net = match &podnet {
+            Some(n) => {
+                let nb = match backend {
+                    // enclave-vmm: the guest NIC is served by enclave-netd.
+                    crate::vm::Backend::EnclaveVmm { .. } => NetBackend::Netd {
+                        netd: cfg.netd(),
+                        netns: n.netns.clone(),
+                        tap: crate::podnet::TAP.into(),
+                    },
+                    // QEMU: the tap itself (see NetBackend::Tap).
+                    crate::vm::Backend::Qemu { .. } => NetBackend::Tap(std::sync::Arc::new(
+                        enclave_netd::tap::open_in(&n.netns, crate::podnet::TAP)
+                            .map_err(|e| format!("opening the pod's tap: {e}"))?,
+                    )),
+                };
+                Some(NetOptions {
+                    backend: nb,
+                    mac: n.mac.clone(),
+                })
+            }
+            None => None,
+        };
         let opts = VmOptions {
-            backend: cfg.backend(),
+            net,
+            backend,
             vcpus,
             memory_mib,
             dir: Some(state_dir(&self.namespace, &self.id).join("vm")),
@@ -178,6 +211,32 @@ impl Service {
         let agent = vm
             .connect(BOOT_TIMEOUT)
             .map_err(|e| format!("the guest agent did not answer: {e}"))?;
+        if let Some(n) = &podnet {
+            let req = ConfigureNetworkRequest {
+                interfaces: vec![Interface {
+                    mac: n.mac.clone(),
+                    name: "eth0".into(),
+                    mtu: n.mtu,
+                    addresses: n.addresses.clone(),
+                }],
+                routes: n
+                    .gateway
+                    .iter()
+                    .map(|g| Route {
+                        destination: "default".into(),
+                        gateway: g.clone(),
+                        device_mac: n.mac.clone(),
+                    })
+                    .collect(),
+                dns: None,
+            };
+            agent.call::<ConfigureNetwork>(&req).map_err(|e| {
+                format!(
+                    "configuring the pod network in the guest ({} {:?}): {e}",
+                    n.mac, n.addresses
+                )
+            })?;
+        }
         // Step timings go to the shim log (docs/shim.md, docs/benchmarks.md read them).
         eprintln!(
             "enclave-shim: {} VM up: backend {:?}, {} vCPU, {} MiB; VMM and backends started in {:.1} ms, agent ready after {:.1} ms",

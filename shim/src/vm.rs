@@ -159,6 +159,42 @@ fn qemu_command(
         q.args(["-netdev", "user,id=n0,restrict=on"])
             .args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
     }
+    match opts.net.as_ref().map(|n| (&n.backend, &n.mac)) {
+        Some((NetBackend::Netd { .. }, mac)) => {
+            q.args([
+                "-chardev",
+                &format!("socket,id=net0,path={}", d("net.sock").display()),
+            ])
+            .args(["-netdev", "vhost-user,id=pod0,chardev=net0"])
+            .args([
+                "-device",
+                &format!("virtio-net-device,netdev=pod0,mac={mac}"),
+            ]);
+        }
+        Some((NetBackend::Tap(tap), mac)) => {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&**tap);
+            q.args(["-netdev", "tap,id=pod0,fd=3,vhost=off"]).args([
+                "-device",
+                &format!("virtio-net-device,netdev=pod0,mac={mac}"),
+            ]);
+            // SAFETY: between fork and exec only dup2 (async-signal-safe): the tap becomes
+            // QEMU's fd 3 without close-on-exec (fcntl when it already is fd 3).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut q, move || {
+                    let rc = if fd == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, 3)
+                    };
+                    if rc < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        None => {}
+    }
     q
 }
 
@@ -180,6 +216,7 @@ pub fn enclave_vmm_config(
         "serial": {"path": d("console.log")},
         "vsock": {"cid": 3, "uds_path": d("vm.vsock")},
         "fs": [{"socket": d("fs.sock"), "tag": "shared"}],
+        "net": opts.net.iter().filter(|n| matches!(n.backend, NetBackend::Netd { .. })).map(|n| serde_json::json!({"socket": d("net.sock"), "mac": n.mac})).collect::<Vec<_>>(),
     })
 }
 
@@ -213,9 +250,39 @@ pub enum Backend {
     },
 }
 
+/// What serves the guest's NIC.
+#[derive(Debug, Clone)]
+pub enum NetBackend {
+    /// enclave-netd, the vhost-user net backend that owns a tap in the pod's network
+    /// namespace (the enforcement point; used with enclave-vmm).
+    Netd {
+        /// The enclave-netd binary.
+        netd: PathBuf,
+        /// The pod's network namespace file.
+        netns: PathBuf,
+        /// The tap in it.
+        tap: String,
+    },
+    /// A tap the shim opened in the pod's network namespace, handed to QEMU as fd 3 (QEMU
+    /// 7.2's vhost-user-net cannot start a backend that follows the vhost-user spec on
+    /// protocol features: docs/shim.md).
+    Tap(std::sync::Arc<std::fs::File>),
+}
+
+/// The pod network device.
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    /// Its backend.
+    pub backend: NetBackend,
+    /// The guest NIC's MAC.
+    pub mac: String,
+}
+
 /// How to boot.
 #[derive(Debug, Clone)]
 pub struct VmOptions {
+    /// The pod network device (vhost-user, served by enclave-netd).
+    pub net: Option<NetOptions>,
     /// The VMM.
     pub backend: Backend,
     /// vCPUs.
@@ -238,6 +305,7 @@ pub struct VmOptions {
 impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
+            net: None,
             backend: Backend::Qemu { accel: None },
             vcpus: 1,
             memory_mib: 256,
@@ -328,6 +396,23 @@ impl GuestVm {
                 .args(["--cache", "never", "--sandbox", "none"]),
             &d("virtiofsd.log"),
         )?);
+        if let Some(NetOptions {
+            backend: NetBackend::Netd { netd, netns, tap },
+            ..
+        }) = &opts.net
+        {
+            vm.children.push(spawn(
+                "enclave-netd",
+                Command::new(netd)
+                    .arg("--socket")
+                    .arg(d("net.sock"))
+                    .args(["--tap", tap])
+                    .arg("--netns")
+                    .arg(netns),
+                &d("netd.log"),
+            )?);
+            wait_for_socket(&d("net.sock"), Duration::from_secs(10))?;
+        }
         if qemu {
             wait_for_socket(&d("vsock.sock"), Duration::from_secs(10))?;
         }
@@ -462,6 +547,7 @@ impl GuestVm {
             "vmm.log",
             "vsock.log",
             "virtiofsd.log",
+            "netd.log",
         ] {
             let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use enclave_tests::containerd::{busybox_image, leftovers, pause_image, Containerd, IMAGE};
+use enclave_tests::containerd::{
+    busybox_image, kill_leftovers, leftovers, pause_image, Containerd, IMAGE,
+};
 use enclave_tests::skip_or_fail;
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -87,6 +89,11 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     if let Err(e) = enclave_tests::tools() {
         return skip_or_fail(test, &e);
     }
+    // A run that failed may have left its pod running (shims outlive containerd).
+    kill_leftovers("/run/enclave/k8s.io/");
+    kill_leftovers("-namespace k8s.io");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::fs::remove_dir_all("/run/enclave/k8s.io");
     let dir = std::env::temp_dir().join(format!("enclave-cri-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("cni")).unwrap();
@@ -236,6 +243,110 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
         .filter(|c| c.contains("qemu-system") || c.contains("enclave-vmm --config"))
         .count();
     assert_eq!(vms, 1, "one VM for the pod");
+
+    // The pod answers on its pod IP, from the node's side of the pod network.
+    let status = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: sandbox.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ip = status
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(ip.starts_with("10.88.77."), "pod IP {ip:?}");
+    // ARP and ICMP from the node's side of the CNI bridge reach the guest's NIC.
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ping", "-c", "3", "-W", "5", &ip])
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&ping.stdout).to_string();
+    let got = if ping.status.success() {
+        format!("pod-says-hi: {got}")
+    } else {
+        got
+    };
+    if !got.contains("pod-says-hi") {
+        let vm = PathBuf::from(format!("/run/enclave/k8s.io/{sandbox}/vm"));
+        let mut diag = String::new();
+        for f in ["console.log", "netd.log"] {
+            diag += &format!(
+                "--- {f}\n{}\n",
+                std::fs::read_to_string(vm.join(f)).unwrap_or_default()
+            );
+        }
+        // The pod's netns file is mounted in containerd's mount namespace (ip netns exec
+        // gave it one of its own): look from there.
+        let cpid = ctrd.pid();
+        let pod_ns =
+            std::fs::read_dir(dir.join("containerd/state/io.containerd.grpc.v1.cri/netns"))
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| e.ok())
+                .map(|e| e.path());
+        if let Some(p) = pod_ns {
+            for cmd in [
+                "ip -s link",
+                "ip addr",
+                "tc -s filter show dev eth0 ingress",
+                "tc -s filter show dev tap0 ingress",
+            ] {
+                let out = Command::new("nsenter")
+                    .args([
+                        "-t",
+                        &cpid.to_string(),
+                        "-m",
+                        "nsenter",
+                        &format!("--net={}", p.display()),
+                    ])
+                    .args(cmd.split(' '))
+                    .output()
+                    .unwrap();
+                diag += &format!(
+                    "--- pod netns: {cmd}\n{}{}\n",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        for cmd in ["ip neigh", "ip -s link show enctest0"] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns.0])
+                .args(cmd.split(' '))
+                .output()
+                .unwrap();
+            diag += &format!(
+                "--- node netns: {cmd}\n{}\n",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        diag += &format!(
+            "--- api.log\n{}\n",
+            std::fs::read_to_string(logs.join("api.log")).unwrap_or_default()
+        );
+        for cmd in [vec!["ip", "route"], vec!["ps"], vec!["ip", "addr"]] {
+            let r = cri
+                .exec_sync(ExecSyncRequest {
+                    container_id: ids[0].clone(),
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    timeout: 30,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            diag += &format!(
+                "--- guest: {}\n{}{}\n",
+                cmd.join(" "),
+                String::from_utf8_lossy(&r.stdout),
+                String::from_utf8_lossy(&r.stderr)
+            );
+        }
+        panic!("ping of the pod IP failed: {got}\n{diag}");
+    }
 
     // ContainerStatus carries the exit code; the log file has the output.
     let deadline = Instant::now() + Duration::from_secs(60);

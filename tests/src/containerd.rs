@@ -22,6 +22,11 @@ pub struct Containerd {
 }
 
 impl Containerd {
+    /// containerd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The gRPC socket.
     pub fn sock(&self) -> String {
         self.dir.join("containerd.sock").display().to_string()
@@ -278,4 +283,23 @@ pub fn pid_of(needle: &[&str]) -> Option<i32> {
             None
         }
     })
+}
+
+/// Kills whatever a failed test left running under `marker` (shims and VM processes), so
+/// the next run starts clean. Returns how many it killed.
+pub fn kill_leftovers(marker: &str) -> usize {
+    let mut n = 0;
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if cmd.contains(marker) && !cmd.contains("cargo") {
+            if let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() {
+                // SAFETY: SIGKILL to a process of a previous test run.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                n += 1;
+            }
+        }
+    }
+    n
 }

@@ -28,8 +28,6 @@ pub const TAP_TOKEN: u64 = 3;
 /// Largest frame with its header (no TSO: one MTU-sized frame per buffer).
 const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// The next available descriptor chain of a queue, if any.
 fn next_chain(
@@ -184,7 +182,12 @@ impl VhostUserBackendMut for NetBackend {
         1024
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VHOST_USER_F_PROTOCOL_FEATURES
+        // No VHOST_USER_F_PROTOCOL_FEATURES: nothing optional is needed (one queue pair,
+        // config space in the VMM), and without it rings start enabled, which QEMU's
+        // vhost-user-net relies on (it enables rings before acking protocol features).
+        // No VIRTIO_RING_F_EVENT_IDX: a Linux guest then kicks for every rx buffer it adds,
+        // which the tap path needs to resume delivery after the guest ran out of buffers.
+        VIRTIO_F_VERSION_1
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ

@@ -6,7 +6,8 @@
 
 mod backend;
 mod seccomp;
-mod tap;
+
+use enclave_netd::tap;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

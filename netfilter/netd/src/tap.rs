@@ -16,6 +16,18 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// Length of `virtio_net_hdr_v1`, the header on every frame with VIRTIO_F_VERSION_1.
 pub const VNET_HDR_LEN: usize = 12;
 
+/// Opens tap `name` inside the network namespace at `netns`, from a thread of its own (the
+/// namespace switch is per thread), and returns it; the caller stays where it is.
+pub fn open_in(netns: &Path, name: &str) -> std::io::Result<File> {
+    let (netns, name) = (netns.to_path_buf(), name.to_string());
+    std::thread::spawn(move || {
+        enter_netns(&netns)?;
+        open(&name)
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("tap thread panicked")))
+}
+
 /// Enters the network namespace at `path` (e.g. /var/run/netns/NAME) for this thread.
 pub fn enter_netns(path: &Path) -> std::io::Result<()> {
     let f = File::open(path)?;
