@@ -11,44 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use enclave_tests::containerd::{
-    busybox_image, kill_leftovers, leftovers, pause_image, Containerd, IMAGE,
-};
+use enclave_tests::containerd::{kill_leftovers, leftovers, IMAGE};
+use enclave_tests::cri::{cri_client, CriNode};
 use enclave_tests::skip_or_fail;
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-const PAUSE: &str = "enclave.local/pause:latest";
 
 fn shim_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2"))
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-async fn client(sock: &str) -> RuntimeServiceClient<Channel> {
-    let path = sock.to_string();
-    let channel = Endpoint::try_from("http://[::]")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    RuntimeServiceClient::new(channel)
-}
-
-struct Netns(String);
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
 }
 
 fn container_config(name: &str, cmd: &[&str], log: &str) -> ContainerConfig {
@@ -95,61 +67,13 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     std::thread::sleep(Duration::from_millis(300));
     let _ = std::fs::remove_dir_all("/run/enclave/k8s.io");
     let dir = std::env::temp_dir().join(format!("enclave-cri-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("cni")).unwrap();
-    let ns = Netns(format!("enclave-cri-{}", std::process::id()));
-    let _ = Command::new("ip").args(["netns", "del", &ns.0]).output();
-    assert!(Command::new("ip")
-        .args(["netns", "add", &ns.0])
-        .status()
-        .unwrap()
-        .success());
-    let _ = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
-        .status();
-    std::fs::write(
-        dir.join("cni/10-enclave-test.conflist"),
-        r#"{"cniVersion": "1.0.0", "name": "enclave-test", "plugins": [
-            {"type": "bridge", "bridge": "enctest0", "isGateway": true, "ipMasq": false,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.77.0/24"}]], "dataDir": "DATADIR"}},
-            {"type": "loopback"}]}"#
-            .replace("DATADIR", &dir.join("cni-ipam").display().to_string()),
-    )
-    .unwrap();
-    let extra = format!(
-        r#"[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE}"
-  restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.enclave]
-      runtime_type = "io.containerd.enclave.v2"
-      pod_annotations = ["enclave.io/*"]
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-"#,
-        cni = dir.join("cni").display()
-    );
-    let ctrd = Containerd::start_with(
-        &dir.join("containerd"),
-        "k8s.io",
+    let node = CriNode::start(
+        &dir,
         &shim_dir(),
-        &extra,
-        Some(&ns.0),
+        &format!("enclave-cri-{}", std::process::id()),
     );
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    ctrd.ctr_ok(&["images", "import", busybox_image(&images).to_str().unwrap()]);
-    ctrd.ctr_ok(&[
-        "images",
-        "import",
-        pause_image(&images, PAUSE).unwrap().to_str().unwrap(),
-    ]);
-    let mut cri = client(&ctrd.sock()).await;
+    let (ctrd, ns) = (&node.containerd, &node.netns);
+    let mut cri = cri_client(&ctrd.sock()).await;
 
     // RunPodSandbox with the enclave handler, as the kubelet does for the RuntimeClass.
     let logs = dir.join("logs");
@@ -261,7 +185,7 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     assert!(ip.starts_with("10.88.77."), "pod IP {ip:?}");
     // ARP and ICMP from the node's side of the CNI bridge reach the guest's NIC.
     let ping = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ping", "-c", "3", "-W", "5", &ip])
+        .args(["netns", "exec", &ns.name, "ping", "-c", "3", "-W", "5", &ip])
         .output()
         .unwrap();
     let got = String::from_utf8_lossy(&ping.stdout).to_string();
@@ -315,7 +239,7 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
         }
         for cmd in ["ip neigh", "ip -s link show enctest0"] {
             let out = Command::new("ip")
-                .args(["netns", "exec", &ns.0])
+                .args(["netns", "exec", &ns.name])
                 .args(cmd.split(' '))
                 .output()
                 .unwrap();
@@ -398,6 +322,6 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
         !mounts.lines().any(|l| l.contains("/run/enclave/k8s.io/")),
         "mounts left behind"
     );
-    drop(ctrd);
+    drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

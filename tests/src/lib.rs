@@ -3,6 +3,7 @@
 //! enclave-vmm, and skip-or-fail reporting.
 
 pub mod containerd;
+pub mod cri;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,120 @@
+//! A node for CRI tests and demos: a private containerd with the CRI plugin, inside a
+//! network namespace of its own (CNI's bridge stays off the host network), with the
+//! `enclave` runtime handler, a CNI bridge network, and the busybox and pause images
+//! imported; and a CRI client (k8s-cri, v1) over its socket.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test support
+
+use std::path::Path;
+use std::process::Command;
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::containerd::{busybox_image, pause_image, Containerd};
+
+/// The pause image CRI runs as each pod's sandbox container.
+pub const PAUSE: &str = "enclave.local/pause:latest";
+/// The pod network CNI hands out addresses from.
+pub const POD_SUBNET: &str = "10.88.77.0/24";
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    /// Its name (`ip netns`).
+    pub name: String,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// containerd with CRI in its own network namespace. Drop order: containerd, then the
+/// namespace.
+pub struct CriNode {
+    /// containerd (namespace `k8s.io`).
+    pub containerd: Containerd,
+    /// The namespace it runs in.
+    pub netns: Netns,
+}
+
+impl CriNode {
+    /// Sets the node up under `dir`, with the shims of `shim_dir`, in namespace `netns`.
+    pub fn start(dir: &Path, shim_dir: &Path, netns: &str) -> CriNode {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir.join("cni")).unwrap();
+        let ns = Netns {
+            name: netns.to_string(),
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
+        assert!(Command::new("ip")
+            .args(["netns", "add", &ns.name])
+            .status()
+            .unwrap()
+            .success());
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"])
+            .status();
+        let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "enclave-test", "plugins": [
+            {"type": "bridge", "bridge": "enctest0", "isGateway": true, "ipMasq": false,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]], "dataDir": dir.join("cni-ipam")}},
+            {"type": "loopback"}]});
+        std::fs::write(dir.join("cni/10-enclave-test.conflist"), conf.to_string()).unwrap();
+        let extra = format!(
+            r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.enclave]
+      runtime_type = "io.containerd.enclave.v2"
+      pod_annotations = ["enclave.io/*"]
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+            cni = dir.join("cni").display()
+        );
+        let containerd = Containerd::start_with(
+            &dir.join("containerd"),
+            "k8s.io",
+            shim_dir,
+            &extra,
+            Some(&ns.name),
+        );
+        let images = dir.join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        containerd.ctr_ok(&["images", "import", busybox_image(&images).to_str().unwrap()]);
+        containerd.ctr_ok(&[
+            "images",
+            "import",
+            pause_image(&images, PAUSE).unwrap().to_str().unwrap(),
+        ]);
+        CriNode {
+            containerd,
+            netns: ns,
+        }
+    }
+}
+
+/// A CRI runtime-service client over containerd's socket.
+pub async fn cri_client(sock: &str) -> RuntimeServiceClient<Channel> {
+    let path = sock.to_string();
+    let channel = Endpoint::try_from("http://[::]")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    RuntimeServiceClient::new(channel)
+}
