@@ -87,8 +87,14 @@ impl Config {
     /// The config in effect: `ENCLAVE_CONFIG`, else /etc/enclave/config.toml when it exists,
     /// else the defaults; `ENCLAVE_GUEST_IMAGE` overrides the image directory.
     pub fn load() -> Result<Config, String> {
-        let path = std::env::var_os("ENCLAVE_CONFIG")
-            .map(PathBuf::from)
+        Self::load_from(None)
+    }
+
+    /// As [`Config::load`], but `path` (the runtime options' `ConfigPath` from containerd)
+    /// comes first.
+    pub fn load_from(path: Option<PathBuf>) -> Result<Config, String> {
+        let path = path
+            .or_else(|| std::env::var_os("ENCLAVE_CONFIG").map(PathBuf::from))
             .unwrap_or_else(|| DEFAULT_PATH.into());
         let mut c = if path.exists() {
             let text =
@@ -173,6 +179,48 @@ impl Config {
     }
 }
 
+/// The config file containerd names in a runtime's options: for runtimes other than runc,
+/// CRI passes `[...runtimes.enclave.options] ConfigPath = "..."` as
+/// `runtimeoptions.v1.Options { type_url = 1, config_path = 2 }`.
+pub fn options_config_path(
+    options: Option<&containerd_shim_protos::protobuf::well_known_types::any::Any>,
+) -> Option<PathBuf> {
+    let any = options?;
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    // Two length-delimited string fields; read field 2.
+    let b = &any.value;
+    let mut i = 0;
+    while i < b.len() {
+        let key = b[i];
+        i += 1;
+        let mut len = 0usize;
+        let mut shift = 0;
+        loop {
+            let byte = *b.get(i)?;
+            i += 1;
+            len |= ((byte & 0x7f) as usize) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 || shift > 28 {
+                break;
+            }
+        }
+        if key & 7 != 2 {
+            return None;
+        }
+        let value = b.get(i..i.checked_add(len)?)?;
+        i += len;
+        if key >> 3 == 2 {
+            return std::str::from_utf8(value)
+                .ok()
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from);
+        }
+    }
+    None
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -237,6 +285,35 @@ mod tests {
         );
         let text = std::fs::read_to_string(path).unwrap();
         assert_eq!(Config::parse(&text, path).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn config_path_from_containerd_runtime_options() {
+        use containerd_shim_protos::protobuf::well_known_types::any::Any;
+        // runtimeoptions.v1.Options { type_url: "x", config_path: "/etc/enclave/pci.toml" }
+        let mut value = vec![0x0a, 1, b'x', 0x12, 21];
+        value.extend_from_slice(b"/etc/enclave/pci.toml");
+        let any = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value,
+            ..Default::default()
+        };
+        assert_eq!(
+            options_config_path(Some(&any)),
+            Some(PathBuf::from("/etc/enclave/pci.toml"))
+        );
+        let other = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: vec![0x12, 1, b'a'],
+            ..Default::default()
+        };
+        assert_eq!(options_config_path(Some(&other)), None);
+        let broken = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: vec![0x12, 200],
+            ..Default::default()
+        };
+        assert_eq!(options_config_path(Some(&broken)), None);
     }
 
     #[test]

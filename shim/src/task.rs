@@ -160,8 +160,8 @@ impl Service {
 
     /// Boots the VM with `bundle` shared into the guest, sized for `spec`, and connects to
     /// the agent.
-    fn boot(&self, spec: &serde_json::Value) -> Result<(), String> {
-        let cfg = Config::load()?;
+    fn boot(&self, spec: &serde_json::Value, config_path: Option<PathBuf>) -> Result<(), String> {
+        let cfg = Config::load_from(config_path)?;
         let tools = Tools::find(cfg.paths.guest_image.clone())?;
         let (vcpus, memory_mib) = resources(&cfg, spec);
         // A pod sandbox (CRI) names the network namespace CNI made: carry it into the guest.
@@ -424,7 +424,10 @@ impl Task for TaskService {
             })
             .map_err(|e| err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         if lock(&s.sandbox).is_none() {
-            if let Err(e) = s.boot(&spec) {
+            if let Err(e) = s.boot(
+                &spec,
+                crate::config::options_config_path(req.options.as_ref()),
+            ) {
                 crate::mount::unmount(&rootfs);
                 return Err(err(ttrpc::Code::INTERNAL, e));
             }
@@ -822,6 +825,16 @@ impl Task for TaskService {
             task_pid: pid,
             ..Default::default()
         })
+    }
+
+    fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::UpdateTaskRequest,
+    ) -> ttrpc::Result<api::Empty> {
+        // A pod's VM is sized at boot (vCPUs and memory from its annotations and limits);
+        // resizing a running guest (CPU and memory hotplug) is not supported.
+        Err(err(ttrpc::Code::UNIMPLEMENTED, "enclave: resources of a running microVM cannot change; they are set when the pod's VM boots (enclave.io/vcpus, enclave.io/memory-mib, or the pod's limits)"))
     }
 
     fn shutdown(
