@@ -73,6 +73,20 @@ fn err(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
+fn no_process(id: &str, exec: &str) -> ttrpc::Error {
+    err(
+        ttrpc::Code::NOT_FOUND,
+        format!("no process {id}/{exec} in this shim"),
+    )
+}
+
+fn no_container(id: &str) -> ttrpc::Error {
+    err(
+        ttrpc::Code::NOT_FOUND,
+        format!("no container {id} in this shim"),
+    )
+}
+
 fn now() -> Timestamp {
     Timestamp::now()
 }
@@ -489,12 +503,7 @@ impl Task for TaskService {
             let p = cs
                 .get(&req.id)
                 .and_then(|c| c.procs.get(&req.exec_id))
-                .ok_or_else(|| {
-                    err(
-                        ttrpc::Code::NOT_FOUND,
-                        format!("no process {}/{}", req.id, req.exec_id),
-                    )
-                })?;
+                .ok_or_else(|| no_process(&req.id, &req.exec_id))?;
             (
                 p.stdin.clone(),
                 p.stdout.clone(),
@@ -562,15 +571,11 @@ impl Task for TaskService {
         req: api::StateRequest,
     ) -> ttrpc::Result<api::StateResponse> {
         let cs = lock(&self.0.containers);
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no container {}", req.id)))?;
-        let p = c.procs.get(&req.exec_id).ok_or_else(|| {
-            err(
-                ttrpc::Code::NOT_FOUND,
-                format!("no process {}/{}", req.id, req.exec_id),
-            )
-        })?;
+        let c = cs.get(&req.id).ok_or_else(|| no_container(&req.id))?;
+        let p = c
+            .procs
+            .get(&req.exec_id)
+            .ok_or_else(|| no_process(&req.id, &req.exec_id))?;
         let (exit_status, exited_at) = p
             .exit
             .clone()
@@ -599,12 +604,7 @@ impl Task for TaskService {
             let p = cs
                 .get(&req.id)
                 .and_then(|c| c.procs.get(&req.exec_id))
-                .ok_or_else(|| {
-                    err(
-                        ttrpc::Code::NOT_FOUND,
-                        format!("no process {}/{}", req.id, req.exec_id),
-                    )
-                })?;
+                .ok_or_else(|| no_process(&req.id, &req.exec_id))?;
             if let Some((status, at)) = &p.exit {
                 return Ok(api::WaitResponse {
                     exit_status: *status,
@@ -623,12 +623,7 @@ impl Task for TaskService {
             .and_then(|c| c.procs.get(&req.exec_id))
             .map(|p| p.exit.is_none());
         match running {
-            None => {
-                return Err(err(
-                    ttrpc::Code::NOT_FOUND,
-                    format!("no process {}/{}", req.id, req.exec_id),
-                ))
-            }
+            None => return Err(no_process(&req.id, &req.exec_id)),
             Some(false) => return Ok(api::Empty::new()), // already gone: nothing to signal
             Some(true) => {}
         }
@@ -650,9 +645,7 @@ impl Task for TaskService {
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> ttrpc::Result<api::Empty> {
         let mut cs = lock(&self.0.containers);
-        let c = cs
-            .get_mut(&req.id)
-            .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        let c = cs.get_mut(&req.id).ok_or_else(|| no_container(&req.id))?;
         if c.procs.contains_key(&req.exec_id) {
             return Err(err(
                 ttrpc::Code::ALREADY_EXISTS,
@@ -681,9 +674,7 @@ impl Task for TaskService {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> ttrpc::Result<api::PidsResponse> {
         let cs = lock(&self.0.containers);
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        let c = cs.get(&req.id).ok_or_else(|| no_container(&req.id))?;
         let processes = c
             .procs
             .values()
@@ -733,9 +724,7 @@ impl Task for TaskService {
     ) -> ttrpc::Result<api::DeleteResponse> {
         let s = &self.0;
         let mut cs = lock(&s.containers);
-        let c = cs
-            .get_mut(&req.id)
-            .ok_or_else(|| err(ttrpc::Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        let c = cs.get_mut(&req.id).ok_or_else(|| no_container(&req.id))?;
         if !req.exec_id.is_empty() {
             let p = c
                 .procs

@@ -137,18 +137,7 @@ fn ctr_runs_containers_in_microvms() {
     );
 
     // A long-running container: exec, metrics, kill.
-    ctrd.ctr_ok(&[
-        "run",
-        "-d",
-        "--fifo-dir",
-        fifo,
-        "--runtime",
-        "io.containerd.enclave.v2",
-        IMAGE,
-        "sleeper",
-        "sleep",
-        "1000",
-    ]);
+    ctrd.run_sleeper(fifo, "sleeper", &[]);
     let out = ctrd.ctr_ok(&[
         "task",
         "exec",
@@ -198,20 +187,7 @@ fn killing_the_shim_or_the_vm_ends_the_task_and_leaves_nothing() {
         return;
     };
     let fifo = fifo.to_str().unwrap();
-    let run = |id: &str| {
-        ctrd.ctr_ok(&[
-            "run",
-            "-d",
-            "--fifo-dir",
-            fifo,
-            "--runtime",
-            "io.containerd.enclave.v2",
-            IMAGE,
-            id,
-            "sleep",
-            "1000",
-        ])
-    };
+    let run = |id: &str| ctrd.run_sleeper(fifo, id, &[]);
 
     // kill -9 of the shim: containerd sees the task end and runs `shim delete`, which kills
     // the VM the shim left and cleans up.
@@ -264,19 +240,7 @@ fn containers_of_one_pod_share_its_vm() {
         return;
     };
     let fifo = fifo.to_str().unwrap();
-    let rt = "io.containerd.enclave.v2";
-    ctrd.ctr_ok(&[
-        "run",
-        "-d",
-        "--fifo-dir",
-        fifo,
-        "--runtime",
-        rt,
-        IMAGE,
-        "pod1",
-        "sleep",
-        "1000",
-    ]);
+    ctrd.run_sleeper(fifo, "pod1", &[]);
     // What CRI sets on a pod's containers (the kubelet's CreateContainer).
     let grouped = [
         "--annotation",
@@ -284,22 +248,8 @@ fn containers_of_one_pod_share_its_vm() {
         "--annotation",
         "io.kubernetes.cri.sandbox-id=pod1",
     ];
-    let mut args = vec!["run", "-d", "--fifo-dir", fifo, "--runtime", rt];
-    args.extend(grouped);
-    args.extend([IMAGE, "app1", "sleep", "1000"]);
-    ctrd.ctr_ok(&args);
-    ctrd.ctr_ok(&[
-        "run",
-        "-d",
-        "--fifo-dir",
-        fifo,
-        "--runtime",
-        rt,
-        IMAGE,
-        "other",
-        "sleep",
-        "1000",
-    ]);
+    ctrd.run_sleeper(fifo, "app1", &grouped);
+    ctrd.run_sleeper(fifo, "other", &[]);
 
     // Proved from inside: the guest kernel's boot id is the same in the pod's two containers
     // and different in the other one's VM.

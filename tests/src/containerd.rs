@@ -122,6 +122,22 @@ impl Containerd {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
+    /// `ctr run -d` of `id` running `sleep 1000` with the enclave runtime, FIFOs under
+    /// `fifo`, and `extra` ctr flags (annotations).
+    pub fn run_sleeper(&self, fifo: &str, id: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--fifo-dir",
+            fifo,
+            "--runtime",
+            "io.containerd.enclave.v2",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, id, "sleep", "1000"]);
+        self.ctr_ok(&args)
+    }
+
     /// The end of containerd's log.
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
