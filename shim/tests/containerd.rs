@@ -248,7 +248,17 @@ fn containers_of_one_pod_share_its_vm() {
         "--annotation",
         "io.kubernetes.cri.sandbox-id=pod1",
     ];
-    ctrd.run_sleeper(fifo, "app1", &grouped);
+    let mut args = vec![
+        "run",
+        "-d",
+        "--fifo-dir",
+        fifo,
+        "--runtime",
+        "io.containerd.enclave.v2",
+    ];
+    args.extend(grouped);
+    args.extend([IMAGE, "app1", "sleep", "1001"]);
+    ctrd.ctr_ok(&args);
     ctrd.run_sleeper(fifo, "other", &[]);
 
     // Proved from inside: the guest kernel's boot id is the same in the pod's two containers
@@ -271,6 +281,23 @@ fn containers_of_one_pod_share_its_vm() {
     let (p, a, o) = (boot_id("pod1"), boot_id("app1"), boot_id("other"));
     assert_eq!(p.len(), 36, "{p:?}");
     assert_eq!(p, a, "the pod's containers are in one VM");
+    // An exec lands in the container it names (its own PID namespace: PID 1 is its init).
+    let init = |id: &str| {
+        ctrd.ctr_ok(&[
+            "task",
+            "exec",
+            "--fifo-dir",
+            fifo,
+            "--exec-id",
+            &format!("i-{id}"),
+            id,
+            "cat",
+            "/proc/1/cmdline",
+        ])
+        .replace('\0', " ")
+    };
+    assert_eq!(init("app1").trim(), "sleep 1001");
+    assert_eq!(init("pod1").trim(), "sleep 1000");
     assert_ne!(p, o, "another container has its own VM");
     let vms = leftovers(&format!("/run/enclave/{}/", ctrd.ns))
         .iter()
