@@ -100,6 +100,62 @@ pub fn state_dir(namespace: &str, id: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(namespace).join(id)
 }
 
+/// Where the guest mounts the shared directory.
+pub const GUEST_SHARED: &str = "/run/enclave/shared";
+
+fn is_bind(m: &serde_json::Value) -> bool {
+    m["type"].as_str() == Some("bind")
+        || m["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// Carries the host files a container's spec bind-mounts (CRI's `/etc/hosts`,
+/// `/etc/resolv.conf`, `/etc/hostname`, a ConfigMap file...) into the guest: each is copied
+/// into `host_dir` (the container's part of the shared directory) and the mount's source
+/// becomes its guest path under `guest_dir`. The sandbox's `/dev/shm` becomes a tmpfs of the
+/// guest. Host directories are not carried (they would expose the node's file system).
+/// A copy is a snapshot taken when the container is created.
+pub fn carry_binds(
+    spec: &mut serde_json::Value,
+    host_dir: &Path,
+    guest_dir: &str,
+) -> Result<(), String> {
+    let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+        return Ok(());
+    };
+    for (i, m) in mounts.iter_mut().enumerate() {
+        if !is_bind(m) {
+            continue;
+        }
+        let (Some(src), Some(dest)) = (
+            m["source"].as_str().map(PathBuf::from),
+            m["destination"].as_str().map(String::from),
+        ) else {
+            continue;
+        };
+        if dest == "/dev/shm" {
+            *m = serde_json::json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]});
+            continue;
+        }
+        if !src.is_file() {
+            continue; // a directory or nothing: dropped by guest_spec
+        }
+        let name = format!(
+            "{i}-{}",
+            src.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let files = host_dir.join("files");
+        std::fs::create_dir_all(&files).map_err(|e| format!("{}: {e}", files.display()))?;
+        std::fs::copy(&src, files.join(&name))
+            .map_err(|e| format!("carrying {} into the guest: {e}", src.display()))?;
+        m["source"] = serde_json::Value::String(format!("{guest_dir}/files/{name}"));
+    }
+    Ok(())
+}
+
 /// Container ids the shim accepts (they name directories): `[A-Za-z0-9_.-]`, 1 to 64.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -115,16 +171,14 @@ pub fn valid_id(id: &str) -> bool {
 /// the shared `rootfs` directory.
 pub fn guest_spec(spec: &mut serde_json::Value) {
     spec["root"] = serde_json::json!({"path": "rootfs", "readonly": spec["root"]["readonly"].as_bool().unwrap_or(false)});
-    // Bind mounts name host paths (CRI's /etc/hosts, resolv.conf, hostname, /dev/shm of the
-    // sandbox) that the guest cannot see; the guest's own file systems (proc, sysfs, tmpfs,
-    // devpts, mqueue, cgroup) are kept.
+    // Bind mounts whose source is a host path cannot be followed by the guest; binds the
+    // shim carried into the shared directory (see `carry_binds`) have guest sources and stay.
     if let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) {
         mounts.retain(|m| {
-            let bind = m["type"].as_str() == Some("bind")
-                || m["options"]
-                    .as_array()
-                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
-            !bind
+            !is_bind(m)
+                || m["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(GUEST_SHARED))
         });
     }
     if let Some(linux) = spec.get_mut("linux").and_then(|l| l.as_object_mut()) {
@@ -446,6 +500,12 @@ impl Task for TaskService {
                 return Err(err(ttrpc::Code::INTERNAL, e));
             }
         }
+        carry_binds(
+            &mut spec,
+            &s.shared_dir().join(&req.id),
+            &format!("{GUEST_SHARED}/{}", req.id),
+        )
+        .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
         guest_spec(&mut spec);
         let agent = s.agent()?;
         let r = agent
@@ -765,6 +825,7 @@ impl Task for TaskService {
         let dir = s.shared_dir().join(&req.id);
         crate::mount::unmount(&dir.join("rootfs"));
         let _ = std::fs::remove_dir(dir.join("rootfs"));
+        let _ = std::fs::remove_dir_all(dir.join("files"));
         let _ = std::fs::remove_dir(&dir);
         let _ = bundle;
         s.publisher.task_delete(&req.id, pid, status, at.clone());
@@ -838,5 +899,48 @@ impl Task for TaskService {
         *lock(m) = true;
         cv.notify_all();
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn host_files_are_carried_and_host_dirs_are_not() {
+        let tmp = std::env::temp_dir().join(format!("enclave-carry-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("host")).unwrap();
+        std::fs::write(tmp.join("host/hostname"), "payments-api\n").unwrap();
+        let mut spec = serde_json::json!({"mounts": [
+            {"destination": "/etc/hostname", "type": "bind", "source": tmp.join("host/hostname"), "options": ["rbind", "ro"]},
+            {"destination": "/dev/shm", "type": "bind", "source": tmp.join("host"), "options": ["rbind"]},
+            {"destination": "/data", "type": "bind", "source": "/var/lib", "options": ["rbind"]},
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+        ]});
+        carry_binds(&mut spec, &tmp.join("shared/c1"), "/run/enclave/shared/c1").unwrap();
+        guest_spec(&mut spec);
+        let m = spec["mounts"].as_array().unwrap();
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert_eq!(m[0]["source"], "/run/enclave/shared/c1/files/0-hostname");
+        assert_eq!(
+            std::fs::read_to_string(tmp.join("shared/c1/files/0-hostname")).unwrap(),
+            "payments-api\n"
+        );
+        assert_eq!(m[1]["type"], "tmpfs");
+        assert_eq!(m[2]["type"], "proc");
+        assert!(
+            !spec.to_string().contains("/var/lib"),
+            "a host directory must not reach the guest"
+        );
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+
+    #[test]
+    fn container_ids_that_name_directories_safely() {
+        assert!(valid_id("abc-1.2_3"));
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
     }
 }

@@ -85,6 +85,7 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
             namespace: "payments".into(),
             attempt: 0,
         }),
+        hostname: "payments-api".into(),
         log_directory: logs.display().to_string(),
         annotations: HashMap::from([("enclave.io/zone".to_string(), "cde".to_string())]),
         linux: Some(LinuxPodSandboxConfig::default()),
@@ -160,6 +161,14 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     assert_eq!(a.len(), 36);
     assert_eq!(a, b, "the pod's containers share one VM");
     let kernel = exec(ids[0].clone(), vec!["uname", "-r"]).await;
+    // CRI's per-pod files (hostname, hosts, resolv.conf) are carried into the guest.
+    assert_eq!(
+        exec(ids[0].clone(), vec!["cat", "/etc/hostname"]).await,
+        "payments-api"
+    );
+    assert!(!exec(ids[1].clone(), vec!["cat", "/etc/hosts"])
+        .await
+        .is_empty());
     let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
     assert_ne!(kernel, host.trim(), "the container sees the guest's kernel");
     let vms = leftovers("/run/enclave/k8s.io/")

@@ -251,6 +251,7 @@ fn delete(f: &Flags) -> Result<Vec<u8>, String> {
             let dir = shim.path().join("shared").join(&f.id);
             enclave_shim::mount::unmount(&dir.join("rootfs"));
             let _ = std::fs::remove_dir(dir.join("rootfs"));
+            let _ = std::fs::remove_dir_all(dir.join("files"));
             let _ = std::fs::remove_dir(dir);
         }
     }
