@@ -313,3 +313,34 @@ fn containers_of_one_pod_share_its_vm() {
     }
     assert_nothing_left(&ctrd);
 }
+
+#[test]
+fn a_terminal_container_gets_a_tty() {
+    let Some((ctrd, fifo)) = setup("a_terminal_container_gets_a_tty", "enclave-tty") else {
+        return;
+    };
+    // ctr -t needs a terminal of its own: script(1) gives it one.
+    let ctr = format!(
+        "ctr --address {} --namespace {} run --rm -t --fifo-dir {} --runtime io.containerd.enclave.v2 {IMAGE} tty1 sh -c 'test -t 0 && test -t 1 && echo tty-ok'",
+        ctrd.sock(),
+        ctrd.ns,
+        fifo.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &ctr, "/dev/null"])
+        .env("COLUMNS", "100")
+        .env("LINES", "40")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // isatty on stdin and stdout. (ttyname does not resolve, and so `tty` and `stty` say
+    // "not a tty": the agent allocates the pty in the guest's devpts, not in the
+    // container's own devpts instance as runc does; docs/shim.md.)
+    assert!(text.contains("tty-ok"), "no tty in the container: {text:?}");
+    assert_nothing_left(&ctrd);
+}
