@@ -803,7 +803,6 @@ impl Task for TaskService {
             init.map(|p| p.pid).unwrap_or(0),
             init.and_then(|p| p.exit.clone()).unwrap_or((0, now())),
         );
-        let bundle = c.bundle.clone();
         cs.remove(&req.id);
         let last = cs.is_empty();
         drop(cs);
@@ -827,7 +826,6 @@ impl Task for TaskService {
         let _ = std::fs::remove_dir(dir.join("rootfs"));
         let _ = std::fs::remove_dir_all(dir.join("files"));
         let _ = std::fs::remove_dir(&dir);
-        let _ = bundle;
         s.publisher.task_delete(&req.id, pid, status, at.clone());
         Ok(api::DeleteResponse {
             pid,

@@ -112,6 +112,27 @@ fn tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// Makes `fd` the child's fd 3, without close-on-exec, and with `new_session` also puts the
+/// child in a session of its own. (dup2 clears close-on-exec, but does nothing when `fd`
+/// already is 3; then fcntl does.)
+pub fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd, new_session: bool) {
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2/fcntl, setsid) on
+    // descriptors the parent keeps open until the child has execed.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 || (new_session && libc::setsid() < 0) {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// QEMU's command line for the guest image.
 fn qemu_command(
     tools: &Tools,
@@ -177,21 +198,7 @@ fn qemu_command(
                 "-device",
                 &format!("virtio-net-device,netdev=pod0,mac={mac}"),
             ]);
-            // SAFETY: between fork and exec only dup2 (async-signal-safe): the tap becomes
-            // QEMU's fd 3 without close-on-exec (fcntl when it already is fd 3).
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut q, move || {
-                    let rc = if fd == 3 {
-                        libc::fcntl(3, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(fd, 3)
-                    };
-                    if rc < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            pass_as_fd3(&mut q, fd, false);
         }
         None => {}
     }

@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -174,22 +173,9 @@ fn start(f: &Flags) -> Result<String, String> {
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(log);
-    // SAFETY: between fork and exec only async-signal-safe calls: the listener to fd 3
-    // without close-on-exec (dup2 clears it, but is a no-op when the listener already is
-    // fd 3), and setsid so the shim outlives containerd's call.
-    unsafe {
-        cmd.pre_exec(move || {
-            let rc = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if rc < 0 || libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // The listener becomes the daemon's fd 3; a session of its own so the shim outlives
+    // containerd's call.
+    enclave_shim::vm::pass_as_fd3(&mut cmd, fd, true);
     cmd.spawn()
         .map_err(|e| format!("starting the shim daemon: {e}"))?;
     std::fs::write(bundle.join("address"), &address)
