@@ -151,6 +151,8 @@ pub struct VsockState {
     /// Control packets waiting for a guest rx buffer.
     rx_control: VecDeque<PacketHeader>,
     next_port: u32,
+    /// Read buffer for host → guest data.
+    scratch: Vec<u8>,
     metrics: Arc<Metrics>,
 }
 
@@ -179,6 +181,7 @@ impl Vsock {
             pending: HashMap::new(),
             rx_control: VecDeque::new(),
             next_port: EPHEMERAL_PORT_BASE,
+            scratch: Vec::new(),
             metrics,
         };
         Ok(Vsock(Arc::new(Mutex::new(state))))
@@ -659,8 +662,16 @@ impl VsockState {
 
     /// Reads from one host stream into guest rx buffers while credit and buffers last.
     fn pump_host_to_guest(&mut self, key: (u32, u32)) -> bool {
+        // One 64 KiB buffer for the device's life, not one per connection per event.
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.resize(MAX_PKT_PAYLOAD as usize, 0);
+        let used = self.pump_into(key, &mut buf);
+        self.scratch = buf;
+        used
+    }
+
+    fn pump_into(&mut self, key: (u32, u32), buf: &mut [u8]) -> bool {
         let mut used = false;
-        let mut buf = vec![0u8; MAX_PKT_PAYLOAD as usize];
         loop {
             let Some(c) = self.conns.get_mut(&key) else {
                 return used;
