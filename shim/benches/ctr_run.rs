@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use enclave_tests::containerd::{busybox_image, pid_of, Containerd, IMAGE};
+use enclave_tests::procfs::pid_status;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -107,15 +108,10 @@ fn main() {
                 if let Some(pid) =
                     pid_of(&["containerd-shim-enclave-v2", &format!("-id {id}"), "serve"])
                 {
-                    let status =
-                        std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                    rss.extend(
-                        status
-                            .lines()
-                            .find_map(|l| l.strip_prefix("VmRSS:"))
-                            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                            .map(|k| k / 1024.0),
-                    );
+                    let kib = pid_status(pid, "VmRSS:")
+                        .first()
+                        .and_then(|v| v.parse::<f64>().ok());
+                    rss.extend(kib.map(|k| k / 1024.0));
                 }
             }
             ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);

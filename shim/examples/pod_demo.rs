@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use enclave_tests::containerd::{kill_leftovers, leftovers, IMAGE};
-use enclave_tests::cri::{cri_client, CriNode};
+use enclave_tests::cri::{cri_client, exec_sync, CriNode};
 use k8s_cri::v1::*;
 
 fn step(s: &str) {
@@ -151,18 +151,10 @@ async fn main() {
     let mut boot_ids = Vec::new();
     for (name, sandbox, ids) in &started {
         for id in ids {
-            let run = |cmd: &[&str]| {
+            let run = |cmd: &'static [&'static str]| {
                 let mut cri = cri.clone();
-                let req = ExecSyncRequest {
-                    container_id: id.clone(),
-                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                    timeout: 60,
-                };
-                async move {
-                    String::from_utf8_lossy(&cri.exec_sync(req).await.unwrap().into_inner().stdout)
-                        .trim()
-                        .to_string()
-                }
+                let id = id.clone();
+                async move { exec_sync(&mut cri, &id, cmd).await.1 }
             };
             let (kernel, boot) = (
                 run(&["uname", "-r"]).await,

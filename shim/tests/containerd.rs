@@ -248,17 +248,7 @@ fn containers_of_one_pod_share_its_vm() {
         "--annotation",
         "io.kubernetes.cri.sandbox-id=pod1",
     ];
-    let mut args = vec![
-        "run",
-        "-d",
-        "--fifo-dir",
-        fifo,
-        "--runtime",
-        "io.containerd.enclave.v2",
-    ];
-    args.extend(grouped);
-    args.extend([IMAGE, "app1", "sleep", "1001"]);
-    ctrd.ctr_ok(&args);
+    ctrd.run_detached(fifo, "app1", &grouped, &["sleep", "1001"]);
     ctrd.run_sleeper(fifo, "other", &[]);
 
     // Proved from inside: the guest kernel's boot id is the same in the pod's two containers

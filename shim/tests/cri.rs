@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use enclave_tests::containerd::{kill_leftovers, leftovers, IMAGE};
-use enclave_tests::cri::{cri_client, CriNode};
+use enclave_tests::cri::{cri_client, exec_sync, CriNode};
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::*;
 
@@ -135,17 +135,9 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     let exec = |id: String, cmd: Vec<&'static str>| {
         let mut cri = cri.clone();
         async move {
-            let r = cri
-                .exec_sync(ExecSyncRequest {
-                    container_id: id,
-                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                    timeout: 60,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
-            String::from_utf8_lossy(&r.stdout).trim().to_string()
+            let (code, out, err) = exec_sync(&mut cri, &id, &cmd).await;
+            assert_eq!(code, 0, "{err}");
+            out
         }
     };
     let a = exec(
@@ -262,21 +254,8 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
             std::fs::read_to_string(logs.join("api.log")).unwrap_or_default()
         );
         for cmd in [vec!["ip", "route"], vec!["ps"], vec!["ip", "addr"]] {
-            let r = cri
-                .exec_sync(ExecSyncRequest {
-                    container_id: ids[0].clone(),
-                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                    timeout: 30,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            diag += &format!(
-                "--- guest: {}\n{}{}\n",
-                cmd.join(" "),
-                String::from_utf8_lossy(&r.stdout),
-                String::from_utf8_lossy(&r.stderr)
-            );
+            let (_, out, err) = exec_sync(&mut cri, &ids[0], &cmd).await;
+            diag += &format!("--- guest: {}\n{out}\n{err}\n", cmd.join(" "));
         }
         panic!("ping of the pod IP failed: {got}\n{diag}");
     }

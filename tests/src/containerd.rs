@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::procfs::processes;
 use crate::{busybox_rootfs, workspace_root};
 
 /// The image [`busybox_image`] builds.
@@ -122,9 +123,9 @@ impl Containerd {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
-    /// `ctr run -d` of `id` running `sleep 1000` with the enclave runtime, FIFOs under
-    /// `fifo`, and `extra` ctr flags (annotations).
-    pub fn run_sleeper(&self, fifo: &str, id: &str, extra: &[&str]) -> String {
+    /// `ctr run -d` of `id` running `cmd` in [`IMAGE`] with the enclave runtime, FIFOs
+    /// under `fifo`, and `extra` ctr flags (annotations).
+    pub fn run_detached(&self, fifo: &str, id: &str, extra: &[&str], cmd: &[&str]) -> String {
         let mut args = vec![
             "run",
             "-d",
@@ -134,8 +135,14 @@ impl Containerd {
             "io.containerd.enclave.v2",
         ];
         args.extend_from_slice(extra);
-        args.extend_from_slice(&[IMAGE, id, "sleep", "1000"]);
+        args.extend_from_slice(&[IMAGE, id]);
+        args.extend_from_slice(cmd);
         self.ctr_ok(&args)
+    }
+
+    /// [`Containerd::run_detached`] of `sleep 1000`.
+    pub fn run_sleeper(&self, fifo: &str, id: &str, extra: &[&str]) -> String {
+        self.run_detached(fifo, id, extra, &["sleep", "1000"])
     }
 
     /// The end of containerd's log.
@@ -271,51 +278,38 @@ pub fn image_from_rootfs(dir: &Path, rootfs: &Path, name: &str, cmd: &[&str]) ->
 
 /// Command lines of VM and shim processes whose command line contains `marker`.
 pub fn leftovers(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(marker)
-            && (cmd.contains("qemu")
-                || cmd.contains("virtiofsd")
-                || cmd.contains("vhost-device-vsock")
-                || cmd.contains("containerd-shim-enclave"))
-        {
-            found.push(cmd);
-        }
-    }
-    found
+    let ours = [
+        "qemu",
+        "virtiofsd",
+        "vhost-device-vsock",
+        "containerd-shim-enclave",
+    ];
+    processes()
+        .into_iter()
+        .map(|(_, cmd)| cmd)
+        .filter(|cmd| cmd.contains(marker) && ours.iter().any(|o| cmd.contains(o)))
+        .collect()
 }
 
 /// The pid of the process whose command line contains every one of `needle`.
 pub fn pid_of(needle: &[&str]) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
-        let cmd =
-            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-        if needle.iter().all(|n| cmd.contains(n)) {
-            p.file_name().to_string_lossy().parse().ok()
-        } else {
-            None
-        }
-    })
+    processes()
+        .into_iter()
+        .find(|(_, cmd)| needle.iter().all(|n| cmd.contains(n)))
+        .map(|(pid, _)| pid)
 }
 
 /// Kills whatever a failed test left running under `marker` (shims and VM processes), so
 /// the next run starts clean. Returns how many it killed.
 pub fn kill_leftovers(marker: &str) -> usize {
-    let mut n = 0;
-    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmd =
-            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-        if cmd.contains(marker) && !cmd.contains("cargo") {
-            if let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() {
-                // SAFETY: SIGKILL to a process of a previous test run.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                n += 1;
-            }
-        }
+    let victims: Vec<i32> = processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(marker) && !cmd.contains("cargo"))
+        .map(|(pid, _)| pid)
+        .collect();
+    for pid in &victims {
+        // SAFETY: SIGKILL to a process of a previous test run.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
     }
-    n
+    victims.len()
 }

@@ -118,3 +118,27 @@ pub async fn cri_client(sock: &str) -> RuntimeServiceClient<Channel> {
         .unwrap();
     RuntimeServiceClient::new(channel)
 }
+
+/// Runs `cmd` in container `id` through ExecSync (60 s timeout): (exit code, stdout trimmed,
+/// stderr).
+pub async fn exec_sync(
+    cri: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    cmd: &[&str],
+) -> (i32, String, String) {
+    let req = k8s_cri::v1::ExecSyncRequest {
+        container_id: id.to_string(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout: 60,
+    };
+    let r = cri
+        .exec_sync(req)
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
+        .into_inner();
+    (
+        r.exit_code,
+        String::from_utf8_lossy(&r.stdout).trim().to_string(),
+        String::from_utf8_lossy(&r.stderr).to_string(),
+    )
+}

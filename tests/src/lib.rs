@@ -4,6 +4,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod procfs;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use enclave_tests::procfs::{first_child, pid_status, status_field};
 use enclave_tests::vmm::{checks, hybrid_connect, kvm_usable, probe_guest};
 
 fn main() {
@@ -84,18 +85,8 @@ fn main() {
         "guest up and listening {:.1} ms after the jailer started",
         t.elapsed().as_secs_f64() * 1000.0
     );
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", j.id())).unwrap();
-    let pid = children.split_whitespace().next().unwrap().to_string();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let get = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or("")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let pid = first_child(j.id()).unwrap();
+    let get = |k: &str| pid_status(pid, k).join(" ");
     println!("\nthe VMM as the host sees it (pid {pid}):");
     println!("  uid/gid        {} / {}", get("Uid:"), get("Gid:"));
     println!("  pid in its ns  {}", get("NSpid:"));
@@ -105,14 +96,7 @@ fn main() {
         .unwrap()
         .flatten()
     {
-        let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        let f = |k: &str| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        };
+        let f = |k: &str| status_field(&t.path().join("status"), k).join(" ");
         println!(
             "  thread {:<22} Seccomp: {} (2 = filter)",
             f("Name:"),

@@ -9,17 +9,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use enclave_tests::procfs::{first_child, pid_status};
 use enclave_tests::vmm::{hybrid_connect, kvm_and_root, probe_guest, VmmRun};
 use serde_json::json;
 
 const VMM: &str = env!("CARGO_BIN_EXE_enclave-vmm");
 const JAILER: &str = env!("CARGO_BIN_EXE_enclave-jailer");
-
-fn find_vmm_pid(jailer: u32) -> Option<u32> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children")).ok()?;
-    children.split_whitespace().next()?.parse().ok()
-}
 
 fn ns(pid: &str, kind: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
@@ -78,7 +73,7 @@ fn the_jailed_vmm_is_unprivileged_isolated_and_works() {
     let root = base.join(&id).join("root");
     let deadline = Instant::now() + Duration::from_secs(20);
     let pid = loop {
-        if let Some(p) = find_vmm_pid(jailer.id()) {
+        if let Some(p) = first_child(jailer.id()) {
             if std::fs::read_to_string(root.join("run/serial.log"))
                 .unwrap_or_default()
                 .contains("INFO vsock listening")
@@ -101,24 +96,17 @@ fn the_jailed_vmm_is_unprivileged_isolated_and_works() {
     };
 
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or("")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-    };
+    let field = |k: &str| pid_status(&pid, k);
     assert_eq!(field("Uid:"), ["65534"; 4], "{status}");
     assert_eq!(field("Gid:"), ["65534"; 4], "{status}");
     assert_eq!(
         field("Groups:"),
-        Vec::<&str>::new(),
+        Vec::<String>::new(),
         "no supplementary groups"
     );
     assert_eq!(
         field("NSpid:").last(),
-        Some(&"1"),
+        Some(&"1".to_string()),
         "PID 1 of its own PID namespace: {status}"
     );
     assert_eq!(field("Seccomp:"), ["2"]);

@@ -8,6 +8,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use enclave_tests::procfs::status_field;
 use enclave_tests::skip_or_fail;
 use enclave_tests::vmm::{
     checks, fnv1a, hybrid_connect, kvm_usable, probe_guest, test_bytes, VmmRun,
@@ -129,27 +130,14 @@ fn start_listening_with_api(dir: &std::path::Path, cfg: &serde_json::Value) -> V
 }
 
 fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
         .flatten()
-    {
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        let name = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Name:"))
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        let mode = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp:"))
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        out.push((name, mode));
-    }
-    out
+        .map(|t| {
+            let field = |k: &str| status_field(&t.path().join("status"), k).join(" ");
+            (field("Name:"), field("Seccomp:"))
+        })
+        .collect()
 }
 
 #[test]
