@@ -10,6 +10,7 @@
 //! - [`matcher`]: the per-frame decision for one workload;
 //! - [`audit`]: OCSF records, the hash-chained log, its verifier;
 //! - [`nft`]: the same policy rendered for nftables and applied through netlink;
+//! - [`node`]: the node's policy directory, pod registry and reload;
 //! - [`learn`] and [`graph`]: rules proposed from observed flows, and pictures of flows.
 
 pub mod audit;
@@ -20,5 +21,6 @@ pub mod l7;
 pub mod learn;
 pub mod matcher;
 pub mod nft;
+pub mod node;
 pub mod packet;
 pub mod policy;

@@ -50,6 +50,7 @@ pub struct AuditLog {
     size: u64,
     first_seq: u64,
     head: Head,
+    shared: bool,
 }
 
 fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> AuditError {
@@ -112,6 +113,7 @@ impl AuditLog {
             size: complete_len,
             first_seq,
             head,
+            shared: false,
         };
         if let Some(torn) = torn {
             log.recover_torn(&torn, complete_len)?;
@@ -160,8 +162,63 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Opens a log that several writers append to (the node's log: one enclave-netd per
+    /// pod). Each append takes an exclusive `flock` and, when another writer appended since,
+    /// re-reads the head from the file, so the one chain stays unbroken. No rotation (the
+    /// writers would race on it): rotate with `enclavectl` while they are stopped, or give
+    /// each its own file.
+    pub fn open_shared(mut cfg: AuditLogConfig) -> Result<AuditLog, AuditError> {
+        cfg.max_bytes = 0;
+        let mut log = AuditLog::open(cfg)?;
+        log.shared = true;
+        Ok(log)
+    }
+
     /// Appends a record, filling in its chain fields. Returns the new head.
-    pub fn append(&mut self, mut record: Value) -> Result<Head, AuditError> {
+    pub fn append(&mut self, record: Value) -> Result<Head, AuditError> {
+        if !self.shared {
+            return self.append_now(record);
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        // SAFETY: flock on a descriptor this struct owns; no memory is involved.
+        if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
+            return Err(io(&self.cfg.path, "lock")(std::io::Error::last_os_error()));
+        }
+        let r = self.catch_up().and_then(|()| self.append_now(record));
+        // SAFETY: as above.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        r
+    }
+
+    /// Under the lock: if the file grew past what this writer wrote, take the head from it.
+    fn catch_up(&mut self) -> Result<(), AuditError> {
+        let path = self.cfg.path.clone();
+        let size = self.file.metadata().map_err(io(&path, "stat"))?.len();
+        if size == self.size {
+            return Ok(());
+        }
+        let (complete, last, _) =
+            read_tail(&mut self.file, size).map_err(io(&path, "read tail"))?;
+        if let Some(line) = last {
+            let v: Value =
+                serde_json::from_slice(&line).map_err(|e| AuditError::Unrecoverable {
+                    path: path.display().to_string(),
+                    reason: format!("another writer left a record that is not JSON ({e})"),
+                })?;
+            let (seq, _) = chain_fields(&v).ok_or_else(|| AuditError::Unrecoverable {
+                path: path.display().to_string(),
+                reason: "another writer left a record without chain fields".into(),
+            })?;
+            self.head = Head {
+                seq,
+                sha256: line_hash(&line),
+            };
+        }
+        self.size = complete;
+        Ok(())
+    }
+
+    fn append_now(&mut self, mut record: Value) -> Result<Head, AuditError> {
         let seq = self.head.seq + 1;
         if let Some(obj) = record.as_object_mut() {
             let meta = obj.entry("metadata").or_insert_with(|| json!({}));
@@ -240,7 +297,9 @@ impl AuditLog {
 impl Drop for AuditLog {
     fn drop(&mut self) {
         let _ = self.file.sync_all();
-        let _ = self.checkpoint();
+        if !self.shared {
+            let _ = self.checkpoint();
+        }
     }
 }
 

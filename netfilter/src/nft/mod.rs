@@ -28,6 +28,12 @@ pub enum Placement {
         /// The interface facing the workload (the pod's tap).
         interface: String,
     },
+    /// The workload's NIC is bridged with the pod's CNI interface in this namespace (the
+    /// shim's pod plumbing), and `bridge-nf-call-iptables` / `-ip6tables` send bridged IP
+    /// traffic through the inet hooks. Interfaces are not visible there (both sides are the
+    /// bridge), so direction comes from the workload's addresses, and a frame that is
+    /// neither from nor to them is dropped as spoofed.
+    Bridged,
 }
 
 /// Base chain hook.
@@ -209,7 +215,7 @@ pub fn render(
             from_w.push(rule(ndp, NftVerdict::Accept, "IPv6 neighbour discovery"));
         }
     }
-    if let Placement::Forward { .. } = placement {
+    if matches!(placement, Placement::Forward { .. }) {
         for ip in w.ips {
             // One address per family can be pinned this way; netd checks them all.
             if w.ips.iter().filter(|o| o.is_ipv4() == ip.is_ipv4()).count() == 1 {
@@ -382,6 +388,38 @@ pub fn render(
                         "zone policy, outbound",
                     ),
                 ],
+            });
+        }
+        Placement::Bridged => {
+            let mut rules = Vec::new();
+            for ip in w.ips {
+                rules.push(rule(
+                    vec![Match::Daddr(host(*ip))],
+                    NftVerdict::Jump("to_workload".into()),
+                    "zone policy, inbound",
+                ));
+                rules.push(rule(
+                    vec![Match::Saddr(host(*ip))],
+                    NftVerdict::Jump("from_workload".into()),
+                    "zone policy, outbound",
+                ));
+            }
+            for t in NDP_TYPES {
+                rules.push(rule(
+                    vec![Match::L4Proto(proto::ICMPV6), Match::Icmpv6Type(t)],
+                    NftVerdict::Accept,
+                    "IPv6 neighbour discovery (link-local)",
+                ));
+            }
+            rules.push(rule(
+                vec![],
+                NftVerdict::Drop,
+                "anti-spoofing: neither from nor to the workload's addresses",
+            ));
+            chains.push(NftChain {
+                name: "forward".into(),
+                hook: Some((Hook::Forward, 0)),
+                rules,
             });
         }
     }
