@@ -22,7 +22,8 @@ fn interleaved_writers_keep_one_chain() {
         assert_eq!(head.seq, i + 1, "sequence continues across writers");
     }
     // Writers in separate processes behave the same: each append re-reads the tail.
-    let report = audit::verify(&[path.clone()], &VerifyOptions::default()).expect("verify");
+    let report =
+        audit::verify(std::slice::from_ref(&path), &VerifyOptions::default()).expect("verify");
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(
         std::fs::read_to_string(&path)
