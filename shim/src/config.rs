@@ -62,6 +62,34 @@ impl Default for PathsSection {
     }
 }
 
+/// `[network]`: the pod network's enforcement (enclave-netd and nftables).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// The node's policy directory (one `*.yaml` zone policy).
+    pub policy_dir: PathBuf,
+    /// The node's pod registry (peers' identities and zones).
+    pub registry: PathBuf,
+    /// The node's audit log.
+    pub audit_log: PathBuf,
+    /// `always` or `never`: fdatasync every audit record.
+    pub audit_sync: String,
+    /// uid:gid enclave-netd drops to.
+    pub netd_user: String,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            policy_dir: enclave_netfilter::node::POLICY_DIR.into(),
+            registry: enclave_netfilter::node::REGISTRY_DIR.into(),
+            audit_log: enclave_netfilter::node::AUDIT_LOG.into(),
+            audit_sync: "never".into(),
+            netd_user: "65534:65534".into(),
+        }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -70,6 +98,8 @@ pub struct Config {
     pub vm: VmSection,
     /// `[paths]`
     pub paths: PathsSection,
+    /// `[network]`
+    pub network: NetworkSection,
 }
 
 impl Config {
@@ -122,6 +152,19 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !matches!(self.network.audit_sync.as_str(), "always" | "never") {
+            return Err((
+                "network.audit_sync",
+                format!("{:?}: use always or never", self.network.audit_sync),
+            ));
+        }
+        let ids = self.network.netd_user.split_once(':');
+        if !ids.is_some_and(|(u, g)| u.parse::<u32>().is_ok() && g.parse::<u32>().is_ok()) {
+            return Err((
+                "network.netd_user",
+                format!("{:?}: use UID:GID, numeric", self.network.netd_user),
+            ));
+        }
         if !matches!(self.vm.backend.as_str(), "auto" | "qemu" | "enclave-vmm") {
             return Err((
                 "vm.backend",

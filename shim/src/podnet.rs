@@ -1,7 +1,6 @@
 //! The pod network carried into the guest. CNI has made the pod's network namespace with an
 //! interface (`eth0`, the pod IP, a default route). The shim adds a tap next to it and
-//! joins the two with tc redirects (every frame arriving on one leaves on the other), and
-//! the guest's NIC takes the interface's MAC and addresses. The tap is owned by
+//! bridges the two, and the guest's NIC takes the interface's MAC and addresses. The tap is owned by
 //! enclave-netd, the vhost-user net backend the VM's NIC talks to — the only way the
 //! guest's frames leave the VM, and the place the zone policy is enforced.
 
@@ -63,8 +62,12 @@ pub fn discover(netns: &Path) -> Result<PodNet, String> {
     let link = links
         .as_array()
         .and_then(|l| {
-            l.iter()
-                .find(|l| l["ifname"] != "lo" && l["ifname"] != TAP && l["link_type"] == "ether")
+            l.iter().find(|l| {
+                l["ifname"] != "lo"
+                    && l["ifname"] != TAP
+                    && l["ifname"] != BRIDGE
+                    && l["link_type"] == "ether"
+            })
         })
         .ok_or("the pod network namespace has no ethernet interface (did CNI run?)")?;
     let addresses = link["addr_info"]
@@ -103,21 +106,67 @@ pub fn discover(netns: &Path) -> Result<PodNet, String> {
     })
 }
 
-/// Adds the tap and the redirects between it and the pod interface.
+/// The bridge joining the pod interface and the tap.
+pub const BRIDGE: &str = "enc0";
+
+/// A locally administered MAC for the pod interface once the guest has taken its own: the
+/// bridge must not treat frames to the guest's MAC as its own port's.
+fn port_mac(guest: &str) -> String {
+    let mut b: Vec<u8> = guest
+        .split(':')
+        .filter_map(|x| u8::from_str_radix(x, 16).ok())
+        .collect();
+    b.resize(6, 0);
+    b[0] = (b[0] | 0x02) & 0xfe;
+    b[5] ^= 0xff;
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Adds the tap and bridges it with the pod interface. Bridged IP traffic goes through the
+/// namespace's netfilter hooks (`bridge-nf-call-iptables` / `-ip6tables`), where the pod's
+/// nftables table (the second wall) sees every frame between the two; the guest answers for
+/// the pod's MAC and IP, the namespace's own stack keeps out of the way.
 pub fn plumb(net: &PodNet) -> Result<(), String> {
     let ns = &net.netns;
     let mtu = net.mtu.to_string();
+    let pm = port_mac(&net.mac);
     in_netns(ns, &["ip", "tuntap", "add", "dev", TAP, "mode", "tap"])?;
-    in_netns(ns, &["ip", "link", "set", TAP, "mtu", &mtu, "up"])?;
-    for (from, to) in [(net.ifname.as_str(), TAP), (TAP, net.ifname.as_str())] {
-        in_netns(ns, &["tc", "qdisc", "add", "dev", from, "ingress"])?;
+    in_netns(ns, &["ip", "link", "set", TAP, "mtu", &mtu])?;
+    in_netns(ns, &["ip", "link", "add", BRIDGE, "type", "bridge"])?;
+    in_netns(
+        ns,
+        &[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{BRIDGE}.disable_ipv6=1"),
+        ],
+    )?;
+    for k in [
+        "net.bridge.bridge-nf-call-iptables=1",
+        "net.bridge.bridge-nf-call-ip6tables=1",
+    ] {
+        in_netns(ns, &["sysctl", "-qw", k])?;
+    }
+    // The guest owns the pod's addresses now: the namespace's own stack must not answer ARP
+    // for them or speak on the bridge.
+    in_netns(ns, &["ip", "addr", "flush", "dev", &net.ifname])?;
+    for dev in [net.ifname.as_str(), TAP] {
         in_netns(
             ns,
             &[
-                "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
-                "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{dev}.disable_ipv6=1"),
             ],
         )?;
+    }
+    in_netns(ns, &["ip", "link", "set", &net.ifname, "address", &pm])?;
+    in_netns(ns, &["ip", "link", "set", BRIDGE, "mtu", &mtu, "up"])?;
+    for port in [net.ifname.as_str(), TAP] {
+        in_netns(ns, &["ip", "link", "set", port, "master", BRIDGE, "up"])?;
     }
     Ok(())
 }
@@ -126,6 +175,12 @@ pub fn plumb(net: &PodNet) -> Result<(), String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_bridge_port_gets_a_local_mac_of_its_own() {
+        assert_eq!(port_mac("0a:58:0a:58:4d:05"), "0a:58:0a:58:4d:fa");
+        assert_eq!(port_mac("01:00:00:00:00:00"), "02:00:00:00:00:ff");
+    }
 
     #[test]
     fn the_network_namespace_comes_from_the_spec() {

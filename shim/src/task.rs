@@ -21,6 +21,7 @@ use enclave_agent_protocol::Client;
 use crate::config::{resources, Config};
 use crate::events::Publisher;
 use crate::vm::{GuestVm, NetBackend, NetOptions, Tools, VmOptions};
+use enclave_netfilter::node::RegistryEntry;
 
 /// Where per-VM state lives on the host (sockets, logs, VM files).
 pub const STATE_ROOT: &str = "/run/enclave";
@@ -62,6 +63,8 @@ pub struct Service {
     namespace: String,
     id: String,
     sandbox: Mutex<Option<Sandbox>>,
+    /// The pod in the node registry, and where enforcement is configured.
+    registered: Mutex<Option<(RegistryEntry, crate::config::NetworkSection)>>,
     containers: Mutex<HashMap<String, Container>>,
     exited: Condvar,
     publisher: Publisher,
@@ -202,6 +205,7 @@ impl Service {
             namespace: namespace.into(),
             id: id.into(),
             sandbox: Mutex::new(None),
+            registered: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             exited: Condvar::new(),
             publisher,
@@ -242,23 +246,19 @@ impl Service {
             None => None,
         };
         let backend = cfg.backend();
+        let vm_dir = state_dir(&self.namespace, &self.id).join("vm");
         let net = match &podnet {
             Some(n) => {
-                let nb = match backend {
-                    // enclave-vmm: the guest NIC is served by enclave-netd.
-                    crate::vm::Backend::EnclaveVmm { .. } => NetBackend::Netd {
+                let entry = crate::enforce::registry_entry(spec, n, &vm_dir.join("netd.ctl"));
+                let args = crate::enforce::prepare(&cfg, &entry, &vm_dir)?;
+                *lock(&self.registered) = Some((entry, cfg.network.clone()));
+                Some(NetOptions {
+                    backend: NetBackend::Netd {
                         netd: cfg.netd(),
                         netns: n.netns.clone(),
                         tap: crate::podnet::TAP.into(),
+                        args,
                     },
-                    // QEMU: the tap itself (see NetBackend::Tap).
-                    crate::vm::Backend::Qemu { .. } => NetBackend::Tap(std::sync::Arc::new(
-                        enclave_netd::tap::open_in(&n.netns, crate::podnet::TAP)
-                            .map_err(|e| format!("opening the pod's tap: {e}"))?,
-                    )),
-                };
-                Some(NetOptions {
-                    backend: nb,
                     mac: n.mac.clone(),
                 })
             }
@@ -269,7 +269,7 @@ impl Service {
             backend,
             vcpus,
             memory_mib,
-            dir: Some(state_dir(&self.namespace, &self.id).join("vm")),
+            dir: Some(vm_dir),
             shared: Some(self.shared_dir()),
             ..VmOptions::default()
         };
@@ -321,6 +321,10 @@ impl Service {
             state_dir(&self.namespace, &self.id).join("pids"),
             pids.join("\n"),
         );
+        if podnet.is_some() {
+            crate::enforce::watch_netd(&vm);
+            crate::enforce::peers_changed(&cfg.network);
+        }
         *lock(&self.sandbox) = Some(Sandbox {
             vm,
             agent: Arc::new(agent),
@@ -820,6 +824,9 @@ impl Task for TaskService {
                 drop(sb.vm);
             }
             let _ = std::fs::remove_file(state_dir(&s.namespace, &s.id).join("pids"));
+            if let Some((entry, net)) = lock(&s.registered).take() {
+                crate::enforce::leave(&net, &entry);
+            }
         }
         let dir = s.shared_dir().join(&req.id);
         crate::mount::unmount(&dir.join("rootfs"));

@@ -192,14 +192,6 @@ fn qemu_command(
                 &format!("virtio-net-device,netdev=pod0,mac={mac}"),
             ]);
         }
-        Some((NetBackend::Tap(tap), mac)) => {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&**tap);
-            q.args(["-netdev", "tap,id=pod0,fd=3,vhost=off"]).args([
-                "-device",
-                &format!("virtio-net-device,netdev=pod0,mac={mac}"),
-            ]);
-            pass_as_fd3(&mut q, fd, false);
-        }
         None => {}
     }
     q
@@ -257,11 +249,12 @@ pub enum Backend {
     },
 }
 
-/// What serves the guest's NIC.
+/// What serves the guest's NIC: always enclave-netd, the vhost-user net backend that owns
+/// a tap in the pod's network namespace and decides every frame (for QEMU and enclave-vmm
+/// alike; there is no other path for the guest's traffic).
 #[derive(Debug, Clone)]
 pub enum NetBackend {
-    /// enclave-netd, the vhost-user net backend that owns a tap in the pod's network
-    /// namespace (the enforcement point; used with enclave-vmm).
+    /// enclave-netd.
     Netd {
         /// The enclave-netd binary.
         netd: PathBuf,
@@ -269,11 +262,9 @@ pub enum NetBackend {
         netns: PathBuf,
         /// The tap in it.
         tap: String,
+        /// Further arguments: the pod, policy, registry, audit log, control socket, user.
+        args: Vec<std::ffi::OsString>,
     },
-    /// A tap the shim opened in the pod's network namespace, handed to QEMU as fd 3 (QEMU
-    /// 7.2's vhost-user-net cannot start a backend that follows the vhost-user spec on
-    /// protocol features: docs/shim.md).
-    Tap(std::sync::Arc<std::fs::File>),
 }
 
 /// The pod network device.
@@ -404,7 +395,13 @@ impl GuestVm {
             &d("virtiofsd.log"),
         )?);
         if let Some(NetOptions {
-            backend: NetBackend::Netd { netd, netns, tap },
+            backend:
+                NetBackend::Netd {
+                    netd,
+                    netns,
+                    tap,
+                    args,
+                },
             ..
         }) = &opts.net
         {
@@ -415,7 +412,8 @@ impl GuestVm {
                     .arg(d("net.sock"))
                     .args(["--tap", tap])
                     .arg("--netns")
-                    .arg(netns),
+                    .arg(netns)
+                    .args(args),
                 &d("netd.log"),
             )?);
             wait_for_socket(&d("net.sock"), Duration::from_secs(10))?;

@@ -3,8 +3,10 @@
 //! Reader/Writer (addresses inside guest memory, lengths without overflow); a bad chain is
 //! returned unused and counted, never a crash.
 //!
-//! Where the zone policy will decide each frame (enclave-netd's enforcing mode) is marked
-//! `DECIDE`: today every frame is forwarded.
+//! Every frame, both ways, is decided by the [`Gate`] on netd's own copy of it (guest
+//! memory can change under us, so it is read once); only a passing frame moves on. No
+//! offloads are negotiated, so frames are whole and checksummed, and the virtio-net header
+//! is rewritten to all zeros both ways: a guest's header flags never reach the host kernel.
 
 use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
@@ -18,7 +20,9 @@ use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::tap::VNET_HDR_LEN;
+use crate::gate::Gate;
+use enclave_netd::tap::VNET_HDR_LEN;
+use enclave_netfilter::matcher::Direction;
 
 /// Queue indexes.
 const RXQ: usize = 0;
@@ -28,6 +32,9 @@ pub const TAP_TOKEN: u64 = 3;
 /// Largest frame with its header (no TSO: one MTU-sized frame per buffer).
 const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// `virtio_net_hdr` without `num_buffers` (legacy drivers without MRG_RXBUF).
+const LEGACY_HDR_LEN: usize = 10;
 
 /// The next available descriptor chain of a queue, if any.
 fn next_chain(
@@ -58,6 +65,10 @@ pub struct Stats {
     pub bad_chains: AtomicU64,
     /// Frames from the tap dropped because the guest had no buffer big enough.
     pub rx_dropped: AtomicU64,
+    /// Frames from the guest the policy dropped.
+    pub tx_denied: AtomicU64,
+    /// Frames to the guest the policy dropped.
+    pub rx_denied: AtomicU64,
 }
 
 /// The backend state.
@@ -65,23 +76,30 @@ pub struct NetBackend {
     tap: File,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: bool,
+    /// The guest's virtio-net header: 12 bytes with VIRTIO_F_VERSION_1, 10 without (a
+    /// legacy driver, e.g. behind QEMU's legacy virtio-mmio).
+    hdr_len: usize,
     /// A frame read from the tap that did not fit the guest's buffers yet.
     pending: Option<Vec<u8>>,
     buf: Vec<u8>,
     /// Counters, shared with whoever reports them.
     pub stats: Arc<Stats>,
+    /// The decision on every frame.
+    pub gate: Gate,
 }
 
 impl NetBackend {
-    /// A backend moving frames between the guest and `tap`.
-    pub fn new(tap: File) -> Self {
+    /// A backend moving frames between the guest and `tap`, each decided by `gate`.
+    pub fn new(tap: File, gate: Gate) -> Self {
         NetBackend {
             tap,
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             event_idx: false,
+            hdr_len: VNET_HDR_LEN,
             pending: None,
             buf: vec![0; MAX_FRAME],
             stats: Arc::default(),
+            gate,
         }
     }
 
@@ -93,16 +111,28 @@ impl NetBackend {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             // Copy the frame out of guest memory first: the guest can change it under us.
+            // The guest's header (10 or 12 bytes) lands so that the frame starts at
+            // VNET_HDR_LEN, where the tap's 12-byte header ends.
+            let off = VNET_HDR_LEN - self.hdr_len;
             let copied = chain.reader(&mem).ok().and_then(|mut r| {
                 let n = r.available_bytes();
-                if !(VNET_HDR_LEN + 14..=MAX_FRAME).contains(&n) {
+                if !(self.hdr_len + 14..=MAX_FRAME - off).contains(&n) {
                     return None;
                 }
-                r.read_exact(&mut self.buf[..n]).ok().map(|_| n)
+                r.read_exact(&mut self.buf[off..off + n])
+                    .ok()
+                    .map(|_| off + n)
             });
             match copied {
+                Some(n)
+                    if !self
+                        .gate
+                        .pass(Direction::Egress, &self.buf[VNET_HDR_LEN..n]) =>
+                {
+                    self.stats.tx_denied.fetch_add(1, Ordering::Relaxed);
+                }
                 Some(n) => {
-                    // DECIDE: enclave-netd's policy check goes here, on self.buf[VNET_HDR_LEN..n].
+                    self.buf[..VNET_HDR_LEN].fill(0);
                     match self.tap.write(&self.buf[..n]) {
                         Ok(_) => {
                             self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -133,12 +163,22 @@ impl NetBackend {
                 Some(f) => f,
                 None => match self.tap.read(&mut self.buf) {
                     Ok(0) => break,
-                    Ok(n) => self.buf[..n].to_vec(),
+                    Ok(n) if n <= VNET_HDR_LEN => continue,
+                    Ok(n) => {
+                        if !self
+                            .gate
+                            .pass(Direction::Ingress, &self.buf[VNET_HDR_LEN..n])
+                        {
+                            self.stats.rx_denied.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        self.buf[..VNET_HDR_LEN].fill(0);
+                        self.buf[..n].to_vec()
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
                 },
             };
-            // DECIDE: enclave-netd's policy check goes here, on frame[VNET_HDR_LEN..].
             let chain = next_chain(vring, &mem);
             let Some(chain) = chain else {
                 // No buffer: keep the frame until the guest adds one (its rx kick).
@@ -146,9 +186,11 @@ impl NetBackend {
                 break;
             };
             let head = chain.head_index();
+            // The frame with the guest's header length (its zeroed tail of the tap's).
+            let out = frame.get(VNET_HDR_LEN - self.hdr_len..).unwrap_or_default();
             let written = match chain.writer(&mem) {
-                Ok(mut w) if w.available_bytes() >= frame.len() => {
-                    w.write_all(&frame).ok().map(|_| frame.len())
+                Ok(mut w) if w.available_bytes() >= out.len() => {
+                    w.write_all(out).ok().map(|_| out.len())
                 }
                 _ => None,
             };
@@ -182,15 +224,23 @@ impl VhostUserBackendMut for NetBackend {
         1024
     }
     fn features(&self) -> u64 {
-        // No VHOST_USER_F_PROTOCOL_FEATURES: nothing optional is needed (one queue pair,
-        // config space in the VMM), and without it rings start enabled, which QEMU's
-        // vhost-user-net relies on (it enables rings before acking protocol features).
+        // VHOST_USER_F_PROTOCOL_FEATURES: QEMU 7.2 refuses to start vhost-user-net without
+        // it (its early ring enables are absorbed by the relay, proxy.rs).
         // No VIRTIO_RING_F_EVENT_IDX: a Linux guest then kicks for every rx buffer it adds,
         // which the tap path needs to resume delivery after the guest ran out of buffers.
-        VIRTIO_F_VERSION_1
+        // No offloads (CSUM, GUEST_CSUM, TSO/UFO): the matcher decides whole, checksummed
+        // frames, and a guest cannot make the host kernel segment or checksum for it.
+        VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
+    }
+    fn acked_features(&mut self, features: u64) {
+        self.hdr_len = if features & VIRTIO_F_VERSION_1 != 0 {
+            VNET_HDR_LEN
+        } else {
+            LEGACY_HDR_LEN
+        };
     }
     fn set_event_idx(&mut self, enabled: bool) {
         self.event_idx = enabled;

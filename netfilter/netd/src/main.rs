@@ -1,15 +1,17 @@
-//! `enclave-netd`: the vhost-user net backend in front of a pod's tap.
-//!
-//! Today it forwards every frame (the plain backend the VMM's vhost-user frontend is tested
-//! and measured with); the zone-policy decision per frame is enclave-netd's next step and
-//! has its place marked in backend.rs.
+//! `enclave-netd`: the vhost-user net backend in front of a pod's tap, and the place the
+//! zone policy decides every frame. See docs/netd.md.
 
 mod backend;
+mod control;
+mod gate;
 mod seccomp;
 
-use enclave_netd::tap;
+use enclave_netd::{proxy, tap};
+use enclave_netfilter::audit::{AuditLog, AuditLogConfig, SyncPolicy};
+use enclave_netfilter::node::{self, RegistryEntry};
 
-use std::path::PathBuf;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
 
@@ -19,44 +21,133 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 const HELP: &str = "\
-enclave-netd: vhost-user net backend in front of a pod's tap
+enclave-netd: the vhost-user net backend in front of a pod's tap; every frame is decided
+by the node's zone policy, and every decision worth keeping goes to the node's audit log
 
 USAGE:
-    enclave-netd --socket PATH --tap NAME [--netns PATH] [--seccomp kill|off]
+    enclave-netd --socket PATH --tap NAME [--netns PATH] --pod FILE [OPTIONS]
+    enclave-netd --socket PATH --tap NAME [--netns PATH] --forward-only
 
 OPTIONS:
-    --socket PATH   vhost-user socket to listen on (the VMM connects to it)
-    --tap NAME      the tap to own (created if missing), in --netns if given
-    --netns PATH    network namespace file to open the tap in (e.g. /var/run/netns/pod)
-    --seccomp MODE  kill (default): a syscall outside the list kills netd; off: debugging
-    -h, --help      this text
+    --socket PATH      vhost-user socket to listen on (the VMM connects to it)
+    --tap NAME         the tap to own (created if missing), in --netns if given
+    --netns PATH       network namespace file to open the tap in (e.g. /var/run/netns/pod)
+    --pod FILE         this pod's registry entry (JSON: name, namespace, annotations, ips,
+                       mac), as the shim writes it
+    --policy-dir DIR   the node's policy directory [/etc/enclave/policies]
+    --registry DIR     the node's pod registry, for peers' zones [/run/enclave/workloads]
+    --audit-log PATH   the node's audit log, shared by every netd [/var/log/enclave/audit.log]
+    --audit-sync MODE  never (default): records survive netd being killed; always:
+                       fdatasync each record, survives power loss
+    --control PATH     control socket: `reload`, `metrics` (Prometheus text), `status`
+    --user UID:GID     drop to this uid/gid once the tap and sockets are open
+                       [65534:65534 when started as root]
+    --node NAME        node name in audit records [the hostname]
+    --forward-only     no policy, no audit: every frame passes (benchmark baseline only)
+    --seccomp MODE     kill (default): a syscall outside the list kills netd; off: debugging
+    -h, --help         this text
 
-It serves one VM: it exits 0 when the VMM disconnects.
+SIGHUP or `reload` on the control socket re-reads the policy directory and the registry:
+flows still allowed go on, flows now denied are cut and recorded. A policy that does not
+load leaves the old one in force. netd serves one VM and exits 0 when the VMM disconnects;
+if it dies the pod has no network (nothing else holds the tap).
 ";
 
-fn main() -> ExitCode {
-    let mut socket: Option<PathBuf> = None;
-    let mut tap_name: Option<String> = None;
-    let mut netns: Option<PathBuf> = None;
-    let mut filter = true;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "-h" | "--help" => {
-                print!("{HELP}");
-                return ExitCode::SUCCESS;
+struct Args {
+    socket: PathBuf,
+    tap: String,
+    netns: Option<PathBuf>,
+    pod: Option<PathBuf>,
+    policy_dir: PathBuf,
+    registry: PathBuf,
+    audit_log: PathBuf,
+    audit_sync: SyncPolicy,
+    control: Option<PathBuf>,
+    user: Option<(u32, u32)>,
+    node: Option<String>,
+    forward_only: bool,
+    filter: bool,
+}
+
+fn parse() -> Result<Option<Args>, String> {
+    let mut socket = None;
+    let mut tap_name = None;
+    let mut a = Args {
+        socket: PathBuf::new(),
+        tap: String::new(),
+        netns: None,
+        pod: None,
+        policy_dir: node::POLICY_DIR.into(),
+        registry: node::REGISTRY_DIR.into(),
+        audit_log: node::AUDIT_LOG.into(),
+        audit_sync: SyncPolicy::Never,
+        control: None,
+        user: None,
+        node: None,
+        forward_only: false,
+        filter: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--socket" => socket = Some(PathBuf::from(val()?)),
+            "--tap" => tap_name = Some(val()?),
+            "--netns" => a.netns = Some(val()?.into()),
+            "--pod" => a.pod = Some(val()?.into()),
+            "--policy-dir" => a.policy_dir = val()?.into(),
+            "--registry" => a.registry = val()?.into(),
+            "--audit-log" => a.audit_log = val()?.into(),
+            "--audit-sync" => {
+                a.audit_sync = match val()?.as_str() {
+                    "always" => SyncPolicy::Always,
+                    "never" => SyncPolicy::Never,
+                    o => return Err(format!("--audit-sync {o:?}: always or never")),
+                }
             }
-            "--socket" => socket = args.next().map(PathBuf::from),
-            "--tap" => tap_name = args.next(),
-            "--netns" => netns = args.next().map(PathBuf::from),
-            "--seccomp" => filter = args.next().as_deref() != Some("off"),
-            other => return usage(&format!("unknown argument {other:?}")),
+            "--control" => a.control = Some(val()?.into()),
+            "--user" => {
+                let v = val()?;
+                let (u, g) = v
+                    .split_once(':')
+                    .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+                    .ok_or_else(|| format!("--user {v:?}: UID:GID, numeric"))?;
+                a.user = Some((u, g));
+            }
+            "--node" => a.node = Some(val()?),
+            "--forward-only" => a.forward_only = true,
+            "--seccomp" => {
+                a.filter = match val()?.as_str() {
+                    "kill" => true,
+                    "off" => false,
+                    o => return Err(format!("--seccomp {o:?}: kill or off")),
+                }
+            }
+            other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let (Some(socket), Some(tap_name)) = (socket, tap_name) else {
-        return usage("--socket and --tap are required");
+    a.socket = socket.ok_or("--socket is required")?;
+    a.tap = tap_name.ok_or("--tap is required")?;
+    if a.pod.is_none() && !a.forward_only {
+        return Err("--pod FILE is required (or --forward-only for a baseline)".into());
+    }
+    Ok(Some(a))
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("enclave-netd: {e}\n\n{HELP}");
+            return ExitCode::from(2);
+        }
     };
-    match run(&socket, &tap_name, netns.as_deref(), filter) {
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("enclave-netd: {e}");
@@ -65,32 +156,89 @@ fn main() -> ExitCode {
     }
 }
 
-fn usage(msg: &str) -> ExitCode {
-    eprintln!("enclave-netd: {msg}\n\n{HELP}");
-    ExitCode::from(2)
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-fn run(
-    socket: &std::path::Path,
-    tap_name: &str,
-    netns: Option<&std::path::Path>,
-    filter: bool,
-) -> Result<(), String> {
-    if let Some(ns) = netns {
+/// Drops to `uid:gid` with no supplementary groups (and so every capability).
+fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
+    // SAFETY: plain syscalls on integers; called while this is the only thread.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+        {
+            return Err(format!(
+                "dropping to {uid}:{gid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn bind_fresh(path: &Path) -> Result<UnixListener, String> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| format!("listening on {}: {e}", path.display()))
+}
+
+fn run(a: Args) -> Result<(), String> {
+    // Everything that needs privilege or the filesystem, first: the gate (policy, registry,
+    // audit log), the tap, the sockets.
+    let node_name = a.node.clone().unwrap_or_else(hostname);
+    let gate = match &a.pod {
+        Some(pod_file) if !a.forward_only => {
+            let pod = RegistryEntry::load(pod_file)?;
+            let log = AuditLog::open_shared(AuditLogConfig {
+                path: a.audit_log.clone(),
+                max_bytes: 0,
+                sync: a.audit_sync,
+            })
+            .map_err(|e| format!("audit log: {e}"))?;
+            gate::Gate::new_enforcing(
+                gate::Sources {
+                    policy_dir: a.policy_dir.clone(),
+                    registry: a.registry.clone(),
+                    pod,
+                    node: node_name,
+                },
+                log,
+            )?
+        }
+        _ => gate::Gate::forward_only(),
+    };
+    if let Some(ns) = &a.netns {
         tap::enter_netns(ns)
             .map_err(|e| format!("entering network namespace {}: {e}", ns.display()))?;
     }
-    let tap = tap::open(tap_name).map_err(|e| format!("opening tap {tap_name}: {e}"))?;
+    let tap = tap::open(&a.tap).map_err(|e| format!("opening tap {}: {e}", a.tap))?;
     let tap_fd = std::os::fd::AsRawFd::as_raw_fd(&tap);
-    let backend = Arc::new(RwLock::new(backend::NetBackend::new(tap)));
+    // The VMM talks to the relay on --socket; the relay talks to the vhost-user handler on
+    // a private socket, connected now and unlinked at once.
+    let public = bind_fresh(&a.socket)?;
+    let mut private_path = a.socket.clone().into_os_string();
+    private_path.push(".backend");
+    let private_path = PathBuf::from(private_path);
+    let private = bind_fresh(&private_path)?;
+    let to_handler =
+        UnixStream::connect(&private_path).map_err(|e| format!("connecting the relay: {e}"))?;
+    let _ = std::fs::remove_file(&private_path);
+    let control = a.control.as_deref().map(bind_fresh).transpose()?;
+    let hup = control::hup_signalfd().map_err(|e| format!("signalfd: {e}"))?;
+
+    let backend = Arc::new(RwLock::new(backend::NetBackend::new(tap, gate)));
     let mut daemon = VhostUserDaemon::new(
         "enclave-netd".into(),
-        backend,
+        backend.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| format!("vhost-user daemon: {e}"))?;
-    let mut listener = Listener::new(socket, true)
-        .map_err(|e| format!("listening on {}: {e}", socket.display()))?;
     let handlers = daemon.get_epoll_handlers();
     let handler = handlers.first().ok_or("vhost-user daemon has no worker")?;
     handler
@@ -100,13 +248,39 @@ fn run(
             backend::TAP_TOKEN,
         )
         .map_err(|e| format!("watching the tap: {e}"))?;
-    if filter {
-        // Every thread (this one and the library's vring worker) before any guest memory is
-        // mapped: the memory table arrives only after start().
-        seccomp::install_all_threads()?;
+
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    match a.user {
+        Some((u, g)) => drop_privileges(u, g)?,
+        None if root => drop_privileges(65534, 65534)?,
+        None => {}
     }
+
+    let filter = a.filter;
+    let ctl_backend = backend.clone();
+    std::thread::Builder::new()
+        .name("netd-control".into())
+        .spawn(move || control::run(control, hup, ctl_backend, filter))
+        .map_err(|e| format!("control thread: {e}"))?;
+    if filter {
+        // Before the VMM is accepted, so before any guest memory is mapped; every thread
+        // made from here on (relay, request handler, vring worker) inherits it.
+        seccomp::install_datapath()?;
+    }
+    std::thread::Builder::new()
+        .name("netd-relay".into())
+        .spawn(move || {
+            let r = public
+                .accept()
+                .and_then(|(vmm, _)| proxy::relay(vmm, to_handler));
+            if let Err(e) = r {
+                eprintln!("enclave-netd: vhost-user relay: {e}");
+            }
+        })
+        .map_err(|e| format!("relay thread: {e}"))?;
     daemon
-        .start(&mut listener)
+        .start(&mut Listener::from(private))
         .map_err(|e| format!("vhost-user: {e}"))?;
     let result = daemon.wait();
     // The vring worker waits for an exit event only `serve` can send; netd serves one VM, so

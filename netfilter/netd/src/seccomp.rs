@@ -1,5 +1,10 @@
-//! enclave-netd's seccomp filter, on every thread (TSYNC), default kill. Each syscall with
-//! the code that needs it.
+//! enclave-netd's seccomp filters, default kill, each syscall with the code that needs it.
+//!
+//! Two filters. The datapath filter is installed by the main thread before the vhost-user
+//! connection exists (no guest memory is mapped yet) and is inherited by every thread made
+//! after it: the relay, the vhost-user request handler, the vring worker that decides
+//! frames. The control thread, which never touches guest memory, installs its own first
+//! thing: the datapath list plus what reading the policy directory and the registry takes.
 
 use std::collections::BTreeMap;
 
@@ -49,11 +54,53 @@ const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_exit, "thread exit"),
     (libc::SYS_exit_group, "process exit"),
     (libc::SYS_unlink, "removing the socket at exit"),
+    (libc::SYS_poll, "the vhost-user relay"),
+    (
+        libc::SYS_recvfrom,
+        "the relay's reads of message bodies (std's stream read)",
+    ),
+    (libc::SYS_sendto, "the relay's writes (std's stream write)"),
+    (libc::SYS_ppoll, "the vhost-user relay"),
+    (
+        libc::SYS_flock,
+        "the shared node audit log (one chain, several writers)",
+    ),
+    (libc::SYS_statx, "the audit log's size before an append"),
+    (
+        libc::SYS_pread64,
+        "the audit log's last record when another writer appended",
+    ),
+    (
+        libc::SYS_fdatasync,
+        "audit records with --audit-sync always",
+    ),
+    (libc::SYS_fsync, "audit log sync"),
 ];
 
-fn filter() -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ALLOWED.iter().map(|(nr, _)| (*nr, vec![])).collect();
+/// What the control thread adds: reading the policy directory and the registry on reload,
+/// answering on its socket.
+const CONTROL_EXTRA: &[(i64, &str)] = &[
+    (
+        libc::SYS_openat,
+        "policy and registry files (read-only, as the unprivileged uid)",
+    ),
+    (
+        libc::SYS_getdents64,
+        "listing the policy directory and the registry",
+    ),
+    (libc::SYS_setsockopt, "timeouts on control connections"),
+    (
+        libc::SYS_sched_yield,
+        "lock contention with the vring worker",
+    ),
+];
+
+fn filter(lists: &[&[(i64, &str)]]) -> Result<BpfProgram, String> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = lists
+        .iter()
+        .flat_map(|l| l.iter())
+        .map(|(nr, _)| (*nr, vec![]))
+        .collect();
     SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -65,7 +112,13 @@ fn filter() -> Result<BpfProgram, String> {
     .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
-/// Installs the filter on every thread of the process.
-pub fn install_all_threads() -> Result<(), String> {
-    seccompiler::apply_filter_all_threads(&filter()?).map_err(|e| format!("seccomp: {e}"))
+/// Installs the datapath filter on the calling thread (and so on every thread it makes).
+pub fn install_datapath() -> Result<(), String> {
+    seccompiler::apply_filter(&filter(&[ALLOWED])?).map_err(|e| format!("seccomp: {e}"))
+}
+
+/// Installs the control thread's filter on the calling thread.
+pub fn install_control() -> Result<(), String> {
+    seccompiler::apply_filter(&filter(&[ALLOWED, CONTROL_EXTRA])?)
+        .map_err(|e| format!("seccomp: {e}"))
 }

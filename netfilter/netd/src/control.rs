@@ -1,0 +1,191 @@
+//! The control thread: policy reloads on SIGHUP or a `reload` request on the control
+//! socket, and the counters (`metrics`, Prometheus text; `status`, one line). It never
+//! touches guest memory; it takes the backend's lock to swap the policy between frames.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::backend::NetBackend;
+
+/// Blocks SIGHUP in the calling thread (and the threads it makes) and returns a signalfd
+/// that reads it. Call before any thread exists.
+pub fn hup_signalfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; the calls initialise it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: -1 asks for a new descriptor; `set` is initialised.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; we are its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn reload(backend: &RwLock<NetBackend>, why: &str) -> String {
+    let mut b = match backend.write() {
+        Ok(b) => b,
+        Err(p) => p.into_inner(),
+    };
+    match b.gate.enforcing_mut() {
+        Some(e) => match e.reload() {
+            Ok(s) => {
+                eprintln!("enclave-netd: reload ({why}): {s}");
+                format!("ok {s}\n")
+            }
+            Err(err) => {
+                eprintln!("enclave-netd: reload ({why}) refused: {err}");
+                format!("error {err}\n")
+            }
+        },
+        None => "error forward-only mode has no policy\n".into(),
+    }
+}
+
+fn metrics(backend: &RwLock<NetBackend>) -> String {
+    let b = match backend.read() {
+        Ok(b) => b,
+        Err(p) => p.into_inner(),
+    };
+    let mut out = String::new();
+    let s = &b.stats;
+    for (name, help, v) in [
+        (
+            "enclave_netd_tx_frames_total",
+            "Frames from the guest written to the tap.",
+            &s.tx_frames,
+        ),
+        (
+            "enclave_netd_rx_frames_total",
+            "Frames from the tap written to the guest.",
+            &s.rx_frames,
+        ),
+        (
+            "enclave_netd_tx_denied_total",
+            "Frames from the guest the policy dropped.",
+            &s.tx_denied,
+        ),
+        (
+            "enclave_netd_rx_denied_total",
+            "Frames to the guest the policy dropped.",
+            &s.rx_denied,
+        ),
+        (
+            "enclave_netd_bad_chains_total",
+            "Descriptor chains refused as malformed.",
+            &s.bad_chains,
+        ),
+        (
+            "enclave_netd_rx_no_buffer_total",
+            "Frames to the guest dropped for lack of a guest buffer.",
+            &s.rx_dropped,
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+            v.load(Ordering::Relaxed)
+        ));
+    }
+    if let Some(e) = b.gate.enforcing() {
+        e.metrics(&mut out);
+    }
+    out
+}
+
+fn status(backend: &RwLock<NetBackend>) -> String {
+    let b = match backend.read() {
+        Ok(b) => b,
+        Err(p) => p.into_inner(),
+    };
+    let s = &b.stats;
+    format!(
+        "ok tx {} rx {} tx_denied {} rx_denied {} bad_chains {}\n",
+        s.tx_frames.load(Ordering::Relaxed),
+        s.rx_frames.load(Ordering::Relaxed),
+        s.tx_denied.load(Ordering::Relaxed),
+        s.rx_denied.load(Ordering::Relaxed),
+        s.bad_chains.load(Ordering::Relaxed)
+    )
+}
+
+fn serve_one(conn: UnixStream, backend: &RwLock<NetBackend>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let mut r = BufReader::new((&conn).take(256));
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    let answer = match line.trim() {
+        "reload" => reload(backend, "control socket"),
+        "metrics" => metrics(backend),
+        "status" => status(backend),
+        other => format!(
+            "error unknown request {:?} (reload, metrics, status)\n",
+            other.chars().take(40).collect::<String>()
+        ),
+    };
+    let _ = (&conn).write_all(answer.as_bytes());
+}
+
+/// Runs the control loop on this thread: installs its seccomp filter (unless `filter` is
+/// false), then serves SIGHUP and the socket until the process ends.
+pub fn run(
+    listener: Option<UnixListener>,
+    hup: OwnedFd,
+    backend: Arc<RwLock<NetBackend>>,
+    filter: bool,
+) {
+    if filter {
+        if let Err(e) = crate::seccomp::install_control() {
+            eprintln!("enclave-netd: control thread: {e}; exiting (fail closed)");
+            std::process::exit(1);
+        }
+    }
+    let mut fds = vec![libc::pollfd {
+        fd: hup.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    if let Some(l) = &listener {
+        fds.push(libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+    loop {
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd for the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+            // SAFETY: reads at most `info.len()` bytes into `info`.
+            let n = unsafe { libc::read(hup.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+            if n > 0 {
+                reload(&backend, "SIGHUP");
+            }
+        }
+        if let (Some(l), Some(p)) = (&listener, fds.get(1)) {
+            if p.revents != 0 {
+                if let Ok((conn, _)) = l.accept() {
+                    serve_one(conn, &backend);
+                }
+            }
+        }
+    }
+}

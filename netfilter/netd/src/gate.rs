@@ -1,0 +1,461 @@
+//! The decision on every frame: the netfilter matcher for the pod, the audit record of
+//! every decision worth keeping (written before the frame moves), reloads and metrics.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use enclave_netfilter::audit::{now_ms, AuditContext, AuditLog, RecordBuilder};
+use enclave_netfilter::matcher::{
+    Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, Verdict,
+};
+use enclave_netfilter::node::{self, RegistryEntry};
+use enclave_netfilter::policy::CompiledPolicy;
+use serde_json::json;
+
+/// Denial records per second a pod may cause, and the burst: a guest spraying denied
+/// frames must not fill the node's disk. Suppressed records are counted, and the count is
+/// written in a summary record once the budget allows.
+const DENIAL_RATE: u64 = 100;
+const DENIAL_BURST: u64 = 200;
+
+/// Token bucket for denial records.
+struct Budget {
+    tokens: u64,
+    last: u64,
+}
+
+impl Budget {
+    fn take(&mut self, now: u64) -> bool {
+        let refill = now.saturating_sub(self.last) / (1_000_000_000 / DENIAL_RATE);
+        if refill > 0 {
+            self.tokens = (self.tokens + refill).min(DENIAL_BURST);
+            self.last = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// Where the gate's inputs come from.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The node's policy directory.
+    pub policy_dir: PathBuf,
+    /// The node's pod registry.
+    pub registry: PathBuf,
+    /// This pod.
+    pub pod: RegistryEntry,
+    /// Node name for records.
+    pub node: String,
+}
+
+/// Audit counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AuditStats {
+    /// Records written.
+    pub records: u64,
+    /// Denial records left out by the rate limit.
+    pub suppressed: u64,
+    /// Records that could not be written (their frames were dropped).
+    pub errors: u64,
+    /// Policy reloads done.
+    pub reloads: u64,
+    /// Policy reloads refused (the old policy stayed).
+    pub reload_errors: u64,
+}
+
+/// The enforcing part.
+pub struct Enforcing {
+    enforcer: Enforcer,
+    builder: RecordBuilder,
+    log: AuditLog,
+    budget: Budget,
+    pending_suppressed: u64,
+    sources: Sources,
+    policy_file: PathBuf,
+    /// Audit counters.
+    pub audit: AuditStats,
+}
+
+/// Decides frames: enforcing, or (for the benchmark's baseline) passing everything.
+pub struct Gate {
+    enforcing: Option<Enforcing>,
+    t0: Instant,
+}
+
+impl Gate {
+    /// A gate that passes every frame (no policy, no audit).
+    pub fn forward_only() -> Gate {
+        Gate {
+            enforcing: None,
+            t0: Instant::now(),
+        }
+    }
+
+    /// An enforcing gate for `sources.pod`, with its policy and peers read now.
+    pub fn new_enforcing(sources: Sources, log: AuditLog) -> Result<Gate, String> {
+        let (policy_file, loaded) = node::load_policy_dir(&sources.policy_dir)?;
+        let (entries, problems) = node::read_registry(&sources.registry);
+        for p in problems {
+            eprintln!("enclave-netd: registry: {p} (entry ignored)");
+        }
+        let policy = Arc::new(loaded.compiled);
+        let peers = Arc::new(node::peers(policy.policy(), &entries));
+        let w = sources.pod.workload();
+        let mac = w
+            .mac
+            .ok_or_else(|| format!("pod {}: no valid MAC", sources.pod.reference()))?;
+        let local = w.local(mac);
+        let builder = RecordBuilder::new(AuditContext {
+            policy: policy.clone(),
+            peers: peers.clone(),
+            local: local.identity.clone(),
+            local_ips: sources.pod.ips.clone(),
+            node: sources.node.clone(),
+            component: "enclave-netd".into(),
+        });
+        let enforcer = Enforcer::new(policy, peers, local, EnforcerConfig::default());
+        let mut e = Enforcing {
+            enforcer,
+            builder,
+            log,
+            budget: Budget {
+                tokens: DENIAL_BURST,
+                last: 0,
+            },
+            pending_suppressed: 0,
+            sources,
+            policy_file,
+            audit: AuditStats::default(),
+        };
+        e.note(&format!(
+            "enclave-netd started for pod {} (zone {}, mode {}) under policy {} version {} from {}",
+            e.sources.pod.reference(),
+            e.zone_name(),
+            e.enforcer.mode().as_str(),
+            e.enforcer.policy().policy().name,
+            e.enforcer.policy().policy().version,
+            e.policy_file.display()
+        ))
+        .map_err(|err| format!("audit log: {err}"))?;
+        Ok(Gate {
+            enforcing: Some(e),
+            t0: Instant::now(),
+        })
+    }
+
+    /// The enforcing part, if any.
+    pub fn enforcing(&self) -> Option<&Enforcing> {
+        self.enforcing.as_ref()
+    }
+
+    /// The enforcing part, if any, to reload.
+    pub fn enforcing_mut(&mut self) -> Option<&mut Enforcing> {
+        self.enforcing.as_mut()
+    }
+
+    /// Whether `frame` (Ethernet, without the virtio-net header) may pass. Its audit record,
+    /// if it gets one, is written first; a record that cannot be written drops the frame.
+    #[inline]
+    pub fn pass(&mut self, dir: Direction, frame: &[u8]) -> bool {
+        let Some(e) = self.enforcing.as_mut() else {
+            return true;
+        };
+        let now = self.t0.elapsed().as_nanos() as u64;
+        let d = e.enforcer.decide(dir, frame, now);
+        if let Some(ev) = &d.event {
+            if !e.record(ev, now) {
+                return false;
+            }
+        }
+        d.verdict == Verdict::Pass
+    }
+}
+
+impl Enforcing {
+    fn zone_name(&self) -> String {
+        self.enforcer
+            .policy()
+            .policy()
+            .zone_name(self.enforcer.zone())
+            .to_string()
+    }
+
+    /// Writes the record of `ev`; false if it could not be written.
+    fn record(&mut self, ev: &FlowEvent, now: u64) -> bool {
+        if ev.kind == EventKind::Denied && !self.budget.take(now) {
+            self.audit.suppressed += 1;
+            self.pending_suppressed += 1;
+            return true;
+        }
+        if self.pending_suppressed > 0 {
+            let n = self.pending_suppressed;
+            self.pending_suppressed = 0;
+            let _ = self.note(&format!(
+                "{n} denial records of pod {} were not written (more than {DENIAL_RATE}/s); the denials were enforced and are counted in enclave_netd_frames_total",
+                self.sources.pod.reference()
+            ));
+        }
+        let rec = self.builder.record(ev, now_ms());
+        match self.log.append(rec) {
+            Ok(_) => {
+                self.audit.records += 1;
+                true
+            }
+            Err(err) => {
+                self.audit.errors += 1;
+                if self.audit.errors == 1 || self.audit.errors.is_power_of_two() {
+                    eprintln!(
+                        "enclave-netd: audit log: {err} (frames are dropped until it is writable)"
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// An operational record (start, reload, suppression) in the same chain.
+    fn note(&mut self, message: &str) -> Result<(), String> {
+        let p = self.enforcer.policy().policy();
+        let rec = json!({
+            "class_uid": 0,
+            "class_name": "Base Event",
+            "category_uid": 0,
+            "category_name": "Uncategorized",
+            "activity_id": 99,
+            "activity_name": "Other",
+            "type_uid": 99,
+            "type_name": "Base Event: Other",
+            "time": now_ms(),
+            "severity_id": 1,
+            "severity": "Informational",
+            "message": message,
+            "metadata": {"version": "1.1.0", "product": {"name": "Enclave", "vendor_name": "Enclave", "feature": {"name": "enclave-netd"}}, "log_name": "enclave-netd"},
+            "policy": {"name": p.name, "version": p.version},
+            "unmapped": {"enclave": {
+                "node": self.sources.node,
+                "pod": self.sources.pod.name,
+                "namespace": self.sources.pod.namespace,
+                "zone": self.zone_name(),
+            }},
+        });
+        self.log
+            .append(rec)
+            .map(|_| ())
+            .map_err(|e| e.to_string())?;
+        self.audit.records += 1;
+        Ok(())
+    }
+
+    /// Reads the policy directory and the registry again and installs them: flows still
+    /// allowed go on, flows now denied are cut and recorded. A policy that does not load
+    /// leaves the old one in force.
+    pub fn reload(&mut self) -> Result<String, String> {
+        let loaded = node::load_policy_dir(&self.sources.policy_dir);
+        let (file, loaded) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                self.audit.reload_errors += 1;
+                let _ = self.note(&format!(
+                    "policy reload refused, the previous policy stays in force: {e}"
+                ));
+                return Err(e);
+            }
+        };
+        let (entries, problems) = node::read_registry(&self.sources.registry);
+        let policy: Arc<CompiledPolicy> = Arc::new(loaded.compiled);
+        let peers = Arc::new(node::peers(policy.policy(), &entries));
+        let cut = self.enforcer.reload(policy.clone(), peers.clone());
+        let cx = self.builder.context().clone();
+        self.builder = RecordBuilder::new(AuditContext {
+            policy: policy.clone(),
+            peers,
+            ..cx
+        });
+        self.policy_file = file;
+        self.audit.reloads += 1;
+        let summary = format!(
+            "policy {} version {} from {} in force for pod {} (zone {}, mode {}); {} known pods; {} flows cut{}",
+            policy.policy().name,
+            policy.policy().version,
+            self.policy_file.display(),
+            self.sources.pod.reference(),
+            self.zone_name(),
+            self.enforcer.mode().as_str(),
+            entries.len(),
+            cut.len(),
+            if problems.is_empty() {
+                String::new()
+            } else {
+                format!("; registry problems: {}", problems.join("; "))
+            }
+        );
+        self.note(&summary)?;
+        for ev in &cut {
+            let rec = self.builder.record(ev, now_ms());
+            if self.log.append(rec).is_ok() {
+                self.audit.records += 1;
+            } else {
+                self.audit.errors += 1;
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Prometheus text exposition of the counters.
+    pub fn metrics(&self, out: &mut String) {
+        let pod = &self.sources.pod;
+        let p = self.enforcer.policy().policy();
+        let labels = format!(
+            "pod=\"{}\",namespace=\"{}\",zone=\"{}\"",
+            esc(&pod.name),
+            esc(&pod.namespace),
+            esc(&self.zone_name())
+        );
+        let c = self.enforcer.counters();
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_frames_total Frames decided, by reason and verdict.\n# TYPE enclave_netd_frames_total counter"
+        );
+        for r in Reason::ALL {
+            let n = c.frames[*r as usize];
+            if n == 0 {
+                continue;
+            }
+            let v = if r.verdict() == Verdict::Pass {
+                "pass"
+            } else {
+                "drop"
+            };
+            let _ = writeln!(
+                out,
+                "enclave_netd_frames_total{{{labels},reason=\"{}\",verdict=\"{v}\"}} {n}",
+                r.as_str()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_bytes_total Bytes decided, by reason.\n# TYPE enclave_netd_bytes_total counter"
+        );
+        for r in Reason::ALL {
+            let n = c.bytes[*r as usize];
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "enclave_netd_bytes_total{{{labels},reason=\"{}\"}} {n}",
+                    r.as_str()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_rule_flows_total New flows decided by each rule.\n# TYPE enclave_netd_rule_flows_total counter"
+        );
+        for (i, rule) in p.rules.iter().enumerate() {
+            let n = c.rule_flows.get(i).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "enclave_netd_rule_flows_total{{{labels},rule=\"{}\",action=\"{}\"}} {n}",
+                esc(&rule.name),
+                if rule.action == enclave_netfilter::policy::Action::Allow {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            );
+        }
+        let a = self.audit;
+        let ft = self.enforcer.flow_stats();
+        for (name, help, kind, v) in [
+            (
+                "enclave_netd_default_deny_flows_total",
+                "New flows no rule allowed.",
+                "counter",
+                c.default_deny_flows,
+            ),
+            (
+                "enclave_netd_fast_path_frames_total",
+                "Established frames decided from the flow cache.",
+                "counter",
+                c.fast_path_frames,
+            ),
+            (
+                "enclave_netd_audit_records_total",
+                "Audit records written.",
+                "counter",
+                a.records,
+            ),
+            (
+                "enclave_netd_audit_suppressed_total",
+                "Denial records left out by the rate limit.",
+                "counter",
+                a.suppressed,
+            ),
+            (
+                "enclave_netd_audit_errors_total",
+                "Audit records that could not be written (their frames were dropped).",
+                "counter",
+                a.errors,
+            ),
+            (
+                "enclave_netd_reloads_total",
+                "Policy reloads done.",
+                "counter",
+                a.reloads,
+            ),
+            (
+                "enclave_netd_reload_errors_total",
+                "Policy reloads refused.",
+                "counter",
+                a.reload_errors,
+            ),
+            (
+                "enclave_netd_flows",
+                "Flows in the connection table.",
+                "gauge",
+                ft.entries,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_policy_info The policy in force.\n# TYPE enclave_netd_policy_info gauge\nenclave_netd_policy_info{{{labels},policy=\"{}\",version=\"{}\",mode=\"{}\"}} 1",
+            esc(&p.name),
+            esc(&p.version),
+            self.enforcer.mode().as_str()
+        );
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_denial_budget_refills_at_its_rate() {
+        let mut b = Budget {
+            tokens: DENIAL_BURST,
+            last: 0,
+        };
+        let taken = (0..1000).filter(|_| b.take(0)).count() as u64;
+        assert_eq!(taken, DENIAL_BURST);
+        // One second later: DENIAL_RATE more.
+        let taken = (0..1000).filter(|_| b.take(1_000_000_000)).count() as u64;
+        assert_eq!(taken, DENIAL_RATE);
+    }
+}

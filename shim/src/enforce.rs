@@ -1,0 +1,179 @@
+//! The pod network's enforcement, from the shim's side: the pod in the node registry,
+//! enclave-netd's arguments, the nftables table in the pod's network namespace (the second
+//! wall), the other pods told that their peers changed, and netd watched so that its death
+//! stops the VM (fail closed) rather than leaving it without a policy.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use enclave_netfilter::node::{self, RegistryEntry};
+
+use crate::config::{Config, NetworkSection};
+use crate::podnet::PodNet;
+use crate::vm::GuestVm;
+
+/// Annotation CRI sets on a sandbox: the pod's name.
+pub const POD_NAME: &str = "io.kubernetes.cri.sandbox-name";
+/// Annotation CRI sets on a sandbox: the pod's namespace.
+pub const POD_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+
+/// The pod as the registry knows it: identity from the sandbox's annotations (`enclave.io/*`
+/// ones pass through containerd's `pod_annotations`), addresses from the CNI interface.
+pub fn registry_entry(spec: &serde_json::Value, n: &PodNet, control: &Path) -> RegistryEntry {
+    let ann = spec["annotations"].as_object();
+    let get = |k: &str| ann.and_then(|a| a.get(k)).and_then(|v| v.as_str());
+    let fallback = n
+        .netns
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_else(|| "pod".into());
+    RegistryEntry {
+        name: get(POD_NAME).map_or(fallback, String::from),
+        namespace: get(POD_NAMESPACE).unwrap_or("default").into(),
+        labels: Default::default(),
+        annotations: ann
+            .map(|a| {
+                a.iter()
+                    .filter(|(k, _)| k.starts_with("enclave.io/"))
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        ips: n
+            .addresses
+            .iter()
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect(),
+        mac: n.mac.clone(),
+        netns: Some(n.netns.clone()),
+        control: Some(control.to_path_buf()),
+    }
+}
+
+/// Before the VM boots: checks the policy loads, registers the pod, installs its nftables
+/// table, and returns enclave-netd's arguments. Any failure fails the pod (fail closed).
+pub fn prepare(
+    cfg: &Config,
+    entry: &RegistryEntry,
+    vm_dir: &Path,
+) -> Result<Vec<OsString>, String> {
+    let net = &cfg.network;
+    let (policy_file, loaded) = node::load_policy_dir(&net.policy_dir)
+        .map_err(|e| format!("the pod network needs a zone policy: {e}"))?;
+    node::register(&net.registry, entry)?;
+    let (entries, problems) = node::read_registry(&net.registry);
+    for p in problems {
+        eprintln!("enclave-shim: registry: {p} (entry ignored)");
+    }
+    let peers = node::peers(loaded.compiled.policy(), &entries);
+    let rules = match node::apply_nft(&loaded.compiled, &peers, entry) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = node::unregister(&net.registry, entry);
+            return Err(e);
+        }
+    };
+    eprintln!(
+        "enclave-shim: pod {} registered; policy {} ({}); nftables table with {rules} rules in {}",
+        entry.reference(),
+        loaded.compiled.policy().name,
+        policy_file.display(),
+        entry.netns.as_deref().unwrap_or(Path::new("?")).display()
+    );
+    // The pod file goes beside the VM directory (which the VM launcher owns).
+    let pod_file = vm_dir.parent().unwrap_or(vm_dir).join("pod.json");
+    if let Some(d) = pod_file.parent() {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    std::fs::write(
+        &pod_file,
+        serde_json::to_vec_pretty(entry).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("{}: {e}", pod_file.display()))?;
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |k: &str, v: &Path| {
+        args.push(k.into());
+        args.push(v.as_os_str().to_owned());
+    };
+    push("--pod", &pod_file);
+    push("--policy-dir", &net.policy_dir);
+    push("--registry", &net.registry);
+    push("--audit-log", &net.audit_log);
+    if let Some(c) = &entry.control {
+        push("--control", c);
+    }
+    push("--audit-sync", Path::new(&net.audit_sync));
+    push("--user", Path::new(&net.netd_user));
+    Ok(args)
+}
+
+/// Tells every registered pod (nftables tables and netds) that the registry changed.
+pub fn peers_changed(net: &NetworkSection) {
+    match node::reload_all(&net.policy_dir, &net.registry) {
+        Ok((_, pods, problems)) => {
+            for p in problems {
+                eprintln!("enclave-shim: registry: {p}");
+            }
+            for p in pods {
+                if let Err(e) = &p.nft {
+                    eprintln!("enclave-shim: peers changed: {}: {e}", p.pod);
+                }
+                if let Err(e) = &p.netd {
+                    eprintln!("enclave-shim: peers changed: {}: enclave-netd: {e}", p.pod);
+                }
+            }
+        }
+        Err(e) => eprintln!("enclave-shim: peers changed, but the policy does not load: {e}"),
+    }
+}
+
+/// The pod is gone: out of the registry, and the others told.
+pub fn leave(net: &NetworkSection, entry: &RegistryEntry) {
+    if let Err(e) = node::unregister(&net.registry, entry) {
+        eprintln!("enclave-shim: {e}");
+    }
+    peers_changed(net);
+}
+
+fn alive(pid: u32) -> bool {
+    // A dead child stays a zombie until reaped: count that as dead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Stops the VM if enclave-netd dies: the guest's only network path is gone, and the pod
+/// must not run on without its policy. The containers then exit (137) and the orchestrator
+/// restarts the pod, with a fresh netd.
+pub fn watch_netd(vm: &GuestVm) {
+    let pids = vm.pids();
+    let find = |names: &[&str]| {
+        pids.iter()
+            .find(|(n, _)| names.contains(n))
+            .map(|(_, p)| *p)
+    };
+    let (Some(netd), Some(vmm)) = (find(&["enclave-netd"]), find(&["qemu", "enclave-vmm"])) else {
+        return;
+    };
+    let dir: PathBuf = vm.dir().to_path_buf();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if !alive(vmm) {
+            return;
+        }
+        if !alive(netd) {
+            eprintln!(
+                "enclave-shim: enclave-netd (pid {netd}) died; stopping the pod's VM (pid {vmm}): no network without its policy ({})",
+                dir.display()
+            );
+            // SAFETY: kill on a pid that is our unreaped child (it cannot have been reused).
+            unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+            return;
+        }
+    });
+}
