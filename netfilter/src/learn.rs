@@ -24,8 +24,10 @@ pub struct ObservedFlow {
     pub app: Option<String>,
     /// Verdict word: allowed, denied, would-deny, learned.
     pub outcome: String,
-    /// The deciding rule, if any.
+    /// The allow rule that covers the flow, if any.
     pub rule: Option<String>,
+    /// The deny rule that covers the flow, if any (learn mode let it through).
+    pub denied_by: Option<String>,
 }
 
 impl ObservedFlow {
@@ -66,7 +68,10 @@ impl ObservedFlow {
                 .unwrap_or(0) as u16,
             app: s(&["unmapped", "enclave", "app_protocol_detected"]),
             outcome: outcome.into(),
-            rule: s(&["firewall_rule", "name"]),
+            rule: s(&["firewall_rule", "name"])
+                .filter(|_| s(&["firewall_rule", "type"]).as_deref() != Some("deny")),
+            denied_by: s(&["firewall_rule", "name"])
+                .filter(|_| s(&["firewall_rule", "type"]).as_deref() == Some("deny")),
         })
     }
 }
@@ -79,6 +84,7 @@ pub fn suggest(flows: &[ObservedFlow]) -> String {
         ports: BTreeSet<u16>,
         count: usize,
         peers: BTreeSet<String>,
+        denied_by: BTreeSet<String>,
     }
     let mut groups: BTreeMap<(String, String, String, Option<String>), Group> = BTreeMap::new();
     let mut learned = 0;
@@ -103,6 +109,9 @@ pub fn suggest(flows: &[ObservedFlow]) -> String {
             g.ports.insert(f.dport);
         }
         g.count += 1;
+        if let Some(d) = &f.denied_by {
+            g.denied_by.insert(d.clone());
+        }
         for (z, ip) in [(&f.src_zone, &f.src_ip), (&f.dst_zone, &f.dst_ip)] {
             if z == "unknown" {
                 if let Some(ip) = ip {
@@ -136,6 +145,14 @@ pub fn suggest(flows: &[ObservedFlow]) -> String {
                 out,
                 "    # peer(s) in no zone: {}; give them a CIDR zone instead of `unknown`",
                 ips.join(", ")
+            );
+        }
+        if !g.denied_by.is_empty() {
+            let rules: Vec<String> = g.denied_by.iter().map(|r| format!("`{r}`")).collect();
+            let _ = writeln!(
+                out,
+                "    # CAUTION: deny rule {} covers these flows; this allow takes effect only if that rule is narrowed (the policy loader refuses a contradiction)",
+                rules.join(", ")
             );
         }
         let _ = writeln!(out, "    from: {from}");
@@ -204,7 +221,41 @@ mod tests {
             app: app.map(str::to_string),
             outcome: "learned".into(),
             rule: rule.map(str::to_string),
+            denied_by: None,
         }
+    }
+
+    #[test]
+    fn a_flow_a_deny_rule_covers_is_proposed_with_a_caution() {
+        let mut fl = f("web", "cde-db", 2222, Some("postgres"), None);
+        fl.denied_by = Some("non-cde-not-to-cde-data".into());
+        let out = suggest(&[fl]);
+        assert!(out.contains("from: web"), "{out}");
+        assert!(
+            out.contains("CAUTION: deny rule `non-cde-not-to-cde-data`"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn the_rule_type_of_a_record_decides_allowed_or_denied_by() {
+        let rec = |t: &str| {
+            serde_json::json!({"class_uid": 4001, "disposition_id": 17,
+                "src_endpoint": {"zone": "web", "ip": "10.0.0.1", "port": 4000},
+                "dst_endpoint": {"zone": "db", "ip": "10.0.0.2", "port": 5432},
+                "connection_info": {"protocol_name": "tcp"},
+                "firewall_rule": {"name": "r", "type": t}})
+        };
+        let a = ObservedFlow::from_record(&rec("allow")).unwrap();
+        assert_eq!(
+            (a.rule.as_deref(), a.denied_by.as_deref()),
+            (Some("r"), None)
+        );
+        let d = ObservedFlow::from_record(&rec("deny")).unwrap();
+        assert_eq!(
+            (d.rule.as_deref(), d.denied_by.as_deref()),
+            (None, Some("r"))
+        );
     }
 
     #[test]

@@ -1014,7 +1014,23 @@ impl Enforcer {
     ) -> Vec<FlowEvent> {
         self.zone = policy.policy().zone_of_workload(&self.local.identity);
         self.mode = policy.policy().zone_mode(self.zone);
-        self.counters.rule_flows = vec![0; policy.policy().rules.len()];
+        // Counters are monotonic (Prometheus): a rule keeps its count across a reload when
+        // the new policy has a rule of the same name.
+        let old: std::collections::HashMap<&str, u64> = self
+            .policy
+            .policy()
+            .rules
+            .iter()
+            .zip(&self.counters.rule_flows)
+            .map(|(r, n)| (r.name.as_str(), *n))
+            .collect();
+        let carried: Vec<u64> = policy
+            .policy()
+            .rules
+            .iter()
+            .map(|r| old.get(r.name.as_str()).copied().unwrap_or(0))
+            .collect();
+        self.counters.rule_flows = carried;
         self.policy = policy;
         self.peers = peers;
         let mut events = Vec::new();

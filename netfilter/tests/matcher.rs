@@ -881,3 +881,56 @@ fn frag(e: &build::Ends, id: u32, offset: u16, more: bool, payload: Vec<u8>) -> 
         },
     )
 }
+
+#[test]
+fn a_zone_switched_to_learn_by_a_reload_records_new_flows() {
+    let mut f = fixture("a");
+    let learning = POLICY.replace("  zones:\n", "  defaultMode: learn\n  zones:\n");
+    let c = compiled(&learning);
+    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
+    assert!(f.e.reload(c, peers).is_empty());
+    // a -> b on 2222: no rule; learn mode passes it and records it with its app.
+    let e = f.connect("10.0.0.2", 2222);
+    let mut startup = vec![0, 0, 0, 30, 0, 3, 0, 0];
+    startup.extend_from_slice(b"user\0app\0\0");
+    let d = f.out(&build::tcp(&e, F::ACK | F::PSH, 101, 901, &startup));
+    assert_eq!(d.verdict, Verdict::Pass);
+    let ev = d.event.expect("learn record");
+    assert_eq!(
+        (ev.kind, ev.app_detected),
+        (EventKind::Learned, Some(AppProto::Postgres))
+    );
+}
+
+#[test]
+fn rule_counters_survive_a_reload_by_rule_name() {
+    let mut f = fixture("a");
+    f.connect("10.0.0.2", 22);
+    let idx =
+        f.e.policy()
+            .policy()
+            .rules
+            .iter()
+            .position(|r| r.name == "a-b-ssh")
+            .unwrap();
+    assert_eq!(f.e.counters().rule_flows[idx], 1);
+    // The same rules in another order, plus one: the count follows the name.
+    let src = POLICY.replace(
+        "  rules:\n",
+        "  rules:\n    - {name: new-first, from: b, to: ext, protocol: tcp, ports: [1]}\n",
+    );
+    let c = compiled(&src);
+    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
+    f.e.reload(c, peers);
+    let idx =
+        f.e.policy()
+            .policy()
+            .rules
+            .iter()
+            .position(|r| r.name == "a-b-ssh")
+            .unwrap();
+    assert_eq!(f.e.counters().rule_flows[idx], 1);
+    assert_eq!(f.e.counters().rule_flows[0], 0, "new-first starts at 0");
+}

@@ -63,7 +63,7 @@ impl Default for PathsSection {
 }
 
 /// `[network]`: the pod network's enforcement (enclave-netd and nftables).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkSection {
     /// The node's policy directory (one `*.yaml` zone policy).

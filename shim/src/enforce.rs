@@ -91,6 +91,13 @@ pub fn prepare(
         serde_json::to_vec_pretty(entry).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("{}: {e}", pod_file.display()))?;
+    // What `delete` needs to take the pod out of the registry if this shim is gone.
+    let net_file = pod_file.with_file_name("network.json");
+    std::fs::write(
+        &net_file,
+        serde_json::to_vec_pretty(net).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("{}: {e}", net_file.display()))?;
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |k: &str, v: &Path| {
         args.push(k.into());
@@ -134,6 +141,20 @@ pub fn leave(net: &NetworkSection, entry: &RegistryEntry) {
         eprintln!("enclave-shim: {e}");
     }
     peers_changed(net);
+}
+
+/// Cleanup after a shim that is gone: the pod recorded in its state directory leaves the
+/// registry, and the other pods are told.
+pub fn leave_from_state(state: &Path) {
+    let entry = std::fs::read(state.join("pod.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<RegistryEntry>(&b).ok());
+    let net = std::fs::read(state.join("network.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<NetworkSection>(&b).ok());
+    if let (Some(entry), Some(net)) = (entry, net) {
+        leave(&net, &entry);
+    }
 }
 
 fn alive(pid: u32) -> bool {

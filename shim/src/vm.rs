@@ -572,7 +572,10 @@ impl Drop for GuestVm {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if std::env::var_os("ENCLAVE_KEEP_VM_DIR").is_none() {
+        if std::env::var_os("ENCLAVE_KEEP_VM_DIR")
+            .filter(|v| !v.is_empty())
+            .is_none()
+        {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -54,6 +54,19 @@ impl Containerd {
         extra: &str,
         netns: Option<&str>,
     ) -> Containerd {
+        Self::start_with_env(dir, ns, shim_dir, extra, netns, &[])
+    }
+
+    /// As [`Containerd::start_with`], with environment variables for containerd and the
+    /// shims it starts (e.g. `ENCLAVE_CONFIG`).
+    pub fn start_with_env(
+        dir: &Path,
+        ns: &'static str,
+        shim_dir: &Path,
+        extra: &str,
+        netns: Option<&str>,
+        env: &[(&str, std::ffi::OsString)],
+    ) -> Containerd {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
         let config = format!(
@@ -80,6 +93,7 @@ impl Containerd {
             .arg(dir.join("config.toml"))
             .env("PATH", path)
             .env("ENCLAVE_GUEST_IMAGE", workspace_root().join("target/guest"))
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

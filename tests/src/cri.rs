@@ -32,6 +32,18 @@ impl Drop for Netns {
     }
 }
 
+/// The policy of nodes whose tests are not about policy: every flow allowed (and recorded).
+pub const OPEN_POLICY: &str = r#"apiVersion: enclave.io/v1alpha1
+kind: ZonePolicy
+metadata: {name: test-open, version: "1", description: "Tests that are not about policy: everything allowed, and logged"}
+spec:
+  zones:
+    - name: anywhere
+      cidrs: [0.0.0.0/0]
+  rules:
+    - {name: open, from: [unknown, anywhere], to: [unknown, anywhere]}
+"#;
+
 /// containerd with CRI in its own network namespace. Drop order: containerd, then the
 /// namespace.
 pub struct CriNode {
@@ -39,11 +51,25 @@ pub struct CriNode {
     pub containerd: Containerd,
     /// The namespace it runs in.
     pub netns: Netns,
+    /// The node's policy directory (`policy.yaml` in it).
+    pub policy_dir: std::path::PathBuf,
+    /// The node's pod registry.
+    pub registry: std::path::PathBuf,
+    /// The node's audit log.
+    pub audit_log: std::path::PathBuf,
+    /// The shim's runtime config (ENCLAVE_CONFIG).
+    pub config: std::path::PathBuf,
 }
 
 impl CriNode {
-    /// Sets the node up under `dir`, with the shims of `shim_dir`, in namespace `netns`.
+    /// Sets the node up under `dir`, with the shims of `shim_dir`, in namespace `netns`,
+    /// under [`OPEN_POLICY`].
     pub fn start(dir: &Path, shim_dir: &Path, netns: &str) -> CriNode {
+        Self::start_with_policy(dir, shim_dir, netns, OPEN_POLICY)
+    }
+
+    /// As [`CriNode::start`], with `policy` in the node's policy directory.
+    pub fn start_with_policy(dir: &Path, shim_dir: &Path, netns: &str, policy: &str) -> CriNode {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("cni")).unwrap();
         let ns = Netns {
@@ -81,12 +107,36 @@ impl CriNode {
 "#,
             cni = dir.join("cni").display()
         );
-        let containerd = Containerd::start_with(
+        let (policy_dir, registry, audit_log, config) = (
+            dir.join("policies"),
+            dir.join("registry"),
+            dir.join("audit.log"),
+            dir.join("enclave.toml"),
+        );
+        std::fs::create_dir_all(&policy_dir).unwrap();
+        std::fs::write(policy_dir.join("policy.yaml"), policy).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "[network]\npolicy_dir = {:?}\nregistry = {:?}\naudit_log = {:?}\n",
+                policy_dir, registry, audit_log
+            ),
+        )
+        .unwrap();
+        let containerd = Containerd::start_with_env(
             &dir.join("containerd"),
             "k8s.io",
             shim_dir,
             &extra,
             Some(&ns.name),
+            &[
+                ("ENCLAVE_CONFIG", config.clone().into_os_string()),
+                // Set ENCLAVE_KEEP_VM_DIR=1 to keep the VMs' logs (netd.log, console.log).
+                (
+                    "ENCLAVE_KEEP_VM_DIR",
+                    std::env::var_os("ENCLAVE_KEEP_VM_DIR").unwrap_or_default(),
+                ),
+            ],
         );
         let images = dir.join("images");
         std::fs::create_dir_all(&images).unwrap();
@@ -99,6 +149,10 @@ impl CriNode {
         CriNode {
             containerd,
             netns: ns,
+            policy_dir,
+            registry,
+            audit_log,
+            config,
         }
     }
 }

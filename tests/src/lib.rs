@@ -40,7 +40,8 @@ pub fn busybox_rootfs(dir: &Path) -> Result<(), String> {
     std::fs::copy(busybox, dir.join("bin/busybox")).map_err(|e| format!("copy busybox: {e}"))?;
     for applet in [
         "sh", "echo", "cat", "sleep", "ls", "ip", "id", "hostname", "head", "true", "false", "wc",
-        "yes", "grep", "uname", "env", "ps", "mount", "cut", "httpd", "wget", "tty", "stty",
+        "yes", "grep", "uname", "env", "ps", "mount", "cut", "httpd", "wget", "tty", "stty", "nc",
+        "printf", "timeout", "ping", "seq", "kill", "tail", "mkdir",
     ] {
         let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
     }

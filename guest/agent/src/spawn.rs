@@ -221,6 +221,41 @@ fn do_mount(root: &Path, m: &Mount) -> Result<()> {
     }
 }
 
+/// The OCI runtime spec's default devices and /dev symlinks in a container whose /dev is a
+/// fresh mount (containerd's specs mount a tmpfs there): each device is bound from the
+/// guest's devtmpfs, as runc does where it cannot mknod.
+fn default_devices(root: &Path) -> Result<()> {
+    let dev = under_root(root, "/dev")?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let dest = dev.join(name);
+        if dest.exists() {
+            continue;
+        }
+        std::fs::File::create(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
+        mount(
+            Some(&format!("/dev/{name}")),
+            &dest,
+            None,
+            libc::MS_BIND,
+            None,
+        )?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        let p = dev.join(link);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::os::unix::fs::symlink(target, &p)
+                .map_err(|e| format!("symlink {}: {e}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn setup_container(cfg: &InitConfig) -> Result<()> {
     join_cgroup(&cfg.cgroup)?;
     let root = Path::new(&cfg.rootfs);
@@ -240,6 +275,9 @@ fn setup_container(cfg: &InitConfig) -> Result<()> {
     )?;
     for m in &cfg.mounts {
         do_mount(root, m)?;
+    }
+    if cfg.mounts.iter().any(|m| m.destination == "/dev") {
+        default_devices(root)?;
     }
     for p in &cfg.masked_paths {
         let Ok(dest) = under_root(root, p) else {

@@ -61,6 +61,10 @@ fn metrics(backend: &RwLock<NetBackend>) -> String {
     };
     let mut out = String::new();
     let s = &b.stats;
+    let labels = b
+        .gate
+        .enforcing()
+        .map_or(String::new(), |e| format!("{{{}}}", e.labels()));
     for (name, help, v) in [
         (
             "enclave_netd_tx_frames_total",
@@ -94,7 +98,7 @@ fn metrics(backend: &RwLock<NetBackend>) -> String {
         ),
     ] {
         out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{labels} {}\n",
             v.load(Ordering::Relaxed)
         ));
     }

@@ -307,16 +307,21 @@ impl Enforcing {
         Ok(summary)
     }
 
-    /// Prometheus text exposition of the counters.
-    pub fn metrics(&self, out: &mut String) {
+    /// The labels that name this pod in metrics.
+    pub fn labels(&self) -> String {
         let pod = &self.sources.pod;
-        let p = self.enforcer.policy().policy();
-        let labels = format!(
+        format!(
             "pod=\"{}\",namespace=\"{}\",zone=\"{}\"",
             esc(&pod.name),
             esc(&pod.namespace),
             esc(&self.zone_name())
-        );
+        )
+    }
+
+    /// Prometheus text exposition of the counters.
+    pub fn metrics(&self, out: &mut String) {
+        let p = self.enforcer.policy().policy();
+        let labels = self.labels();
         let c = self.enforcer.counters();
         let _ = writeln!(
             out,

@@ -256,10 +256,20 @@ pub fn render(
                 },
                 r.name
             );
-            let verdict = if r.action == Action::Allow {
+            // Outside enforce mode a deny rule only counts (netd records the would-be
+            // denial); the kernel wall must not block what the zone's mode lets through.
+            let verdict = if r.action == Action::Allow || mode != Mode::Enforce {
                 NftVerdict::Accept
             } else {
                 NftVerdict::Drop
+            };
+            let comment = if r.action == Action::Deny && mode != Mode::Enforce {
+                format!(
+                    "{comment} (zone in {} mode: counted, passed)",
+                    mode.as_str()
+                )
+            } else {
+                comment
             };
             for &pz in peers_of {
                 let addrs = if pz == ZoneId::UNKNOWN {

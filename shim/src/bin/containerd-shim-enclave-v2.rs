@@ -241,6 +241,7 @@ fn delete(f: &Flags) -> Result<Vec<u8>, String> {
             let _ = std::fs::remove_dir(dir);
         }
     }
+    enclave_shim::enforce::leave_from_state(&state);
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_file(socket_path(f));
     let resp = DeleteResponse {

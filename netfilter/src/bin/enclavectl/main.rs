@@ -37,6 +37,37 @@ enum Cmd {
     /// Runs frames of a PCI CDE scenario through the matcher and shows decisions and the
     /// verified audit log.
     Demo(demo::DemoArgs),
+    /// This node's pods: reload their enforcement after a policy change, read counters.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Re-reads the policy directory and the registry; re-applies every pod's nftables
+    /// table and asks every enclave-netd to reload (flows still allowed go on, flows now
+    /// denied are cut and recorded). Run it after changing the policy directory.
+    Reload {
+        /// The node's policy directory.
+        #[arg(long, default_value = enclave_netfilter::node::POLICY_DIR)]
+        policy_dir: PathBuf,
+        /// The node's pod registry.
+        #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
+        registry: PathBuf,
+    },
+    /// Lists the registered pods and their enclave-netd's frame counts.
+    Status {
+        /// The node's pod registry.
+        #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
+        registry: PathBuf,
+    },
+    /// Prints every pod's enclave-netd counters (Prometheus text), for a node exporter's
+    /// textfile collector or a scrape proxy.
+    Metrics {
+        /// The node's pod registry.
+        #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
+        registry: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +215,7 @@ fn main() -> ExitCode {
         Cmd::Audit(c) => audit_cmd(c),
         Cmd::Flows(c) => flows_cmd(c),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Node(c) => node_cmd(c),
     };
     match r {
         Ok(code) => ExitCode::from(code),
@@ -508,6 +540,90 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
                 );
                 Ok(1)
             }
+        }
+    }
+}
+
+fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
+    use enclave_netfilter::node;
+    match c {
+        NodeCmd::Reload {
+            policy_dir,
+            registry,
+        } => {
+            let (file, pods, problems) = node::reload_all(&policy_dir, &registry).map_err(fail)?;
+            println!("policy {}: {} pods", file.display(), pods.len());
+            for p in &problems {
+                println!("  registry: {p}");
+            }
+            let mut code = 0;
+            for p in &pods {
+                let nft = match &p.nft {
+                    Ok(n) => format!("nftables {n} rules"),
+                    Err(e) => {
+                        code = 1;
+                        format!("nftables FAILED: {e}")
+                    }
+                };
+                let netd = match &p.netd {
+                    Ok(a) => a.trim().to_string(),
+                    Err(e) => {
+                        code = 1;
+                        format!("enclave-netd FAILED: {e}")
+                    }
+                };
+                println!("  {}: {nft}; {netd}", p.pod);
+            }
+            Ok(code)
+        }
+        NodeCmd::Status { registry } => {
+            let (entries, problems) = node::read_registry(&registry);
+            for p in &problems {
+                println!("registry: {p}");
+            }
+            for e in &entries {
+                let st = e
+                    .control
+                    .as_deref()
+                    .map(|c| node::control_request(c, "status"))
+                    .unwrap_or_else(|| Err("no control socket".into()));
+                let ips: Vec<String> = e.ips.iter().map(|i| i.to_string()).collect();
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    e.reference(),
+                    ips.join(","),
+                    e.annotations
+                        .get("enclave.io/zone")
+                        .map_or("-", |z| z.as_str()),
+                    match st {
+                        Ok(s) => s.trim().to_string(),
+                        Err(e) => format!("netd unreachable: {e}"),
+                    }
+                );
+            }
+            Ok(0)
+        }
+        NodeCmd::Metrics { registry } => {
+            let (entries, _) = node::read_registry(&registry);
+            let mut seen_help = std::collections::HashSet::new();
+            for e in &entries {
+                let Some(c) = e.control.as_deref() else {
+                    continue;
+                };
+                match node::control_request(c, "metrics") {
+                    Ok(text) => {
+                        for line in text.lines() {
+                            // One HELP/TYPE per metric family in the merged output.
+                            if line.starts_with('#') && !seen_help.insert(line.to_string()) {
+                                continue;
+                            }
+                            println!("{line}");
+                        }
+                    }
+                    Err(err) => eprintln!("{}: {err}", e.reference()),
+                }
+            }
+            Ok(0)
         }
     }
 }
