@@ -192,6 +192,19 @@ fn qemu_command(
                 &format!("virtio-net-device,netdev=pod0,mac={mac}"),
             ]);
         }
+        Some((NetBackend::UnfilteredTapForBenchmark { tap, offloads }, mac)) => {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&**tap);
+            let features = if *offloads {
+                ""
+            } else {
+                ",csum=off,guest_csum=off,host_tso4=off,host_tso6=off,host_ufo=off,guest_tso4=off,guest_tso6=off,guest_ufo=off,mrg_rxbuf=off"
+            };
+            q.args(["-netdev", "tap,id=pod0,fd=3,vhost=off"]).args([
+                "-device",
+                &format!("virtio-net-device,netdev=pod0,mac={mac}{features}"),
+            ]);
+            pass_as_fd3(&mut q, fd, false);
+        }
         None => {}
     }
     q
@@ -264,6 +277,15 @@ pub enum NetBackend {
         tap: String,
         /// Further arguments: the pod, policy, registry, audit log, control socket, user.
         args: Vec<std::ffi::OsString>,
+    },
+    /// QEMU's own virtio-net on a tap, with no policy and no netd: the baseline of the pod
+    /// network benchmark (tests/benches/pod_net.rs). The shim never builds this variant.
+    UnfilteredTapForBenchmark {
+        /// The tap.
+        tap: std::sync::Arc<std::fs::File>,
+        /// Offer QEMU's offloads (checksum, TSO, mergeable buffers) to the guest; off gives
+        /// the feature set enclave-netd offers.
+        offloads: bool,
     },
 }
 

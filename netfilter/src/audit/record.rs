@@ -220,7 +220,7 @@ impl RecordBuilder {
             (EventKind::Denied, "app_mismatch") => {
                 let got = ev
                     .app_detected
-                    .map_or("unrecognised payload".to_string(), |a| a.to_string());
+                    .map_or("unrecognised".to_string(), |a| a.to_string());
                 format!("cut{rule}: payload is {got}, not the required app")
             }
             (EventKind::Denied, r) => format!("denied ({r}){rule}"),

@@ -11,7 +11,8 @@
 //! `PROBE DONE <failures>`, then a reset through the i8042. Options come from the command
 //! line: `probe.exit` (stop right after entry, for boot benchmarks), `probe.vsock_port=P`
 //! (host port to connect to), `probe.vsock_listen=P` (guest port to accept on),
-//! `probe.net_frames=N` (frames to send), `probe.net_expect=N` (frames to wait for),
+//! `probe.net_frames=N` (frames to send), `probe.net_batch=K` (frames per kick), `probe.net_udp=1`
+//! (IPv4/UDP DNS queries 10.1.0.5 -> 10.96.0.10:53 instead of test frames), `probe.net_expect=N` (frames to wait for),
 //! `probe.fs_file=NAME` (a file to read through virtio-fs), `probe.hostile` (misbehave first), `probe.initrd_sum=X` (expected FNV-1a of the
 //! initrd, hex).
 #![no_std]
