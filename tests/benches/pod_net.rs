@@ -13,7 +13,8 @@
 //! a new connection, so each one is a new flow the policy decides).
 //!
 //! `cargo bench -p enclave-tests --bench pod_net` (ENCLAVE_BENCH_MIB, default 16;
-//! ENCLAVE_BENCH_REQUESTS, default 50). Needs root and the guest image; says SKIPPED
+//! ENCLAVE_BENCH_REQUESTS, default 50; ENCLAVE_BENCH_ROUNDS, default 3: every variant once
+//! per round, medians reported). Needs root and the guest image; says SKIPPED
 //! otherwise. Under TCG the guest is the bottleneck: read the ratios, not the absolutes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -347,12 +348,43 @@ fn main() {
     .unwrap();
     let (accel, why) = enclave_shim::vm::accel();
     println!("pod network, guest under QEMU {accel} ({why}); {mib} MiB POST, {requests} GETs (new connection each)\n");
-    let results = [
-        measure("QEMU tap", None, &tools, mib, requests),
-        measure("tap no offloads", None, &tools, mib, requests),
-        measure("netd allow-all", Some(OPEN), &tools, mib, requests),
-        measure("netd pci-cde", Some(&cde), &tools, mib, requests),
+    // Rounds of all variants in turn, medians per variant: under TCG single runs move by
+    // tens of percent.
+    let rounds = env("ENCLAVE_BENCH_ROUNDS", 3);
+    let variants: [(&'static str, Option<&str>); 4] = [
+        ("QEMU tap", None),
+        ("tap no offloads", None),
+        ("netd allow-all", Some(OPEN)),
+        ("netd pci-cde", Some(&cde)),
     ];
+    let mut all: Vec<Vec<Result_>> = variants.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (name, policy)) in variants.iter().enumerate() {
+            let r = measure(name, *policy, &tools, mib, requests);
+            eprintln!(
+                "  round {}: {:<16} {:6.1} MiB/s  GET p50 {:6.2} ms",
+                round + 1,
+                name,
+                r.mib_s,
+                r.p50_ms
+            );
+            all[i].push(r);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let results: Vec<Result_> = all
+        .iter()
+        .map(|rs| Result_ {
+            name: rs[0].name,
+            mib_s: med(&mut rs.iter().map(|r| r.mib_s).collect()),
+            p50_ms: med(&mut rs.iter().map(|r| r.p50_ms).collect()),
+            p90_ms: med(&mut rs.iter().map(|r| r.p90_ms).collect()),
+        })
+        .collect();
+    println!("medians of {rounds} rounds:");
     let base = &results[0];
     println!(
         "{:<18}{:>12}{:>10}{:>12}{:>12}{:>14}",

@@ -21,7 +21,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, Gues
 use vmm_sys_util::epoll::EventSet;
 
 use crate::gate::Gate;
-use enclave_netd::tap::VNET_HDR_LEN;
+use enclave_netd::tap::{self, VNET_HDR_LEN};
 use enclave_netfilter::matcher::Direction;
 
 /// Queue indexes.
@@ -33,6 +33,10 @@ pub const TAP_TOKEN: u64 = 3;
 const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Receive offloads: the guest takes frames with a partial checksum and TSO super-frames.
+const GUEST_CSUM: u64 = 1 << 1;
+const GUEST_TSO4: u64 = 1 << 7;
+const GUEST_TSO6: u64 = 1 << 8;
 /// `virtio_net_hdr` without `num_buffers` (legacy drivers without MRG_RXBUF).
 const LEGACY_HDR_LEN: usize = 10;
 
@@ -79,6 +83,8 @@ pub struct NetBackend {
     /// The guest's virtio-net header: 12 bytes with VIRTIO_F_VERSION_1, 10 without (a
     /// legacy driver, e.g. behind QEMU's legacy virtio-mmio).
     hdr_len: usize,
+    /// Receive offloads in use: the tap's header (made by the host kernel) goes to the guest.
+    rx_offloads: bool,
     /// A frame read from the tap that did not fit the guest's buffers yet.
     pending: Option<Vec<u8>>,
     buf: Vec<u8>,
@@ -96,6 +102,7 @@ impl NetBackend {
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             event_idx: false,
             hdr_len: VNET_HDR_LEN,
+            rx_offloads: false,
             pending: None,
             buf: vec![0; MAX_FRAME],
             stats: Arc::default(),
@@ -172,7 +179,18 @@ impl NetBackend {
                             self.stats.rx_denied.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        self.buf[..VNET_HDR_LEN].fill(0);
+                        if self.rx_offloads {
+                            // The host kernel's header (checksum and segmentation of a frame
+                            // netd decided as a whole), as the guest negotiated it. Without
+                            // MRG_RXBUF num_buffers is 1; a legacy header is its first 10
+                            // bytes, moved up to sit right before the frame.
+                            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                            if self.hdr_len == LEGACY_HDR_LEN {
+                                self.buf.copy_within(0..LEGACY_HDR_LEN, 2);
+                            }
+                        } else {
+                            self.buf[..VNET_HDR_LEN].fill(0);
+                        }
                         self.buf[..n].to_vec()
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -228,9 +246,13 @@ impl VhostUserBackendMut for NetBackend {
         // it (its early ring enables are absorbed by the relay, proxy.rs).
         // No VIRTIO_RING_F_EVENT_IDX: a Linux guest then kicks for every rx buffer it adds,
         // which the tap path needs to resume delivery after the guest ran out of buffers.
-        // No offloads (CSUM, GUEST_CSUM, TSO/UFO): the matcher decides whole, checksummed
-        // frames, and a guest cannot make the host kernel segment or checksum for it.
-        VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES
+        // No transmit offloads (CSUM, HOST_TSO/UFO): the matcher decides whole, checksummed
+        // frames from the guest, and a guest cannot make the host kernel segment or
+        // checksum for it.
+        // Receive offloads (GUEST_CSUM, GUEST_TSO4/6) are offered: those frames come from
+        // the host kernel (a peer's TSO segment through the bridge), and netd decides each
+        // as one frame; the guest is spared segmenting them one MTU at a time.
+        VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES | GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
@@ -240,6 +262,25 @@ impl VhostUserBackendMut for NetBackend {
             VNET_HDR_LEN
         } else {
             LEGACY_HDR_LEN
+        };
+        // The tap hands over exactly the offloaded frames the guest can take.
+        let mut flags = 0;
+        if features & GUEST_CSUM != 0 {
+            flags |= tap::TUN_F_CSUM;
+            if features & GUEST_TSO4 != 0 {
+                flags |= tap::TUN_F_TSO4;
+            }
+            if features & GUEST_TSO6 != 0 {
+                flags |= tap::TUN_F_TSO6;
+            }
+        }
+        self.rx_offloads = match tap::set_offload(&self.tap, flags) {
+            Ok(()) => flags != 0,
+            Err(e) => {
+                eprintln!("enclave-netd: tap offloads {flags:#x}: {e}; receive offloads off");
+                let _ = tap::set_offload(&self.tap, 0);
+                false
+            }
         };
     }
     fn set_event_idx(&mut self, enabled: bool) {

@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_read, "tap reads, eventfds"),
@@ -96,11 +99,23 @@ const CONTROL_EXTRA: &[(i64, &str)] = &[
 ];
 
 fn filter(lists: &[&[(i64, &str)]]) -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = lists
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = lists
         .iter()
         .flat_map(|l| l.iter())
         .map(|(nr, _)| (*nr, vec![]))
         .collect();
+    // ioctl: only TUNSETOFFLOAD (the tap's receive offloads follow the guest's features).
+    let tunsetoffload = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        enclave_netd::tap::TUNSETOFFLOAD_REQ as u64,
+    )
+    .map_err(|e| e.to_string())?;
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![SeccompRule::new(vec![tunsetoffload]).map_err(|e| e.to_string())?],
+    );
     SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,

@@ -13,6 +13,24 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 
+/// `TUNSETOFFLOAD` flag: the reader takes frames with a partial checksum.
+pub const TUN_F_CSUM: libc::c_ulong = 0x01;
+/// `TUNSETOFFLOAD` flag: the reader takes TCPv4 segmentation offload frames.
+pub const TUN_F_TSO4: libc::c_ulong = 0x02;
+/// `TUNSETOFFLOAD` flag: the reader takes TCPv6 segmentation offload frames.
+pub const TUN_F_TSO6: libc::c_ulong = 0x04;
+/// The `TUNSETOFFLOAD` request (seccomp allows `ioctl` with this request only).
+pub const TUNSETOFFLOAD_REQ: libc::c_ulong = TUNSETOFFLOAD;
+
+/// Which offloaded frames the tap may hand its reader (frames *to* the guest): `TUN_F_*`.
+pub fn set_offload(tap: &File, flags: libc::c_ulong) -> std::io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes an integer flag set by value.
+    if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETOFFLOAD, flags) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Length of `virtio_net_hdr_v1`, the header on every frame with VIRTIO_F_VERSION_1.
 pub const VNET_HDR_LEN: usize = 12;
 
