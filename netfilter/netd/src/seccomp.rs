@@ -109,7 +109,7 @@ fn filter(lists: &[&[(i64, &str)]]) -> Result<BpfProgram, String> {
         1,
         SeccompCmpArgLen::Dword,
         SeccompCmpOp::Eq,
-        enclave_netd::tap::TUNSETOFFLOAD_REQ as u64,
+        u64::from(enclave_netd::tap::TUNSETOFFLOAD_REQ as u32),
     )
     .map_err(|e| e.to_string())?;
     rules.insert(
