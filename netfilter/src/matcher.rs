@@ -1088,6 +1088,10 @@ impl Enforcer {
                 continue;
             }
             e.admission = Admission::Cut;
+            // A connection that already ended has nothing left to cut: no record.
+            if matches!(e.tcp, Some(TcpState::Closing | TcpState::Reset)) {
+                continue;
+            }
             let rule = if let Lookup::Denied(r) = verdict {
                 Some(r)
             } else {

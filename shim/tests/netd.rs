@@ -11,6 +11,8 @@
 //! - a guest that forges its source IP or MAC is refused, and recorded;
 //! - monitor mode lets a would-be-denied flow through and records it as such; learn mode's
 //!   records turn into a rule with `enclavectl policy suggest`;
+//! - a reload keeps a live connection the new policy still allows, and cuts (and records)
+//!   one it denies;
 //! - the node audit log verifies, and a tampered copy fails at the tampered record;
 //! - killing a pod's netd stops that pod's VM: its network is gone, nothing passes around.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -633,6 +635,89 @@ async fn zone_policy_is_enforced_on_every_pod_frame() {
             && suggestion.contains("CAUTION: deny rule `non-cde-not-to-cde-data`"),
         "suggested rules ({out}):\n{suggestion}"
     );
+    std::fs::write(node.policy_dir.join("policy.yaml"), &template).unwrap();
+    node_reload(&node);
+
+    eprintln!(
+        "[{:>5.1}s] Reload keeps a live flow the new policy still allows, and cuts one it denies",
+        t.elapsed().as_secs_f64()
+    );
+    // A long-lived api -> db connection: the startup message, a pause across the reload,
+    // then more data on the same connection.
+    let live = |marker: &'static str| {
+        let mut cri = cri.clone();
+        let (api_c, db_ip) = (api.c.clone(), db.ip.clone());
+        tokio::spawn(async move {
+            exec_sync(
+                &mut cri,
+                &api_c,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("(printf '{PG_STARTUP}'; sleep 6; echo {marker}) | timeout 14 nc -w 4 {db_ip} 5432; true"),
+                ],
+            )
+            .await
+        })
+    };
+    let before = cat(&cri, &db, "/tmp/got").await.matches("postgres").count();
+    let task = live("AFTER-RELOAD-KEPT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cat(&cri, &db, "/tmp/got").await.matches("postgres").count() == before {
+        assert!(Instant::now() < deadline, "the live flow did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bumped = template.replacen("version: \"2026.11.1\"", "version: \"2026.11.2\"", 1);
+    assert_ne!(bumped, template);
+    std::fs::write(node.policy_dir.join("policy.yaml"), &bumped).unwrap();
+    let rl = node_reload(&node);
+    assert!(
+        rl.contains("version 2026.11.2") && rl.contains("0 flows cut"),
+        "{rl}"
+    );
+    task.await.unwrap();
+    assert!(
+        cat(&cri, &db, "/tmp/got")
+            .await
+            .contains("AFTER-RELOAD-KEPT"),
+        "a flow the reloaded policy still allows lost its data"
+    );
+    // Now a policy without rule api-to-db: the live flow is cut and recorded.
+    let rule = "    - name: api-to-db\n      from: cde-api\n      to: cde-db\n      protocol: tcp\n      ports: [5432]\n      app: postgres\n";
+    let without = template.replacen(rule, "", 1);
+    assert_ne!(
+        without, template,
+        "rule api-to-db not found in the template"
+    );
+    let before = cat(&cri, &db, "/tmp/got").await.matches("postgres").count();
+    let task = live("AFTER-RELOAD-CUT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cat(&cri, &db, "/tmp/got").await.matches("postgres").count() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the second live flow did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    std::fs::write(node.policy_dir.join("policy.yaml"), &without).unwrap();
+    let rl = node_reload(&node);
+    assert!(
+        rl.lines()
+            .any(|l| l.contains("payments/api:") && !l.contains("; 0 flows cut")),
+        "{rl}"
+    );
+    task.await.unwrap();
+    assert!(
+        !cat(&cri, &db, "/tmp/got")
+            .await
+            .contains("AFTER-RELOAD-CUT"),
+        "a flow the reloaded policy denies still carried data"
+    );
+    let r = wait_record(&audit, (&api.ip, &db.ip, 5432), "flow cut by reload", |r| {
+        reason(r) == "flow_cut"
+    })
+    .await;
+    assert_eq!(r["action"], "Denied", "{r}");
     std::fs::write(node.policy_dir.join("policy.yaml"), &template).unwrap();
     node_reload(&node);
 
