@@ -38,3 +38,12 @@ cargo bench --locked -p enclave-vmm --bench vmm_boot 2>&1 | grep -vE '^\s+(Compi
 echo
 echo "== ctr run through containerd-shim-enclave-v2 vs runc (real containerd; guest under TCG here) =="
 cargo bench --locked -p enclave-shim --bench ctr_run 2>&1 | grep -vE '^\s+(Compiling|Finished|Running|Downloaded|Downloading)' || true
+
+echo
+echo "== enclave-netd datapath: the probe guest on enclave-vmm, forward-only vs allow-all vs PCI CDE (real KVM) =="
+cargo build --release --locked -p enclave-netd -q
+cargo bench --locked -p enclave-vmm --bench net_datapath 2>&1 | grep -vE '^\s+(Compiling|Finished|Running|Downloaded|Downloading)' || true
+
+echo
+echo "== the pod network end to end: netd (allow-all, PCI CDE) vs QEMU's tap (guest under TCG here) =="
+cargo bench --locked -p enclave-tests --bench pod_net 2>&1 | grep -vE '^\s+(Compiling|Finished|Running|Downloaded|Downloading)|^enclave-shim:' || true

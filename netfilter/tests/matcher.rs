@@ -298,19 +298,25 @@ fn monitor_mode_passes_would_be_denied_flows_and_logs_them() {
     );
 }
 
-#[test]
-fn learn_mode_records_flows_with_their_detected_app() {
-    let mut f = fixture("lrn");
-    let e = f.connect("10.0.0.2", 5432);
+/// The workload sends a PostgreSQL startup message on `e`: it passes, recorded as learned
+/// with its app.
+fn sends_postgres_and_is_learned(f: &mut Fx, e: &build::Ends) {
     let mut startup = vec![0, 0, 0, 30, 0, 3, 0, 0];
     startup.extend_from_slice(b"user\0app\0\0");
-    let d = f.out(&build::tcp(&e, F::ACK | F::PSH, 101, 901, &startup));
+    let d = f.out(&build::tcp(e, F::ACK | F::PSH, 101, 901, &startup));
     assert_eq!(d.verdict, Verdict::Pass);
     let ev = d.event.expect("learn record");
     assert_eq!(
         (ev.kind, ev.app_detected),
         (EventKind::Learned, Some(AppProto::Postgres))
     );
+}
+
+#[test]
+fn learn_mode_records_flows_with_their_detected_app() {
+    let mut f = fixture("lrn");
+    let e = f.connect("10.0.0.2", 5432);
+    sends_postgres_and_is_learned(&mut f, &e);
 }
 
 #[test]
@@ -892,15 +898,7 @@ fn a_zone_switched_to_learn_by_a_reload_records_new_flows() {
     assert!(f.e.reload(c, peers).is_empty());
     // a -> b on 2222: no rule; learn mode passes it and records it with its app.
     let e = f.connect("10.0.0.2", 2222);
-    let mut startup = vec![0, 0, 0, 30, 0, 3, 0, 0];
-    startup.extend_from_slice(b"user\0app\0\0");
-    let d = f.out(&build::tcp(&e, F::ACK | F::PSH, 101, 901, &startup));
-    assert_eq!(d.verdict, Verdict::Pass);
-    let ev = d.event.expect("learn record");
-    assert_eq!(
-        (ev.kind, ev.app_detected),
-        (EventKind::Learned, Some(AppProto::Postgres))
-    );
+    sends_postgres_and_is_learned(&mut f, &e);
 }
 
 #[test]

@@ -16,6 +16,7 @@ use enclave_agent_protocol::messages::*;
 use enclave_shim::config::Config;
 use enclave_shim::podnet::{self, PodNet};
 use enclave_shim::vm::{GuestVm, NetBackend, NetOptions, VmOptions};
+use enclave_tests::netns::{mac_of, PodPair};
 use enclave_tests::skip_or_fail;
 
 const POLICY: &str = r#"
@@ -33,83 +34,17 @@ spec:
     - {name: app-to-peer-9000, from: app, to: peer, protocol: udp, ports: [9000]}
 "#;
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Ns(Vec<String>);
-impl Drop for Ns {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
 /// A pod namespace (`eth0` 10.99.0.2/24) and a peer namespace (`veth-peer` 10.99.0.1/24),
 /// plumbed and enforced as the shim does it, with the node's directories under `dir`.
 struct Pod {
-    _ns: Ns,
-    pod: String,
-    peer: String,
+    ns: PodPair,
     net: PodNet,
     cfg: Config,
     netd_args: Vec<std::ffi::OsString>,
 }
 
 fn pod(tag: &str, dir: &Path) -> Pod {
-    let id = std::process::id();
-    let (pod, peer) = (format!("enc-{tag}-{id}"), format!("enc-{tag}p-{id}"));
-    let ns = Ns(vec![pod.clone(), peer.clone()]);
-    for n in [&pod, &peer] {
-        let _ = Command::new("ip").args(["netns", "del", n]).output();
-        sh(&["ip", "netns", "add", n]);
-    }
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        "veth-pod",
-        "netns",
-        &pod,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "veth-peer",
-        "netns",
-        &peer,
-    ]);
-    sh(&["ip", "-n", &pod, "link", "set", "veth-pod", "name", "eth0"]);
-    sh(&[
-        "ip",
-        "-n",
-        &pod,
-        "addr",
-        "add",
-        "10.99.0.2/24",
-        "dev",
-        "eth0",
-    ]);
-    sh(&["ip", "-n", &pod, "link", "set", "eth0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        &peer,
-        "addr",
-        "add",
-        "10.99.0.1/24",
-        "dev",
-        "veth-peer",
-    ]);
-    sh(&["ip", "-n", &peer, "link", "set", "veth-peer", "up"]);
-    sh(&["ip", "-n", &peer, "link", "set", "lo", "up"]);
-
+    let ns = PodPair::new(tag);
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::write(dir.join("policies/policy.yaml"), POLICY).unwrap();
@@ -118,8 +53,7 @@ fn pod(tag: &str, dir: &Path) -> Pod {
     cfg.network.registry = dir.join("registry");
     cfg.network.audit_log = dir.join("audit.log");
 
-    let nspath = PathBuf::from(format!("/var/run/netns/{pod}"));
-    let net = podnet::discover(&nspath).unwrap();
+    let net = podnet::discover(&ns.pod_path()).unwrap();
     assert_eq!(net.addresses, vec!["10.99.0.2/24".to_string()]);
     podnet::plumb(&net).unwrap();
     let spec = serde_json::json!({"annotations": {
@@ -127,9 +61,7 @@ fn pod(tag: &str, dir: &Path) -> Pod {
     let entry = enclave_shim::enforce::registry_entry(&spec, &net, &dir.join("vm/netd.ctl"));
     let netd_args = enclave_shim::enforce::prepare(&cfg, &entry, &dir.join("vm")).unwrap();
     Pod {
-        _ns: ns,
-        pod,
-        peer,
+        ns,
         net,
         cfg,
         netd_args,
@@ -195,7 +127,7 @@ fn the_guest_answers_on_the_pod_ip_through_netd() {
         .args([
             "netns",
             "exec",
-            &p.peer,
+            &p.ns.peer,
             "ping",
             "-c",
             "3",
@@ -209,7 +141,7 @@ fn the_guest_answers_on_the_pod_ip_through_netd() {
         out.status.success(),
         "ping the pod IP:\n{}\n{}\n{}\n{:?}",
         String::from_utf8_lossy(&out.stdout),
-        diag(&p.pod) + &diag(&p.peer),
+        diag(&p.ns.pod) + &diag(&p.ns.peer),
         vm.logs(),
         enclave_netfilter::node::control_request(&dir.join("vm/netd.ctl"), "metrics")
     );
@@ -227,6 +159,14 @@ fn the_guest_answers_on_the_pod_ip_through_netd() {
     );
     drop(vm);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn mac_bytes(s: &str) -> [u8; 6] {
+    let b: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    b.try_into().unwrap()
 }
 
 /// An Ethernet + IPv4 + UDP frame from the pod to the peer, with the virtio-net header the
@@ -258,20 +198,6 @@ fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], dport: u16, payload: &[u8]) -> 
     f
 }
 
-fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-j", "link", "show", dev])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let s = v[0]["address"].as_str().unwrap();
-    let b: Vec<u8> = s
-        .split(':')
-        .map(|x| u8::from_str_radix(x, 16).unwrap())
-        .collect();
-    b.try_into().unwrap()
-}
-
 #[test]
 fn the_nftables_wall_drops_a_denied_frame_injected_on_the_tap() {
     let test = "the_nftables_wall_drops_a_denied_frame_injected_on_the_tap";
@@ -281,7 +207,7 @@ fn the_nftables_wall_drops_a_denied_frame_injected_on_the_tap() {
     let dir = std::env::temp_dir().join(format!("enclave-nftwall-{}", std::process::id()));
     let p = pod("nw", &dir);
     // The peer listens on the allowed port and on a denied one.
-    let peer_ns = PathBuf::from(format!("/var/run/netns/{}", p.peer));
+    let peer_ns = p.ns.peer_path();
     let listener = std::thread::spawn(move || {
         enclave_netd::tap::enter_netns(&peer_ns).unwrap();
         let ok = UdpSocket::bind("10.99.0.1:9000").unwrap();
@@ -297,22 +223,15 @@ fn the_nftables_wall_drops_a_denied_frame_injected_on_the_tap() {
     std::thread::sleep(Duration::from_millis(200));
     // No netd: the test holds the tap, as something that bypassed netd would.
     let mut tap = enclave_netd::tap::open_in(&p.net.netns, podnet::TAP).unwrap();
-    let src: [u8; 6] = p
-        .net
-        .mac
-        .split(':')
-        .map(|x| u8::from_str_radix(x, 16).unwrap())
-        .collect::<Vec<u8>>()
-        .try_into()
-        .unwrap();
-    let dst = mac_of(&p.peer, "veth-peer");
+    let src = mac_bytes(&p.net.mac);
+    let dst = mac_bytes(&mac_of(&p.ns.peer, "veth-peer"));
     tap.write_all(&udp_frame(src, dst, 9000, b"allowed"))
         .unwrap();
     tap.write_all(&udp_frame(src, dst, 9001, b"denied"))
         .unwrap();
     let (ok, denied) = listener.join().unwrap();
     let table = Command::new("ip")
-        .args(["netns", "exec", &p.pod, "nft", "list", "ruleset"])
+        .args(["netns", "exec", &p.ns.pod, "nft", "list", "ruleset"])
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout).to_string();

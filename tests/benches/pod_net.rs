@@ -21,7 +21,6 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,46 +29,9 @@ use enclave_netfilter::node::{self, RegistryEntry};
 use enclave_shim::config::Config;
 use enclave_shim::podnet;
 use enclave_shim::vm::{GuestVm, NetBackend, NetOptions, VmOptions};
+use enclave_tests::cri::OPEN_POLICY;
+use enclave_tests::netns::{mac_of, PodPair, PEER_IP, POD_IP};
 use enclave_tests::{busybox_rootfs, spec};
-
-const OPEN: &str = r#"apiVersion: enclave.io/v1alpha1
-kind: ZonePolicy
-metadata: {name: allow-all, version: "1"}
-spec:
-  zones:
-    - name: anywhere
-      cidrs: [0.0.0.0/0]
-  rules:
-    - {name: open, from: [unknown, anywhere], to: [unknown, anywhere]}
-"#;
-const POD_IP: &str = "10.99.0.2";
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Ns(Vec<String>);
-impl Drop for Ns {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
-fn mac_of(ns: &str, dev: &str) -> String {
-    let out = Command::new("ip")
-        .args(["-n", ns, "-j", "link", "show", dev])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v[0]["address"].as_str().unwrap().to_string()
-}
 
 fn container(c: &enclave_agent_protocol::Client, vm: &GuestVm, id: &str, script: &str) {
     busybox_rootfs(&vm.shared_dir().join(id).join("rootfs")).unwrap();
@@ -122,51 +84,8 @@ fn measure(
         .last()
         .unwrap_or("x")
         .replace(['-', ' '], "");
-    let (pod, peer) = (format!("bn-{tag}-{id}"), format!("bnp-{tag}-{id}"));
-    let _ns = Ns(vec![pod.clone(), peer.clone()]);
-    for n in [&pod, &peer] {
-        let _ = Command::new("ip").args(["netns", "del", n]).output();
-        sh(&["ip", "netns", "add", n]);
-    }
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        "veth-pod",
-        "netns",
-        &pod,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "veth-peer",
-        "netns",
-        &peer,
-    ]);
-    sh(&["ip", "-n", &pod, "link", "set", "veth-pod", "name", "eth0"]);
-    sh(&[
-        "ip",
-        "-n",
-        &pod,
-        "addr",
-        "add",
-        &format!("{POD_IP}/24"),
-        "dev",
-        "eth0",
-    ]);
-    sh(&["ip", "-n", &pod, "link", "set", "eth0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        &peer,
-        "addr",
-        "add",
-        "10.99.0.1/24",
-        "dev",
-        "veth-peer",
-    ]);
-    sh(&["ip", "-n", &peer, "link", "set", "veth-peer", "up"]);
-    let nspath = PathBuf::from(format!("/var/run/netns/{pod}"));
+    let ns = PodPair::new(&format!("b{tag}"));
+    let (peer, nspath) = (ns.peer.clone(), ns.pod_path());
     let net = podnet::discover(&nspath).unwrap();
     podnet::plumb(&net).unwrap();
 
@@ -189,7 +108,7 @@ fn measure(
                     namespace: "storefront".into(),
                     labels: Default::default(),
                     annotations: [("enclave.io/zone".to_string(), "web".to_string())].into(),
-                    ips: vec!["10.99.0.1".parse().unwrap()],
+                    ips: vec![PEER_IP.parse().unwrap()],
                     mac: mac_of(&peer, "veth-peer"),
                     netns: None,
                     control: None,
@@ -238,7 +157,7 @@ fn measure(
 
     // Throughput: a 16 MiB HTTP POST into `nc -l`.
     container(&c, &vm, "sink", "nc -l -p 8080 > /dev/null");
-    let peer_ns = PathBuf::from(format!("/var/run/netns/{peer}"));
+    let peer_ns = ns.peer_path();
     let pn = peer_ns.clone();
     let mib_s = std::thread::spawn(move || {
         enclave_netd::tap::enter_netns(&pn).unwrap();
@@ -354,7 +273,7 @@ fn main() {
     let variants: [(&'static str, Option<&str>); 4] = [
         ("QEMU tap", None),
         ("tap no offloads", None),
-        ("netd allow-all", Some(OPEN)),
+        ("netd allow-all", Some(OPEN_POLICY)),
         ("netd pci-cde", Some(&cde)),
     ];
     let mut all: Vec<Vec<Result_>> = variants.iter().map(|_| Vec::new()).collect();

@@ -4,6 +4,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod netns;
 pub mod procfs;
 pub mod vmm;
 

@@ -20,29 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use enclave_tests::cri::OPEN_POLICY;
+use enclave_tests::netns::sh;
 use enclave_tests::vmm::{kvm_usable, probe_guest};
 
 const VMM: &str = env!("CARGO_BIN_EXE_enclave-vmm");
 const MAC: &str = "52:54:00:12:34:56";
-const OPEN: &str = r#"apiVersion: enclave.io/v1alpha1
-kind: ZonePolicy
-metadata: {name: allow-all, version: "1"}
-spec:
-  zones:
-    - name: anywhere
-      cidrs: [0.0.0.0/0]
-  rules:
-    - {name: open, from: [unknown, anywhere], to: [unknown, anywhere]}
-"#;
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Waits for `pid` and returns its user+system CPU time.
 fn wait_cpu(pid: u32) -> Duration {
@@ -179,7 +162,7 @@ fn main() {
         args: vec!["--forward-only".into()],
     }];
     for (name, policy) in [
-        ("allow-all", OPEN.to_string()),
+        ("allow-all", OPEN_POLICY.to_string()),
         (
             "pci-cde",
             std::fs::read_to_string(workspace.join("configs/policies/pci-cde.yaml")).unwrap(),

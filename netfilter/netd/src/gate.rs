@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use enclave_netfilter::audit::{now_ms, AuditContext, AuditLog, RecordBuilder};
+use enclave_netfilter::audit::{base_event, now_ms, AuditContext, AuditLog, RecordBuilder};
 use enclave_netfilter::matcher::{
     Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, Verdict,
 };
@@ -222,28 +222,15 @@ impl Enforcing {
     /// An operational record (start, reload, suppression) in the same chain.
     fn note(&mut self, message: &str) -> Result<(), String> {
         let p = self.enforcer.policy().policy();
-        let rec = json!({
-            "class_uid": 0,
-            "class_name": "Base Event",
-            "category_uid": 0,
-            "category_name": "Uncategorized",
-            "activity_id": 99,
-            "activity_name": "Other",
-            "type_uid": 99,
-            "type_name": "Base Event: Other",
-            "time": now_ms(),
-            "severity_id": 1,
-            "severity": "Informational",
-            "message": message,
-            "metadata": {"version": "1.1.0", "product": {"name": "Enclave", "vendor_name": "Enclave", "feature": {"name": "enclave-netd"}}, "log_name": "enclave-netd"},
-            "policy": {"name": p.name, "version": p.version},
-            "unmapped": {"enclave": {
-                "node": self.sources.node,
-                "pod": self.sources.pod.name,
-                "namespace": self.sources.pod.namespace,
-                "zone": self.zone_name(),
-            }},
-        });
+        let mut rec = base_event(1, "Informational", message, "enclave-netd");
+        rec["metadata"]["product"]["feature"] = json!({"name": "enclave-netd"});
+        rec["policy"] = json!({"name": p.name, "version": p.version});
+        rec["unmapped"] = json!({"enclave": {
+            "node": self.sources.node,
+            "pod": self.sources.pod.name,
+            "namespace": self.sources.pod.namespace,
+            "zone": self.zone_name(),
+        }});
         self.log
             .append(rec)
             .map(|_| ())

@@ -135,29 +135,21 @@ impl AuditLog {
             .set_len(complete_len)
             .map_err(io(&path, "truncate torn tail"))?;
         self.file.sync_all().map_err(io(&path, "sync"))?;
-        let record = json!({
-            "class_uid": 0,
-            "class_name": "Base Event",
-            "category_uid": 0,
-            "category_name": "Uncategorized",
-            "activity_id": 99,
-            "activity_name": "Other",
-            "type_uid": 99,
-            "type_name": "Base Event: Other",
-            "time": now_ms(),
-            "severity_id": 3,
-            "severity": "Medium",
-            "message": format!(
-                "audit log recovery: a torn record of {} bytes (sha256 {}) was found after seq {} (the writer stopped mid-write); its bytes are kept in {}",
-                torn.len(), hex(&sha2::Sha256::digest_bytes(torn)), self.head.seq, keep.display()),
-            "metadata": {"version": "1.1.0", "product": {"name": "Enclave", "vendor_name": "Enclave"}, "log_name": "audit-recovery"},
-            "unmapped": {"enclave": {"recovery": {
-                "torn_bytes": torn.len(),
-                "torn_sha256": hex(&sha2::Sha256::digest_bytes(torn)),
-                "kept_in": keep.display().to_string(),
-                "after_seq": self.head.seq,
-            }}},
-        });
+        let torn_sha = hex(&sha2::Sha256::digest_bytes(torn));
+        let mut record = super::base_event(
+            3,
+            "Medium",
+            &format!(
+                "audit log recovery: a torn record of {} bytes (sha256 {torn_sha}) was found after seq {} (the writer stopped mid-write); its bytes are kept in {}",
+                torn.len(), self.head.seq, keep.display()),
+            "audit-recovery",
+        );
+        record["unmapped"] = json!({"enclave": {"recovery": {
+            "torn_bytes": torn.len(),
+            "torn_sha256": torn_sha,
+            "kept_in": keep.display().to_string(),
+            "after_seq": self.head.seq,
+        }}});
         self.append(record)?;
         Ok(())
     }

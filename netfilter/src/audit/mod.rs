@@ -14,7 +14,7 @@ pub mod record;
 mod verify;
 
 pub use log::{head_path, now_ms, read_head, AuditLog, AuditLogConfig, Head, SyncPolicy};
-pub use record::{AuditContext, RecordBuilder};
+pub use record::{base_event, AuditContext, RecordBuilder};
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
 
 use sha2::{Digest, Sha256};

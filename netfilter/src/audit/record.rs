@@ -15,6 +15,27 @@ use serde_json::{json, Map, Value};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+/// An OCSF Base Event (class 0, activity Other): the operational records (a writer's start,
+/// a policy reload, a recovered torn tail) that share the chain with the flow records.
+/// Callers add `unmapped` and whatever else they know.
+pub fn base_event(severity_id: u8, severity: &str, message: &str, log_name: &str) -> Value {
+    json!({
+        "class_uid": 0,
+        "class_name": "Base Event",
+        "category_uid": 0,
+        "category_name": "Uncategorized",
+        "activity_id": 99,
+        "activity_name": "Other",
+        "type_uid": 99,
+        "type_name": "Base Event: Other",
+        "time": super::now_ms(),
+        "severity_id": severity_id,
+        "severity": severity,
+        "message": message,
+        "metadata": {"version": "1.1.0", "product": {"name": "Enclave", "vendor_name": "Enclave"}, "log_name": log_name},
+    })
+}
+
 /// What a record needs besides the event: names for ids.
 #[derive(Debug, Clone)]
 pub struct AuditContext {
