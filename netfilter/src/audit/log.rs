@@ -156,9 +156,9 @@ impl AuditLog {
 
     /// Opens a log that several writers append to (the node's log: one enclave-netd per
     /// pod). Each append takes an exclusive `flock` and, when another writer appended since,
-    /// re-reads the head from the file, so the one chain stays unbroken. No rotation (the
-    /// writers would race on it): rotate with `enclavectl` while they are stopped, or give
-    /// each its own file.
+    /// re-reads the head from the file, so the one chain stays unbroken. No rotation: the
+    /// other writers would keep appending to the renamed file, and enclave-netd's seccomp
+    /// filter does not let it reopen one. The node log grows until the writers stop.
     pub fn open_shared(mut cfg: AuditLogConfig) -> Result<AuditLog, AuditError> {
         cfg.max_bytes = 0;
         let mut log = AuditLog::open(cfg)?;
