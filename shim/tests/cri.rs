@@ -7,11 +7,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use enclave_tests::containerd::{kill_leftovers, leftovers, IMAGE};
+use enclave_tests::containerd::{leftovers, IMAGE};
 use enclave_tests::cri::{cri_client, exec_sync, CriNode};
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::*;
@@ -42,30 +42,11 @@ fn container_config(name: &str, cmd: &[&str], log: &str) -> ContainerConfig {
 #[tokio::test(flavor = "current_thread")]
 async fn a_pod_through_cri_runs_in_one_microvm() {
     let test = "a_pod_through_cri_runs_in_one_microvm";
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return skip_or_fail(test, "needs root (containerd, CNI, mounts)");
-    }
-    for (what, path) in [
-        ("containerd", "/usr/bin/containerd"),
-        (
-            "CNI plugins (apt-get install containernetworking-plugins)",
-            "/usr/lib/cni/bridge",
-        ),
-        ("gcc", "/usr/bin/gcc"),
-    ] {
-        if !Path::new(path).exists() {
-            return skip_or_fail(test, &format!("{what} not installed"));
-        }
-    }
-    if let Err(e) = enclave_tests::tools() {
+    if let Err(e) = enclave_tests::cri::prerequisites(&[("gcc", "/usr/bin/gcc")]) {
         return skip_or_fail(test, &e);
     }
     // A run that failed may have left its pod running (shims outlive containerd).
-    kill_leftovers("/run/enclave/k8s.io/");
-    kill_leftovers("-namespace k8s.io");
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = std::fs::remove_dir_all("/run/enclave/k8s.io");
+    enclave_tests::cri::clean_node();
     let dir = std::env::temp_dir().join(format!("enclave-cri-{}", std::process::id()));
     let node = CriNode::start(
         &dir,

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use enclave_tests::containerd::{kill_leftovers, leftovers, IMAGE};
+use enclave_tests::containerd::{leftovers, IMAGE};
 use enclave_tests::cri::{cri_client, exec_sync, CriNode};
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -260,20 +260,7 @@ const REDIS_PING: &str = r"*1\r\n$4\r\nPING\r\n";
 #[tokio::test(flavor = "current_thread")]
 async fn zone_policy_is_enforced_on_every_pod_frame() {
     let test = "zone_policy_is_enforced_on_every_pod_frame";
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return skip_or_fail(test, "needs root (containerd, CNI, taps, nftables)");
-    }
-    for (what, path) in [
-        ("containerd", "/usr/bin/containerd"),
-        ("CNI plugins", "/usr/lib/cni/bridge"),
-        ("nsenter", "/usr/bin/nsenter"),
-    ] {
-        if !Path::new(path).exists() {
-            return skip_or_fail(test, &format!("{what} not installed"));
-        }
-    }
-    if let Err(e) = enclave_tests::tools() {
+    if let Err(e) = enclave_tests::cri::prerequisites(&[("nsenter", "/usr/bin/nsenter")]) {
         return skip_or_fail(test, &e);
     }
     if !bin("enclavectl").exists() || !bin("enclave-netd").exists() {
@@ -282,10 +269,7 @@ async fn zone_policy_is_enforced_on_every_pod_frame() {
             "enclavectl / enclave-netd not built (cargo build --workspace --bins)",
         );
     }
-    kill_leftovers("/run/enclave/k8s.io/");
-    kill_leftovers("-namespace k8s.io");
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = std::fs::remove_dir_all("/run/enclave/k8s.io");
+    enclave_tests::cri::clean_node();
 
     let dir = std::env::temp_dir().join(format!("enclave-netd-e2e-{}", std::process::id()));
     let template =

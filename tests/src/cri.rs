@@ -157,6 +157,36 @@ impl CriNode {
     }
 }
 
+/// What a CRI test needs of the machine: root, containerd, the CNI plugins, the guest image
+/// and QEMU, and the files in `extra` (what, path). `Err` says what is missing.
+pub fn prerequisites(extra: &[(&str, &str)]) -> Result<(), String> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return Err("needs root (containerd, CNI, taps, mounts, nftables)".into());
+    }
+    let base = [
+        ("containerd", "/usr/bin/containerd"),
+        (
+            "CNI plugins (apt-get install containernetworking-plugins)",
+            "/usr/lib/cni/bridge",
+        ),
+    ];
+    for (what, path) in base.iter().chain(extra) {
+        if !Path::new(path).exists() {
+            return Err(format!("{what} not installed"));
+        }
+    }
+    crate::tools().map(|_| ())
+}
+
+/// Kills what a failed run left (shims outlive containerd) and removes its state.
+pub fn clean_node() {
+    crate::containerd::kill_leftovers("/run/enclave/k8s.io/");
+    crate::containerd::kill_leftovers("-namespace k8s.io");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = std::fs::remove_dir_all("/run/enclave/k8s.io");
+}
+
 /// A CRI runtime-service client over containerd's socket.
 pub async fn cri_client(sock: &str) -> RuntimeServiceClient<Channel> {
     let path = sock.to_string();
