@@ -143,6 +143,15 @@ fn main() {
     let netns = format!("enclave-netbench-{}", std::process::id());
     let _ = Command::new("ip").args(["netns", "del", &netns]).output();
     sh(&["ip", "netns", "add", &netns]);
+    // Deleted however the run ends (a failed assertion unwinds through it).
+    struct Cleanup(String, PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(netns.clone(), dir.clone());
     sh(&["ip", "-n", &netns, "tuntap", "add", "tap0", "mode", "tap"]);
     sh(&["ip", "-n", &netns, "link", "set", "tap0", "up"]);
 
@@ -238,6 +247,4 @@ fn main() {
         "\npci-cde audit log: {} records ({flows} flow records: one per run, rule `dns`)",
         text.lines().count()
     );
-    let _ = Command::new("ip").args(["netns", "del", &netns]).output();
-    let _ = std::fs::remove_dir_all(&dir);
 }
