@@ -14,13 +14,14 @@
 use crate::identity::{InventoryWorkload, PeerDirectory};
 use crate::nft::{self, NftWorkload, Placement};
 use crate::packet::MacAddr;
-use crate::policy::{self, LoadedPolicy};
+use crate::policy::{self, CompiledPolicy, LoadedPolicy};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Default policy directory.
@@ -252,6 +253,38 @@ pub fn control_request(socket: &Path, request: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// The node as enforcement sees it at one moment: its policy and the pods registered on it.
+/// The shim (at pod start), every enclave-netd (at start and reload) and [`reload_all`] read
+/// it the same way.
+pub struct NodeView {
+    /// The policy file read.
+    pub policy_file: PathBuf,
+    /// The compiled policy.
+    pub policy: Arc<CompiledPolicy>,
+    /// The registered pods (broken entries left out).
+    pub entries: Vec<RegistryEntry>,
+    /// Their addresses, identities and zones under `policy`.
+    pub peers: Arc<PeerDirectory>,
+    /// A message per registry file that is not an entry.
+    pub problems: Vec<String>,
+}
+
+impl NodeView {
+    /// Reads the policy directory and the registry; a policy that does not load is an error.
+    pub fn load(policy_dir: &Path, registry: &Path) -> Result<NodeView, String> {
+        let (policy_file, loaded) = load_policy_dir(policy_dir)?;
+        let (entries, problems) = read_registry(registry);
+        let peers = Arc::new(peers(loaded.compiled.policy(), &entries));
+        Ok(NodeView {
+            policy_file,
+            policy: Arc::new(loaded.compiled),
+            entries,
+            peers,
+            problems,
+        })
+    }
+}
+
 /// What [`reload_all`] did for one pod.
 #[derive(Debug)]
 pub struct PodReload {
@@ -270,13 +303,11 @@ pub fn reload_all(
     policy_dir: &Path,
     registry: &Path,
 ) -> Result<(PathBuf, Vec<PodReload>, Vec<String>), String> {
-    let (file, loaded) = load_policy_dir(policy_dir)?;
-    let (entries, problems) = read_registry(registry);
-    let peers = peers(loaded.compiled.policy(), &entries);
+    let view = NodeView::load(policy_dir, registry)?;
     let mut out = Vec::new();
-    for e in &entries {
+    for e in &view.entries {
         let nft = if e.netns.is_some() {
-            apply_nft(&loaded.compiled, &peers, e)
+            apply_nft(&view.policy, &view.peers, e)
         } else {
             Err("no network namespace registered".into())
         };
@@ -290,7 +321,7 @@ pub fn reload_all(
             netd,
         });
     }
-    Ok((file, out, problems))
+    Ok((view.policy_file, out, view.problems))
 }
 
 #[cfg(test)]

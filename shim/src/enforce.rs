@@ -59,15 +59,15 @@ pub fn prepare(
     vm_dir: &Path,
 ) -> Result<Vec<OsString>, String> {
     let net = &cfg.network;
-    let (policy_file, loaded) = node::load_policy_dir(&net.policy_dir)
+    // The view is read before the pod registers (its own entry is never its own peer), so a
+    // policy that does not load fails the pod before it touches the registry.
+    let view = node::NodeView::load(&net.policy_dir, &net.registry)
         .map_err(|e| format!("the pod network needs a zone policy: {e}"))?;
-    node::register(&net.registry, entry)?;
-    let (entries, problems) = node::read_registry(&net.registry);
-    for p in problems {
+    for p in &view.problems {
         eprintln!("enclave-shim: registry: {p} (entry ignored)");
     }
-    let peers = node::peers(loaded.compiled.policy(), &entries);
-    let rules = match node::apply_nft(&loaded.compiled, &peers, entry) {
+    node::register(&net.registry, entry)?;
+    let rules = match node::apply_nft(&view.policy, &view.peers, entry) {
         Ok(r) => r,
         Err(e) => {
             let _ = node::unregister(&net.registry, entry);
@@ -77,8 +77,8 @@ pub fn prepare(
     eprintln!(
         "enclave-shim: pod {} registered; policy {} ({}); nftables table with {rules} rules in {}",
         entry.reference(),
-        loaded.compiled.policy().name,
-        policy_file.display(),
+        view.policy.policy().name,
+        view.policy_file.display(),
         entry.netns.as_deref().unwrap_or(Path::new("?")).display()
     );
     // The pod file goes beside the VM directory (which the VM launcher owns).

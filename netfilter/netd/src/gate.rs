@@ -3,15 +3,13 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use enclave_netfilter::audit::{base_event, now_ms, AuditContext, AuditLog, RecordBuilder};
 use enclave_netfilter::matcher::{
     Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, Verdict,
 };
-use enclave_netfilter::node::{self, RegistryEntry};
-use enclave_netfilter::policy::CompiledPolicy;
+use enclave_netfilter::node::{NodeView, RegistryEntry};
 use serde_json::json;
 
 /// Denial records per second a pod may cause, and the burst: a guest spraying denied
@@ -99,13 +97,11 @@ impl Gate {
 
     /// An enforcing gate for `sources.pod`, with its policy and peers read now.
     pub fn new_enforcing(sources: Sources, log: AuditLog) -> Result<Gate, String> {
-        let (policy_file, loaded) = node::load_policy_dir(&sources.policy_dir)?;
-        let (entries, problems) = node::read_registry(&sources.registry);
-        for p in problems {
+        let view = NodeView::load(&sources.policy_dir, &sources.registry)?;
+        for p in &view.problems {
             eprintln!("enclave-netd: registry: {p} (entry ignored)");
         }
-        let policy = Arc::new(loaded.compiled);
-        let peers = Arc::new(node::peers(policy.policy(), &entries));
+        let (policy, peers, policy_file) = (view.policy, view.peers, view.policy_file);
         let w = sources.pod.workload();
         let mac = w
             .mac
@@ -201,6 +197,11 @@ impl Enforcing {
                 self.sources.pod.reference()
             ));
         }
+        self.write(ev)
+    }
+
+    /// Writes the record of `ev` now; false (counted, and said on stderr) if it could not be.
+    fn write(&mut self, ev: &FlowEvent) -> bool {
         let rec = self.builder.record(ev, now_ms());
         match self.log.append(rec) {
             Ok(_) => {
@@ -243,9 +244,8 @@ impl Enforcing {
     /// allowed go on, flows now denied are cut and recorded. A policy that does not load
     /// leaves the old one in force.
     pub fn reload(&mut self) -> Result<String, String> {
-        let loaded = node::load_policy_dir(&self.sources.policy_dir);
-        let (file, loaded) = match loaded {
-            Ok(x) => x,
+        let view = match NodeView::load(&self.sources.policy_dir, &self.sources.registry) {
+            Ok(v) => v,
             Err(e) => {
                 self.audit.reload_errors += 1;
                 let _ = self.note(&format!(
@@ -254,9 +254,7 @@ impl Enforcing {
                 return Err(e);
             }
         };
-        let (entries, problems) = node::read_registry(&self.sources.registry);
-        let policy: Arc<CompiledPolicy> = Arc::new(loaded.compiled);
-        let peers = Arc::new(node::peers(policy.policy(), &entries));
+        let (policy, peers) = (view.policy.clone(), view.peers.clone());
         let cut = self.enforcer.reload(policy.clone(), peers.clone());
         let cx = self.builder.context().clone();
         self.builder = RecordBuilder::new(AuditContext {
@@ -264,7 +262,7 @@ impl Enforcing {
             peers,
             ..cx
         });
-        self.policy_file = file;
+        self.policy_file = view.policy_file;
         self.audit.reloads += 1;
         let summary = format!(
             "policy {} version {} from {} in force for pod {} (zone {}, mode {}); {} known pods; {} flows cut{}",
@@ -274,22 +272,17 @@ impl Enforcing {
             self.sources.pod.reference(),
             self.zone_name(),
             self.enforcer.mode().as_str(),
-            entries.len(),
+            view.entries.len(),
             cut.len(),
-            if problems.is_empty() {
+            if view.problems.is_empty() {
                 String::new()
             } else {
-                format!("; registry problems: {}", problems.join("; "))
+                format!("; registry problems: {}", view.problems.join("; "))
             }
         );
         self.note(&summary)?;
         for ev in &cut {
-            let rec = self.builder.record(ev, now_ms());
-            if self.log.append(rec).is_ok() {
-                self.audit.records += 1;
-            } else {
-                self.audit.errors += 1;
-            }
+            self.write(ev);
         }
         Ok(summary)
     }
