@@ -8,32 +8,18 @@
 //! `cargo run --release -p enclave-shim --example pod_demo` (as root; scripts/demo.sh runs it).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use enclave_tests::containerd::{kill_leftovers, leftovers, IMAGE};
-use enclave_tests::cri::{cri_client, exec_sync, CriNode};
+use enclave_tests::containerd::{kill_leftovers, leftovers};
+use enclave_tests::cri::{
+    container_config, cri_client, exec_sync, pod_ip, sandbox_config, CriNode,
+};
 use k8s_cri::v1::*;
 
 fn step(s: &str) {
     println!("\n--- {s}");
-}
-
-fn pod_config(name: &str, ns: &str, zone: &str, logs: &std::path::Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: ns.into(),
-            attempt: 0,
-        }),
-        log_directory: logs.join(name).display().to_string(),
-        annotations: HashMap::from([("enclave.io/zone".to_string(), zone.to_string())]),
-        linux: Some(LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -87,7 +73,7 @@ async fn main() {
         step(&format!(
             "RunPodSandbox {ns}/{name} (zone {zone}) with runtime handler enclave"
         ));
-        let config = pod_config(name, ns, zone, &logs);
+        let config = sandbox_config(name, ns, zone, &logs.join(name));
         std::fs::create_dir_all(logs.join(name)).unwrap();
         let t = Instant::now();
         let sandbox = cri
@@ -107,27 +93,16 @@ async fn main() {
         let mut ids = Vec::new();
         for c in containers {
             let t = Instant::now();
-            let cc = ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: c.to_string(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: IMAGE.into(),
-                    ..Default::default()
-                }),
-                command: if *c == "api" {
-                    vec![
-                        "sh".into(),
-                        "-c".into(),
-                        "mkdir -p /www && echo payment-api-ok > /www/index.html && exec httpd -f -p 8080 -h /www".into(),
-                    ]
-                } else {
-                    vec!["sleep".into(), "1000".into()]
-                },
-                log_path: format!("{c}.log"),
-                ..Default::default()
+            let cmd: &[&str] = if *c == "api" {
+                &[
+                    "sh",
+                    "-c",
+                    "mkdir -p /www && echo payment-api-ok > /www/index.html && exec httpd -f -p 8080 -h /www",
+                ]
+            } else {
+                &["sleep", "1000"]
             };
+            let cc = container_config(c, cmd, &format!("{c}.log"));
             let id = cri
                 .create_container(CreateContainerRequest {
                     pod_sandbox_id: sandbox.clone(),
@@ -182,19 +157,7 @@ async fn main() {
             );
             boot_ids.push((sandbox.clone(), boot));
         }
-        let status = cri
-            .pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: sandbox.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let ip = status
-            .status
-            .and_then(|s| s.network)
-            .map(|n| n.ip)
-            .unwrap_or_default();
+        let ip = pod_ip(&mut cri, sandbox).await;
         println!("  {name:<13} pod IP {ip}");
         ips.push((name.clone(), ip, ids[0].clone()));
     }

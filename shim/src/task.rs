@@ -83,6 +83,17 @@ fn no_process(id: &str, exec: &str) -> ttrpc::Error {
     )
 }
 
+/// Process `exec` of container `id`.
+fn process<'a>(
+    cs: &'a HashMap<String, Container>,
+    id: &str,
+    exec: &str,
+) -> ttrpc::Result<&'a Proc> {
+    cs.get(id)
+        .and_then(|c| c.procs.get(exec))
+        .ok_or_else(|| no_process(id, exec))
+}
+
 fn no_container(id: &str) -> ttrpc::Error {
     err(
         ttrpc::Code::NOT_FOUND,
@@ -564,10 +575,7 @@ impl Task for TaskService {
         let agent = s.agent()?;
         let (stdin, stdout, stderr, exec_spec) = {
             let cs = lock(&s.containers);
-            let p = cs
-                .get(&req.id)
-                .and_then(|c| c.procs.get(&req.exec_id))
-                .ok_or_else(|| no_process(&req.id, &req.exec_id))?;
+            let p = process(&cs, &req.id, &req.exec_id)?;
             (
                 p.stdin.clone(),
                 p.stdout.clone(),
@@ -665,10 +673,7 @@ impl Task for TaskService {
         let s = &self.0;
         let mut cs = lock(&s.containers);
         loop {
-            let p = cs
-                .get(&req.id)
-                .and_then(|c| c.procs.get(&req.exec_id))
-                .ok_or_else(|| no_process(&req.id, &req.exec_id))?;
+            let p = process(&cs, &req.id, &req.exec_id)?;
             if let Some((status, at)) = &p.exit {
                 return Ok(api::WaitResponse {
                     exit_status: *status,
@@ -682,14 +687,11 @@ impl Task for TaskService {
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<api::Empty> {
         let s = &self.0;
-        let running = lock(&s.containers)
-            .get(&req.id)
-            .and_then(|c| c.procs.get(&req.exec_id))
-            .map(|p| p.exit.is_none());
-        match running {
-            None => return Err(no_process(&req.id, &req.exec_id)),
-            Some(false) => return Ok(api::Empty::new()), // already gone: nothing to signal
-            Some(true) => {}
+        let running = process(&lock(&s.containers), &req.id, &req.exec_id)?
+            .exit
+            .is_none();
+        if !running {
+            return Ok(api::Empty::new()); // already gone: nothing to signal
         }
         s.agent()?
             .call::<SignalProcess>(&SignalProcessRequest {

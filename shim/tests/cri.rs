@@ -6,13 +6,14 @@
 //! RemovePodSandbox, and nothing left behind.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use enclave_tests::containerd::{leftovers, IMAGE};
-use enclave_tests::cri::{cri_client, exec_sync, CriNode};
+use enclave_tests::containerd::leftovers;
+use enclave_tests::cri::{
+    container_config, cri_client, exec_sync, pod_ip, sandbox_config, CriNode,
+};
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::*;
 
@@ -21,22 +22,6 @@ fn shim_dir() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-fn container_config(name: &str, cmd: &[&str], log: &str) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: log.into(),
-        ..Default::default()
-    }
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -59,19 +44,7 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     // RunPodSandbox with the enclave handler, as the kubelet does for the RuntimeClass.
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let sandbox_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "payments-api".into(),
-            uid: "uid-1".into(),
-            namespace: "payments".into(),
-            attempt: 0,
-        }),
-        hostname: "payments-api".into(),
-        log_directory: logs.display().to_string(),
-        annotations: HashMap::from([("enclave.io/zone".to_string(), "cde".to_string())]),
-        linux: Some(LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    };
+    let sandbox_config = sandbox_config("payments-api", "payments", "cde", &logs);
     let t = Instant::now();
     let sandbox = cri
         .run_pod_sandbox(RunPodSandboxRequest {
@@ -151,19 +124,7 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     assert_eq!(vms, 1, "one VM for the pod");
 
     // The pod answers on its pod IP, from the node's side of the pod network.
-    let status = cri
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: sandbox.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let ip = status
-        .status
-        .and_then(|s| s.network)
-        .map(|n| n.ip)
-        .unwrap_or_default();
+    let ip = pod_ip(&mut cri, &sandbox).await;
     assert!(ip.starts_with("10.88.77."), "pod IP {ip:?}");
     // ARP and ICMP from the node's side of the CNI bridge reach the guest's NIC.
     let ping = Command::new("ip")

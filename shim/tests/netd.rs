@@ -17,13 +17,14 @@
 //! - killing a pod's netd stops that pod's VM: its network is gone, nothing passes around.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use enclave_tests::containerd::{leftovers, IMAGE};
-use enclave_tests::cri::{cri_client, exec_sync, CriNode};
+use enclave_tests::containerd::leftovers;
+use enclave_tests::cri::{
+    container_config, cri_client, exec_sync, pod_ip, sandbox_config, CriNode,
+};
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
@@ -47,22 +48,6 @@ struct Pod {
     c: String,
 }
 
-fn sandbox_config(name: &str, ns: &str, zone: &str, logs: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: ns.into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: logs.display().to_string(),
-        annotations: HashMap::from([("enclave.io/zone".to_string(), zone.to_string())]),
-        linux: Some(LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    }
-}
-
 async fn run_pod(
     cri: &mut RuntimeServiceClient<Channel>,
     node: &CriNode,
@@ -81,19 +66,7 @@ async fn run_pod(
         .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", node.containerd.log_tail()))
         .into_inner()
         .pod_sandbox_id;
-    let mut config = ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        log_path: format!("{name}.log"),
-        ..Default::default()
-    };
+    let mut config = container_config(name, &["sh", "-c", script], &format!("{name}.log"));
     if net_admin {
         config.linux = Some(LinuxContainerConfig {
             security_context: Some(LinuxContainerSecurityContext {
@@ -121,18 +94,7 @@ async fn run_pod(
     })
     .await
     .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
-    let ip = cri
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: sandbox.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .and_then(|s| s.network)
-        .map(|n| n.ip)
-        .unwrap_or_default();
+    let ip = pod_ip(cri, &sandbox).await;
     assert!(ip.starts_with("10.88.77."), "{name}: pod IP {ip:?}");
     Pod { sandbox, ip, c }
 }

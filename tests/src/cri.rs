@@ -187,6 +187,64 @@ pub fn clean_node() {
     let _ = std::fs::remove_dir_all("/run/enclave/k8s.io");
 }
 
+/// A pod sandbox config as the kubelet sends it: pod `name` in `namespace`, hostname `name`,
+/// the `enclave.io/zone` annotation, container logs under `log_dir`.
+pub fn sandbox_config(
+    name: &str,
+    namespace: &str,
+    zone: &str,
+    log_dir: &Path,
+) -> k8s_cri::v1::PodSandboxConfig {
+    use k8s_cri::v1::*;
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: namespace.into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.display().to_string(),
+        annotations: [("enclave.io/zone".to_string(), zone.to_string())].into(),
+        linux: Some(LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    }
+}
+
+/// A container of the test busybox image running `cmd`, logging to `log` (relative to the
+/// pod's log directory).
+pub fn container_config(name: &str, cmd: &[&str], log: &str) -> k8s_cri::v1::ContainerConfig {
+    use k8s_cri::v1::*;
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: crate::containerd::IMAGE.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: log.into(),
+        ..Default::default()
+    }
+}
+
+/// The pod IP CRI reports for `sandbox` ("" when it has none).
+pub async fn pod_ip(cri: &mut RuntimeServiceClient<Channel>, sandbox: &str) -> String {
+    cri.pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+        pod_sandbox_id: sandbox.into(),
+        verbose: false,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("PodSandboxStatus {sandbox}: {e}"))
+    .into_inner()
+    .status
+    .and_then(|s| s.network)
+    .map(|n| n.ip)
+    .unwrap_or_default()
+}
+
 /// A CRI runtime-service client over containerd's socket.
 pub async fn cri_client(sock: &str) -> RuntimeServiceClient<Channel> {
     let path = sock.to_string();
