@@ -85,9 +85,13 @@ pub struct NetBackend {
     hdr_len: usize,
     /// Receive offloads in use: the tap's header (made by the host kernel) goes to the guest.
     rx_offloads: bool,
-    /// A frame read from the tap that did not fit the guest's buffers yet.
-    pending: Option<Vec<u8>>,
+    /// The length of a frame in `rx_buf`, read from the tap and decided, that did not fit
+    /// the guest's buffers yet.
+    pending: Option<usize>,
+    /// Guest → tap frames.
     buf: Vec<u8>,
+    /// Tap → guest frames (apart from `buf`, so a pending frame survives tx work).
+    rx_buf: Vec<u8>,
     /// Counters, shared with whoever reports them.
     pub stats: Arc<Stats>,
     /// The decision on every frame.
@@ -105,6 +109,7 @@ impl NetBackend {
             rx_offloads: false,
             pending: None,
             buf: vec![0; MAX_FRAME],
+            rx_buf: vec![0; MAX_FRAME],
             stats: Arc::default(),
             gate,
         }
@@ -166,15 +171,15 @@ impl NetBackend {
         let mem = self.mem.memory();
         let mut used = false;
         loop {
-            let frame = match self.pending.take() {
-                Some(f) => f,
-                None => match self.tap.read(&mut self.buf) {
+            let n = match self.pending.take() {
+                Some(n) => n,
+                None => match self.tap.read(&mut self.rx_buf) {
                     Ok(0) => break,
                     Ok(n) if n <= VNET_HDR_LEN => continue,
                     Ok(n) => {
                         if !self
                             .gate
-                            .pass(Direction::Ingress, &self.buf[VNET_HDR_LEN..n])
+                            .pass(Direction::Ingress, &self.rx_buf[VNET_HDR_LEN..n])
                         {
                             self.stats.rx_denied.fetch_add(1, Ordering::Relaxed);
                             continue;
@@ -184,14 +189,14 @@ impl NetBackend {
                             // netd decided as a whole), as the guest negotiated it. Without
                             // MRG_RXBUF num_buffers is 1; a legacy header is its first 10
                             // bytes, moved up to sit right before the frame.
-                            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
                             if self.hdr_len == LEGACY_HDR_LEN {
-                                self.buf.copy_within(0..LEGACY_HDR_LEN, 2);
+                                self.rx_buf.copy_within(0..LEGACY_HDR_LEN, 2);
                             }
                         } else {
-                            self.buf[..VNET_HDR_LEN].fill(0);
+                            self.rx_buf[..VNET_HDR_LEN].fill(0);
                         }
-                        self.buf[..n].to_vec()
+                        n
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
@@ -199,13 +204,13 @@ impl NetBackend {
             };
             let chain = next_chain(vring, &mem);
             let Some(chain) = chain else {
-                // No buffer: keep the frame until the guest adds one (its rx kick).
-                self.pending = Some(frame);
+                // No buffer: keep the frame (in rx_buf) until the guest adds one (its kick).
+                self.pending = Some(n);
                 break;
             };
             let head = chain.head_index();
-            // The frame with the guest's header length (its zeroed tail of the tap's).
-            let out = frame.get(VNET_HDR_LEN - self.hdr_len..).unwrap_or_default();
+            // The frame with the guest's header length (its tail of the tap's).
+            let out = &self.rx_buf[VNET_HDR_LEN - self.hdr_len..n];
             let written = match chain.writer(&mem) {
                 Ok(mut w) if w.available_bytes() >= out.len() => {
                     w.write_all(out).ok().map(|_| out.len())
