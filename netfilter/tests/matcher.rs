@@ -901,17 +901,20 @@ fn a_zone_switched_to_learn_by_a_reload_records_new_flows() {
     sends_postgres_and_is_learned(&mut f, &e);
 }
 
+fn rule_index(f: &Fx, name: &str) -> usize {
+    f.e.policy()
+        .policy()
+        .rules
+        .iter()
+        .position(|r| r.name == name)
+        .unwrap()
+}
+
 #[test]
 fn rule_counters_survive_a_reload_by_rule_name() {
     let mut f = fixture("a");
     f.connect("10.0.0.2", 22);
-    let idx =
-        f.e.policy()
-            .policy()
-            .rules
-            .iter()
-            .position(|r| r.name == "a-b-ssh")
-            .unwrap();
+    let idx = rule_index(&f, "a-b-ssh");
     assert_eq!(f.e.counters().rule_flows[idx], 1);
     // The same rules in another order, plus one: the count follows the name.
     let src = POLICY.replace(
@@ -922,13 +925,7 @@ fn rule_counters_survive_a_reload_by_rule_name() {
     let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
     f.e.reload(c, peers);
-    let idx =
-        f.e.policy()
-            .policy()
-            .rules
-            .iter()
-            .position(|r| r.name == "a-b-ssh")
-            .unwrap();
+    let idx = rule_index(&f, "a-b-ssh");
     assert_eq!(f.e.counters().rule_flows[idx], 1);
     assert_eq!(f.e.counters().rule_flows[0], 0, "new-first starts at 0");
 }

@@ -334,6 +334,8 @@ impl Service {
         );
         if podnet.is_some() {
             crate::enforce::watch_netd(&vm);
+            // Every pod, this one included: a pod that registered while this pod's netd was
+            // starting could not reach its control socket yet.
             crate::enforce::peers_changed(&cfg.network);
         }
         *lock(&self.sandbox) = Some(Sandbox {
