@@ -9,10 +9,14 @@ step() { printf '\n==> %s\n' "$*"; }
 # netfilter: libnftnl/libmnl/nftables/iproute2. guest: qemu (test VMs), busybox-static
 # (test container rootfs), lz4 (kernel payload), libcap-ng/libseccomp (to build virtiofsd).
 # shim: containerd and runc (the real containerd the shim is tested with), tar (images),
-# CNI plugins (pods through CRI).
+# CNI plugins (pods through CRI). tests and the pod demo: protobuf-compiler (protoc, which
+# the k8s-cri crate's build.rs runs), iputils-ping (the pod-IP checks), python3 and
+# ca-certificates (the image builder; cargo's registry over TLS), util-linux (nsenter),
+# bsdutils (script: the tty test), cpio/xz-utils/binutils (kernel package, strip).
 APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
   qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar
-  containernetworking-plugins)
+  containernetworking-plugins protobuf-compiler iputils-ping python3 ca-certificates
+  util-linux bsdutils binutils xz-utils)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()
