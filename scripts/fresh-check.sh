@@ -89,8 +89,16 @@ tar -C "$ROOT" -xzf "$BASE"
 # own settings for this mirror.
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 for f in /etc/apt/apt.conf.d/99artifact-registry; do
-    [ -f "$f" ] && cp "$f" "$ROOT/etc/apt/apt.conf.d/"
+    if [ -f "$f" ]; then cp "$f" "$ROOT/etc/apt/apt.conf.d/"; fi
 done
+# The machine's own certificate authorities (a workplace's TLS proxy, say): a new machine
+# of the same kind trusts them too. ca-certificates (installed by set-up) folds them into
+# the bundle; until then the copied bundle serves.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    mkdir -p "$ROOT/usr/local/share/ca-certificates" "$ROOT/etc/ssl/certs"
+    cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+    cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
+fi
 
 step "a clean clone of HEAD ($(git -C "$REPO" rev-parse --short HEAD))"
 git clone -q --no-local "$REPO" "$ROOT/root/enclave"
