@@ -6,6 +6,7 @@ pub mod containerd;
 pub mod cri;
 pub mod netns;
 pub mod procfs;
+pub mod seccomp;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};
@@ -101,6 +102,16 @@ pub fn read_to_end(
         }
         out.extend_from_slice(&d);
     }
+}
+
+/// Skips a test that needs root with a reason, or fails it when
+/// `ENCLAVE_REQUIRE_PRIVILEGED=1` (set by CI and for root runs of scripts/test.sh).
+#[allow(clippy::panic)] // failing the calling test is the point
+pub fn skip_or_fail_privileged(test: &str, why: &str) {
+    if std::env::var("ENCLAVE_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        panic!("{test}: cannot run and ENCLAVE_REQUIRE_PRIVILEGED=1: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
 }
 
 /// Skips a test with a reason, or fails it when `ENCLAVE_REQUIRE_VM=1` (set by CI).

@@ -7,12 +7,7 @@
 //! of the integration tests (probe guest with vsock and vhost-user devices, API use) and
 //! trimmed to what those call sites need; docs/vmm.md has the table.
 
-use std::collections::BTreeMap;
-
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use enclave_seccomp::{any, when, BpfProgram, SeccompAction, SeccompError, Syscall};
 
 /// Which thread a filter is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,159 +37,139 @@ const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 // FIONBIO: std's set_nonblocking.
 const FIONBIO: u64 = 0x5421;
-
-fn ioctl_rule(reqs: &[u64]) -> Vec<SeccompRule> {
-    arg_rule(1, reqs)
-}
-
-/// Allows the syscall when argument `arg` equals one of `values`.
-fn arg_rule(arg: u8, values: &[u64]) -> Vec<SeccompRule> {
-    values
-        .iter()
-        .filter_map(|&r| {
-            SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, r).ok()
-        })
-        .filter_map(|c| SeccompRule::new(vec![c]).ok())
-        .collect()
-}
+// fcntl: F_DUPFD_CLOEXEC for EventFd/UnixStream::try_clone (virtio activation on a vCPU,
+// API connections); F_GETFD is std's check that an fd is open before closing it.
+const FCNTL_CMDS: &[u64] = &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64];
 
 /// Syscalls every thread needs, with their callers.
-const COMMON: &[(i64, &str)] = &[
-    (libc::SYS_read, "eventfd reads, sockets, the serial log"),
-    (
+pub const COMMON: &[Syscall] = &[
+    any(libc::SYS_read, "eventfd reads, sockets, the serial log"),
+    any(
         libc::SYS_write,
         "eventfd writes (irqfd, kicks), serial log, sockets, stderr",
     ),
-    (
+    any(
         libc::SYS_futex,
         "Mutex/Condvar on device state and run state",
     ),
-    (libc::SYS_mmap, "the allocator (thread arenas)"),
-    (libc::SYS_munmap, "the allocator"),
-    (libc::SYS_madvise, "the allocator returning memory"),
-    (libc::SYS_mprotect, "the allocator growing a thread arena"),
-    (libc::SYS_brk, "the allocator on the main arena"),
-    (libc::SYS_close, "dropping sockets and fds"),
-    (
+    any(libc::SYS_mmap, "the allocator (thread arenas)"),
+    any(libc::SYS_munmap, "the allocator"),
+    any(libc::SYS_madvise, "the allocator returning memory"),
+    any(libc::SYS_mprotect, "the allocator growing a thread arena"),
+    any(libc::SYS_brk, "the allocator on the main arena"),
+    any(libc::SYS_close, "dropping sockets and fds"),
+    any(
         libc::SYS_rt_sigprocmask,
         "thread exit and signal handling in std",
     ),
-    (
+    any(
         libc::SYS_rt_sigreturn,
         "returning from the vCPU kick signal handler",
     ),
-    (
+    any(
         libc::SYS_sigaltstack,
         "std's stack-overflow guard at thread exit",
     ),
-    (libc::SYS_exit, "thread exit"),
-    (libc::SYS_exit_group, "process exit"),
-    (libc::SYS_sched_yield, "lock contention"),
-    (
+    any(libc::SYS_exit, "thread exit"),
+    any(libc::SYS_exit_group, "process exit"),
+    any(libc::SYS_sched_yield, "lock contention"),
+    any(
         libc::SYS_clock_gettime,
         "Instant::now when the vDSO is unavailable",
     ),
-    (libc::SYS_getrandom, "HashMap seeds"),
-    (libc::SYS_writev, "stderr messages"),
+    any(libc::SYS_getrandom, "HashMap seeds"),
+    any(libc::SYS_writev, "stderr messages"),
+    when(
+        libc::SYS_fcntl,
+        1,
+        FCNTL_CMDS,
+        "try_clone (F_DUPFD_CLOEXEC), std's close check (F_GETFD)",
+    ),
 ];
 
-fn rules_for(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
-    let mut m: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (nr, _why) in COMMON {
-        m.insert(*nr, vec![]);
-    }
-    let extra: &[(i64, &str)] = match kind {
-        ThreadKind::Vcpu => &[
-            (
-                libc::SYS_sendmsg,
-                "vhost-user messages when a driver activates a vhost-user device",
-            ),
-            (libc::SYS_recvmsg, "vhost-user replies"),
-            (
-                libc::SYS_fcntl,
-                "EventFd::try_clone (F_DUPFD_CLOEXEC) on activation",
-            ),
-        ],
-        ThreadKind::Vmm => &[
-            (libc::SYS_epoll_wait, "the event loop"),
-            (
-                libc::SYS_epoll_pwait,
-                "the event loop (glibc may use the p-variant)",
-            ),
-            (libc::SYS_epoll_ctl, "vsock stream registration"),
-            (libc::SYS_accept4, "vsock host connections on uds_path"),
-            (
-                libc::SYS_socket,
-                "vsock guest-initiated connections to <uds_path>_PORT",
-            ),
-            (libc::SYS_connect, "vsock guest-initiated connections"),
-            (libc::SYS_shutdown, "vsock half-close from the guest"),
-            (libc::SYS_tgkill, "kicking vCPUs out of KVM_RUN at stop"),
-            (
-                libc::SYS_getpid,
-                "pthread_kill (the vCPU kick) asks for the thread group id",
-            ),
-            (libc::SYS_recvfrom, "socket reads"),
-            (libc::SYS_sendto, "socket writes"),
-            (libc::SYS_sendmsg, "vhost-user messages"),
-            (libc::SYS_recvmsg, "vhost-user replies"),
-        ],
-        ThreadKind::Api => &[
-            (libc::SYS_accept4, "API connections"),
-            (libc::SYS_setsockopt, "the API read timeout"),
-            (libc::SYS_tgkill, "kicking vCPUs out of KVM_RUN on pause"),
-            (libc::SYS_getpid, "pthread_kill (the vCPU kick)"),
-            (libc::SYS_clock_nanosleep, "waiting for vCPUs to park"),
-            (libc::SYS_nanosleep, "waiting for vCPUs to park"),
-            (libc::SYS_recvfrom, "socket reads"),
-            (libc::SYS_sendto, "socket writes"),
-        ],
-    };
-    for (nr, _why) in extra {
-        m.insert(*nr, vec![]);
-    }
+/// What a vCPU thread adds: KVM_RUN and device register emulation (virtio activation).
+pub const VCPU: &[Syscall] = &[
+    any(
+        libc::SYS_sendmsg,
+        "vhost-user messages when a driver activates a vhost-user device",
+    ),
+    any(libc::SYS_recvmsg, "vhost-user replies"),
+    when(
+        libc::SYS_ioctl,
+        1,
+        &[KVM_RUN, KVM_GET_REGS],
+        "KVM_RUN, KVM_GET_REGS on an exit",
+    ),
+];
+
+/// What the main thread adds after setup: the event loop, queues, vsock sockets.
+pub const VMM: &[Syscall] = &[
+    any(libc::SYS_epoll_wait, "the event loop"),
+    any(
+        libc::SYS_epoll_pwait,
+        "the event loop (glibc may use the p-variant)",
+    ),
+    any(libc::SYS_epoll_ctl, "vsock stream registration"),
+    any(libc::SYS_accept4, "vsock host connections on uds_path"),
+    any(
+        libc::SYS_socket,
+        "vsock guest-initiated connections to <uds_path>_PORT",
+    ),
+    any(libc::SYS_connect, "vsock guest-initiated connections"),
+    any(libc::SYS_shutdown, "vsock half-close from the guest"),
+    any(libc::SYS_tgkill, "kicking vCPUs out of KVM_RUN at stop"),
+    any(
+        libc::SYS_getpid,
+        "pthread_kill (the vCPU kick) asks for the thread group id",
+    ),
+    any(libc::SYS_recvfrom, "socket reads"),
+    any(libc::SYS_sendto, "socket writes"),
+    any(libc::SYS_sendmsg, "vhost-user messages"),
+    any(libc::SYS_recvmsg, "vhost-user replies"),
+    when(
+        libc::SYS_ioctl,
+        1,
+        &[FIONBIO],
+        "set_nonblocking on vsock streams",
+    ),
+];
+
+/// What the API thread adds.
+pub const API: &[Syscall] = &[
+    any(libc::SYS_accept4, "API connections"),
+    any(libc::SYS_setsockopt, "the API read timeout"),
+    any(libc::SYS_tgkill, "kicking vCPUs out of KVM_RUN on pause"),
+    any(libc::SYS_getpid, "pthread_kill (the vCPU kick)"),
+    any(libc::SYS_clock_nanosleep, "waiting for vCPUs to park"),
+    any(libc::SYS_nanosleep, "waiting for vCPUs to park"),
+    any(libc::SYS_recvfrom, "socket reads"),
+    any(libc::SYS_sendto, "socket writes"),
+];
+
+/// The tables a thread's filter is compiled from.
+pub fn tables(kind: ThreadKind) -> [&'static [Syscall]; 2] {
     match kind {
-        ThreadKind::Vcpu => {
-            m.insert(libc::SYS_ioctl, ioctl_rule(&[KVM_RUN, KVM_GET_REGS]));
-        }
-        ThreadKind::Vmm => {
-            m.insert(libc::SYS_ioctl, ioctl_rule(&[FIONBIO]));
-        }
-        ThreadKind::Api => {}
+        ThreadKind::Vcpu => [COMMON, VCPU],
+        ThreadKind::Vmm => [COMMON, VMM],
+        ThreadKind::Api => [COMMON, API],
     }
-    // fcntl: F_DUPFD_CLOEXEC for EventFd/UnixStream::try_clone (virtio activation on a vCPU,
-    // API connections); F_GETFD is std's check that an fd is open before closing it.
-    m.insert(
-        libc::SYS_fcntl,
-        arg_rule(1, &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64]),
-    );
-    m
 }
 
 /// Compiles the filter for a thread.
-pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, String> {
+pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
         _ => SeccompAction::KillProcess,
     };
-    let f = SeccompFilter::new(
-        rules_for(kind),
-        mismatch,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| e.to_string())?;
-    f.try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
+    enclave_seccomp::compile(&tables(kind), mismatch)
 }
 
 /// Installs the filter for `kind` on the calling thread (and sets no_new_privs).
-pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), String> {
+pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
-    let prog = filter(kind, mode)?;
-    seccompiler::apply_filter(&prog).map_err(|e| e.to_string())
+    enclave_seccomp::install(&filter(kind, mode)?)
 }
 
 #[cfg(test)]
@@ -202,10 +177,47 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Syscalls no VMM thread makes and an attacker would want.
+    const NEVER: &[i64] = &[
+        libc::SYS_execve,
+        libc::SYS_openat,
+        libc::SYS_ptrace,
+        libc::SYS_mount,
+        libc::SYS_setuid,
+        libc::SYS_bpf,
+        libc::SYS_process_vm_writev,
+        libc::SYS_kill,
+    ];
+
     #[test]
-    fn every_filter_compiles() {
-        for k in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api] {
-            assert!(filter(k, SeccompMode::Kill).unwrap().len() > 10);
+    fn each_thread_filter_allows_its_table_and_refuses_the_rest() {
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api] {
+            let p = filter(kind, SeccompMode::Kill).unwrap();
+            let wrong = enclave_seccomp::verify(&p, &tables(kind), NEVER);
+            assert!(wrong.is_empty(), "{kind:?}: {wrong:#?}");
         }
+    }
+
+    #[test]
+    fn a_vcpu_may_not_make_vm_level_ioctls_or_sockets() {
+        let p = filter(ThreadKind::Vcpu, SeccompMode::Kill).unwrap();
+        // KVM_SET_USER_MEMORY_REGION, KVM_CREATE_VCPU: setup only, never from a vCPU.
+        for req in [0x4020_ae46u64, 0xae41] {
+            let got = enclave_seccomp::eval(&p, libc::SYS_ioctl, [3, req, 0, 0, 0, 0]);
+            assert_eq!(
+                got,
+                Some(enclave_seccomp::RET_KILL_PROCESS),
+                "ioctl {req:#x}"
+            );
+        }
+        let got = enclave_seccomp::eval(&p, libc::SYS_socket, [0; 6]);
+        assert_eq!(got, Some(enclave_seccomp::RET_KILL_PROCESS));
+    }
+
+    #[test]
+    fn log_mode_logs_instead_of_killing() {
+        let p = filter(ThreadKind::Api, SeccompMode::Log).unwrap();
+        let got = enclave_seccomp::eval(&p, libc::SYS_execve, [0; 6]);
+        assert_eq!(got, Some(0x7ffc_0000), "SECCOMP_RET_LOG");
     }
 }

@@ -153,7 +153,8 @@ pub fn run(
     filter: bool,
 ) {
     if filter {
-        if let Err(e) = crate::seccomp::install_control() {
+        if let Err(e) = enclave_netd::filters::control().and_then(|p| enclave_seccomp::install(&p))
+        {
             eprintln!("enclave-netd: control thread: {e}; exiting (fail closed)");
             std::process::exit(1);
         }

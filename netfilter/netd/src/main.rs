@@ -4,9 +4,8 @@
 mod backend;
 mod control;
 mod gate;
-mod seccomp;
 
-use enclave_netd::{proxy, tap};
+use enclave_netd::{filters, proxy, tap};
 use enclave_netfilter::audit::{AuditLog, AuditLogConfig, SyncPolicy};
 use enclave_netfilter::node::{self, RegistryEntry};
 
@@ -233,21 +232,6 @@ fn run(a: Args) -> Result<(), String> {
     let hup = control::hup_signalfd().map_err(|e| format!("signalfd: {e}"))?;
 
     let backend = Arc::new(RwLock::new(backend::NetBackend::new(tap, gate)));
-    let mut daemon = VhostUserDaemon::new(
-        "enclave-netd".into(),
-        backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| format!("vhost-user daemon: {e}"))?;
-    let handlers = daemon.get_epoll_handlers();
-    let handler = handlers.first().ok_or("vhost-user daemon has no worker")?;
-    handler
-        .register_listener(
-            tap_fd,
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            backend::TAP_TOKEN,
-        )
-        .map_err(|e| format!("watching the tap: {e}"))?;
 
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -264,10 +248,30 @@ fn run(a: Args) -> Result<(), String> {
         .spawn(move || control::run(control, hup, ctl_backend, filter))
         .map_err(|e| format!("control thread: {e}"))?;
     if filter {
-        // Before the VMM is accepted, so before any guest memory is mapped; every thread
-        // made from here on (relay, request handler, vring worker) inherits it.
-        seccomp::install_datapath()?;
+        // Before the vhost-user daemon exists: `VhostUserDaemon::new` spawns the vring
+        // worker, the thread that copies guest frames and decides them, and a filter
+        // applies only to the thread that installs it and the threads that thread makes
+        // afterwards. So every thread from here on (vring worker, request handler, relay)
+        // is born filtered; the control thread above installs its own.
+        filters::datapath()
+            .and_then(|p| enclave_seccomp::install(&p))
+            .map_err(|e| format!("seccomp: {e}"))?;
     }
+    let mut daemon = VhostUserDaemon::new(
+        "enclave-netd".into(),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| format!("vhost-user daemon: {e}"))?;
+    let handlers = daemon.get_epoll_handlers();
+    let handler = handlers.first().ok_or("vhost-user daemon has no worker")?;
+    handler
+        .register_listener(
+            tap_fd,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+            backend::TAP_TOKEN,
+        )
+        .map_err(|e| format!("watching the tap: {e}"))?;
     std::thread::Builder::new()
         .name("netd-relay".into())
         .spawn(move || {
