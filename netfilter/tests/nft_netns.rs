@@ -313,3 +313,134 @@ fn policy_applied_through_netlink_passes_allowed_and_drops_denied_connections() 
     );
     drop(listeners);
 }
+
+/// A policy of `n` rules into zone `app` from 100 CIDR zones (one port each, the shape of a
+/// generated per-service policy), and last the one rule that lets `trusted` reach :8080.
+fn large_policy(n: usize) -> String {
+    let mut s = String::from(
+        "apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {name: large, version: 1}\nspec:\n  zones:\n    - {name: app, selector: {namespaces: [shop]}}\n    - {name: trusted, cidrs: [10.78.0.2/32]}\n",
+    );
+    for z in 0..100 {
+        s.push_str(&format!(
+            "    - {{name: p{z}, cidrs: [10.{}.{}.0/24]}}\n",
+            100 + z / 256,
+            z % 256
+        ));
+    }
+    s.push_str("  rules:\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "    - {{name: r{i}, from: p{}, to: app, protocol: tcp, ports: [{}]}}\n",
+            i % 100,
+            1000 + i % 60000
+        ));
+    }
+    s.push_str(
+        "    - {name: trusted-to-app, from: trusted, to: app, protocol: tcp, ports: [8080]}\n",
+    );
+    s
+}
+
+#[test]
+fn a_policy_of_ten_thousand_rules_applies_and_enforces() {
+    if let Err(why) = prerequisites() {
+        return skip_or_fail(why);
+    }
+    let id = std::process::id();
+    let w = Netns::new(format!("encl-lw-{id}"));
+    let p = Netns::new(format!("encl-lp-{id}"));
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        &format!("lw{id}"),
+        "netns",
+        &w.0,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("lp{id}"),
+        "netns",
+        &p.0,
+    ]);
+    for (ns, dev, addr) in [
+        (&w, format!("lw{id}"), "10.78.0.1/24"),
+        (&p, format!("lp{id}"), "10.78.0.2/24"),
+    ] {
+        assert!(ns
+            .exec(&["ip", "addr", "add", addr, "dev", &dev])
+            .status
+            .success());
+        assert!(ns.exec(&["ip", "link", "set", &dev, "up"]).status.success());
+        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
+    }
+    let listeners = w
+        .run(|| {
+            (
+                TcpListener::bind("10.78.0.1:8080").expect("bind 8080"),
+                TcpListener::bind("10.78.0.1:9090").expect("bind 9090"),
+            )
+        })
+        .join()
+        .expect("listeners");
+
+    let inv: Inventory =
+        serde_yaml::from_str("workloads:\n  - {name: web, namespace: shop, ips: [10.78.0.1]}\n")
+            .expect("inventory");
+    let ident = inv.workloads[0].identity();
+    let ips = inv.workloads[0].ips.clone();
+    let render = |src: &str| {
+        let loaded = policy::load_str(src, "large.yaml").expect("policy");
+        let peers = PeerDirectory::build(loaded.compiled.policy(), &inv.workloads);
+        nft::render(
+            &loaded.compiled,
+            &peers,
+            &NftWorkload {
+                identity: &ident,
+                ips: &ips,
+            },
+            &Placement::Local,
+        )
+    };
+    let table = render(&large_policy(10_000));
+    assert!(table.rule_count() > 10_000, "{} rules", table.rule_count());
+    let t0 = std::time::Instant::now();
+    nft::apply(&table, Some(&w.path())).expect("apply 10,000 rules through netlink");
+    eprintln!(
+        "applied {} nftables rules in {:?}",
+        table.rule_count(),
+        t0.elapsed()
+    );
+    assert!(
+        connects(&p, "10.78.0.2", "10.78.0.1:8080"),
+        "the last rule allows :8080"
+    );
+    assert!(
+        !connects(&p, "10.78.0.2", "10.78.0.1:9090"),
+        ":9090 is denied"
+    );
+
+    // A table the kernel refuses (a jump to a chain that does not exist) is an error, and
+    // the table in force stays as it was.
+    let mut bad = table.clone();
+    bad.chains[0].rules.insert(
+        0,
+        nft::NftRule {
+            matches: vec![],
+            verdict: nft::NftVerdict::Jump("no_such_chain".into()),
+            comment: "broken".into(),
+        },
+    );
+    let e = nft::apply(&bad, Some(&w.path())).expect_err("a jump to nowhere is refused");
+    assert!(e.to_string().contains("No such file"), "{e}");
+    assert!(
+        connects(&p, "10.78.0.2", "10.78.0.1:8080"),
+        "old table still allows :8080"
+    );
+    assert!(
+        !connects(&p, "10.78.0.2", "10.78.0.1:9090"),
+        "old table still denies :9090"
+    );
+    drop(listeners);
+}

@@ -275,19 +275,166 @@ fn mask_bytes(v4: bool, len: u8) -> Vec<u8> {
     }
 }
 
-/// Sends a batch and waits for every acknowledgement.
+/// Sends a batch as one netlink message and reports the first error the kernel answers.
+///
+/// nftnl asks for an acknowledgement of every message, and each queued acknowledgement
+/// takes about 700 bytes of the socket's receive buffer (its skb), so a batch of a few
+/// hundred rules overflowed the default buffer (ENOBUFS). And the kernel applies a batch
+/// only when its begin and end arrive in one message, while nftnl hands it over in pages.
+/// So, as `nft` itself does: the pages are joined into one message, successes are not
+/// acknowledged (errors always are), the send buffer is sized to the message, and once
+/// `send` returns (the kernel processes the whole batch inside it) the socket is drained
+/// of error replies without blocking.
 fn send(batch: &FinalizedBatch) -> std::io::Result<()> {
+    let mut msg: Vec<u8> = batch.iter().flatten().copied().collect();
+    clear_ack_flags(&mut msg);
     let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
-    let portid = socket.portid();
-    socket.send_all(batch)?;
-    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
-    let mut expected = batch.sequence_numbers();
-    while !expected.is_empty() {
-        for message in socket.recv(&mut buffer[..])? {
-            let message = message?;
-            let Some(seq) = expected.next() else { break };
-            mnl::cb_run(message, seq, portid)?;
+    let fd = socket.as_raw_fd();
+    // The kernel refuses a message larger than the send buffer less a little (EMSGSIZE).
+    let want = i32::try_from(msg.len() + 64 * 1024).unwrap_or(i32::MAX);
+    set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, want)?;
+    // Error replies carry the failed message back: room for a few.
+    set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 4 * 1024 * 1024)?;
+    // SAFETY: sending our own buffer on our own socket.
+    let sent = unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if usize::try_from(sent).ok() != Some(msg.len()) {
+        return Err(std::io::Error::other("netlink took part of the batch"));
+    }
+    let mut buffer = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize * 4];
+    loop {
+        // SAFETY: receiving into our own buffer, without blocking.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock => Ok(()),
+                _ => Err(e),
+            };
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        if let Some(code) = first_error(&buffer[..n]) {
+            return Err(std::io::Error::from_raw_os_error(code));
+        }
+        if n == 0 {
+            return Ok(());
         }
     }
-    Ok(())
+}
+
+use std::os::fd::AsRawFd;
+
+/// `NLMSG_ERROR`.
+const NLMSG_ERROR: u16 = 2;
+/// `NLM_F_ACK`.
+const NLM_F_ACK: u16 = 4;
+
+/// Walks the netlink messages in `buf` (`nlmsghdr`: u32 len, u16 type, u16 flags, u32 seq,
+/// u32 pid, then the payload, each message padded to 4 bytes).
+fn messages(buf: &[u8]) -> impl Iterator<Item = (usize, usize, u16)> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let hdr = buf.get(at..at + 16)?;
+        let len = u32::from_ne_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize;
+        let kind = u16::from_ne_bytes([hdr[4], hdr[5]]);
+        if len < 16 || at + len > buf.len() {
+            return None;
+        }
+        let here = at;
+        at += (len + 3) & !3;
+        Some((here, len, kind))
+    })
+}
+
+/// Clears `NLM_F_ACK` on every message of a batch we built.
+fn clear_ack_flags(buf: &mut [u8]) {
+    let at: Vec<usize> = messages(buf).map(|(at, _, _)| at).collect();
+    for a in at {
+        let flags = u16::from_ne_bytes([buf[a + 6], buf[a + 7]]) & !NLM_F_ACK;
+        buf[a + 6..a + 8].copy_from_slice(&flags.to_ne_bytes());
+    }
+}
+
+/// The first non-zero error code (positive errno) among `NLMSG_ERROR` replies in `buf`.
+fn first_error(buf: &[u8]) -> Option<i32> {
+    messages(buf)
+        .filter(|(_, len, kind)| *kind == NLMSG_ERROR && *len >= 20)
+        .map(|(at, _, _)| {
+            i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]])
+        })
+        .find(|code| *code != 0)
+        .map(|code| -code)
+}
+
+/// Sets a socket buffer size: the `FORCE` option (CAP_NET_ADMIN, which applying nftables
+/// needs anyway) past the system limit, else the plain one.
+fn set_buffer(fd: i32, force: i32, plain: i32, size: i32) -> std::io::Result<()> {
+    for opt in [force, plain] {
+        // SAFETY: setsockopt with a pointer to a local int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::last_os_error())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nlmsg(kind: u16, flags: u16, payload: &[u8]) -> Vec<u8> {
+        let len = 16 + payload.len();
+        let mut m = Vec::new();
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&[0; 8]);
+        m.extend_from_slice(payload);
+        m.resize((len + 3) & !3, 0);
+        m
+    }
+
+    #[test]
+    fn ack_flags_are_cleared_on_every_message_and_nothing_else_changes() {
+        let mut buf = nlmsg(0x10, NLM_F_ACK | 1, &[1, 2, 3]);
+        buf.extend(nlmsg(0xa06, NLM_F_ACK | 0x400, &[9; 8]));
+        let before = buf.clone();
+        clear_ack_flags(&mut buf);
+        let flags: Vec<u16> = messages(&buf)
+            .map(|(at, _, _)| u16::from_ne_bytes([buf[at + 6], buf[at + 7]]))
+            .collect();
+        assert_eq!(flags, vec![1, 0x400]);
+        assert_eq!(buf.len(), before.len());
+        assert_eq!(buf[16..19], before[16..19]);
+    }
+
+    #[test]
+    fn an_error_reply_is_found_and_an_ack_is_not_an_error() {
+        let ok = nlmsg(NLMSG_ERROR, 0, &0i32.to_ne_bytes());
+        assert_eq!(first_error(&ok), None);
+        let mut both = ok.clone();
+        both.extend(nlmsg(NLMSG_ERROR, 0, &(-libc::ENOENT).to_ne_bytes()));
+        assert_eq!(first_error(&both), Some(libc::ENOENT));
+        // A truncated or garbage buffer is not read past its end.
+        assert_eq!(first_error(&both[..20]), None);
+        assert_eq!(first_error(&[0xff; 7]), None);
+    }
 }
