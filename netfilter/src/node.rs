@@ -311,9 +311,14 @@ pub fn reload_all(
         } else {
             Err("no network namespace registered".into())
         };
-        let netd = match &e.control {
-            Some(c) => control_request(c, "reload"),
-            None => Err("no enclave-netd control socket registered".into()),
+        // Both walls hold the same policy: where the kernel refused it, netd keeps the old
+        // one too (the old table is still in force: an apply is one transaction).
+        let netd = match (&e.control, &nft) {
+            (_, Err(why)) if e.netns.is_some() => Err(format!(
+                "not reloaded: the nftables wall refused the policy ({why}), so both walls keep the previous one"
+            )),
+            (Some(c), _) => control_request(c, "reload"),
+            (None, _) => Err("no enclave-netd control socket registered".into()),
         };
         out.push(PodReload {
             pod: e.reference(),

@@ -75,6 +75,20 @@ impl Drop for Netd {
 }
 
 fn start_netd(test: &str, tag: &str) -> Option<Netd> {
+    start_netd_with(test, tag, |dir| {
+        vec![
+            "--forward-only".into(),
+            "--control".into(),
+            dir.join("control.sock").into_os_string(),
+        ]
+    })
+}
+
+fn start_netd_with(
+    test: &str,
+    tag: &str,
+    extra: impl FnOnce(&Path) -> Vec<std::ffi::OsString>,
+) -> Option<Netd> {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
         enclave_tests::skip_or_fail_privileged(
@@ -99,8 +113,7 @@ fn start_netd(test: &str, tag: &str) -> Option<Netd> {
             "--netns",
         ])
         .arg(pair.pod_path())
-        .args(["--forward-only", "--control"])
-        .arg(dir.path().join("control.sock"))
+        .args(extra(dir.path()))
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
@@ -184,5 +197,138 @@ fn a_forbidden_syscall_from_the_frame_thread_kills_netd() {
     assert!(
         killed_by_seccomp(&status),
         "netd ended with {status}, wanted SIGSYS"
+    );
+}
+
+/// A policy for pod `shop/web` (zone `app`) of `n` rules into it, version `version`.
+fn policy(n: usize, version: u32) -> String {
+    let mut s = format!(
+        "apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {{name: reload-test, version: {version}}}\nspec:\n  zones:\n    - {{name: app, selector: {{namespaces: [shop]}}}}\n"
+    );
+    for z in 0..100 {
+        s.push_str(&format!(
+            "    - {{name: p{z}, cidrs: [10.{}.{}.0/24]}}\n",
+            100 + z / 256,
+            z % 256
+        ));
+    }
+    s.push_str("  rules:\n    - {name: base, from: p0, to: app, protocol: tcp, ports: [80]}\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "    - {{name: r{i}, from: p{}, to: app, protocol: tcp, ports: [{}]}}\n",
+            i % 100,
+            1000 + i % 60000
+        ));
+    }
+    s
+}
+
+#[test]
+fn reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_serving() {
+    use enclave_netfilter::node::control_request;
+    use std::os::unix::fs::PermissionsExt;
+    let test =
+        "reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_serving";
+    let mut files = None;
+    let Some(mut netd) = start_netd_with(test, "nrel", |dir| {
+        // netd reads these after dropping to 65534: world-readable, like /etc/enclave.
+        let policies = dir.join("policies");
+        let registry = dir.join("registry");
+        for d in [dir, &policies, &registry] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::write(policies.join("policy.yaml"), policy(0, 1)).unwrap();
+        let pod = dir.join("pod.json");
+        std::fs::write(
+            &pod,
+            r#"{"name":"web","namespace":"shop","ips":["10.78.0.1"],"mac":"02:00:00:00:00:01"}"#,
+        )
+        .unwrap();
+        files = Some((
+            policies.join("policy.yaml"),
+            dir.join("control.sock"),
+            dir.join("audit.log"),
+        ));
+        [
+            "--pod",
+            pod.to_str().unwrap(),
+            "--policy-dir",
+            policies.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(Into::into)
+        .chain([
+            "--registry".into(),
+            registry.into_os_string(),
+            "--audit-log".into(),
+            dir.join("audit.log").into_os_string(),
+            "--control".into(),
+            dir.join("control.sock").into_os_string(),
+        ])
+        .collect()
+    }) else {
+        return;
+    };
+    let (policy_file, control, audit) = files.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !control.exists() {
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alive = |netd: &mut Netd, after: &str| {
+        assert!(
+            netd.child.try_wait().unwrap().is_none(),
+            "netd died after {after}"
+        );
+    };
+    let reload = |content: &[u8]| {
+        std::fs::write(&policy_file, content).unwrap();
+        // An answer `error ...` comes back as Err: either way, the text.
+        control_request(&control, "reload").unwrap_or_else(|e| e)
+    };
+
+    let big = policy(10_000, 2);
+    let t0 = Instant::now();
+    let answer = reload(big.as_bytes());
+    eprintln!("reload of 10,000 rules: {:?}", t0.elapsed());
+    assert!(
+        answer.starts_with("ok") && answer.contains("version 2"),
+        "{answer}"
+    );
+    alive(&mut netd, "a 10,000-rule reload");
+
+    let broken = reload(b"apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nspec: [unclosed\n");
+    assert!(broken.starts_with("error"), "{broken}");
+    alive(&mut netd, "a broken policy");
+
+    let mut hostile = vec![b'['; 256 * 1024];
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for bad in [&hostile[..], &garbage[..]] {
+        let answer = reload(bad);
+        assert!(
+            answer.starts_with("error"),
+            "{}",
+            &answer[..answer.len().min(200)]
+        );
+        alive(&mut netd, "a hostile policy");
+    }
+    hostile.clear();
+
+    let metrics = control_request(&control, "metrics").unwrap();
+    let info = metrics
+        .lines()
+        .find(|l| l.starts_with("enclave_netd_policy_info"))
+        .unwrap_or_default();
+    assert!(
+        info.contains("version=\"2\""),
+        "the 10,000-rule policy stays in force: {info:?}"
+    );
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        log.matches("policy reload refused").count() >= 3,
+        "each refusal recorded in the audit log"
     );
 }

@@ -2,6 +2,7 @@
 //! socket, and the counters (`metrics`, Prometheus text; `status`, one line). It never
 //! touches guest memory; it takes the backend's lock to swap the policy between frames.
 
+use enclave_netfilter::node::NodeView;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,13 +35,27 @@ pub fn hup_signalfd() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Reads and compiles the node's policy and registry without the datapath lock (a policy
+/// of thousands of rules takes milliseconds to compile; frames must not wait for it), then
+/// takes the lock only to swap it in.
 fn reload(backend: &RwLock<NetBackend>, why: &str) -> String {
+    let sources = {
+        let b = match backend.read() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        b.gate.enforcing().map(|e| e.sources())
+    };
+    let Some((policy_dir, registry)) = sources else {
+        return "error forward-only mode has no policy\n".into();
+    };
+    let view = NodeView::load(&policy_dir, &registry);
     let mut b = match backend.write() {
         Ok(b) => b,
         Err(p) => p.into_inner(),
     };
     match b.gate.enforcing_mut() {
-        Some(e) => match e.reload() {
+        Some(e) => match e.swap_in(view) {
             Ok(s) => {
                 eprintln!("enclave-netd: reload ({why}): {s}");
                 format!("ok {s}\n")

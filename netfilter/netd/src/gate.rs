@@ -240,11 +240,21 @@ impl Enforcing {
         Ok(())
     }
 
-    /// Reads the policy directory and the registry again and installs them: flows still
-    /// allowed go on, flows now denied are cut and recorded. A policy that does not load
-    /// leaves the old one in force.
-    pub fn reload(&mut self) -> Result<String, String> {
-        let view = match NodeView::load(&self.sources.policy_dir, &self.sources.registry) {
+    /// Where a reload reads from: the policy directory and the registry. The control thread
+    /// reads and compiles the node's view from them without holding the datapath lock, then
+    /// hands it to [`Enforcing::swap_in`] under the lock.
+    pub fn sources(&self) -> (PathBuf, PathBuf) {
+        (
+            self.sources.policy_dir.clone(),
+            self.sources.registry.clone(),
+        )
+    }
+
+    /// Puts a view read by [`NodeView::load`] in force: flows still allowed go on, flows
+    /// now denied are cut and recorded. A view that did not load is recorded as a refusal
+    /// and leaves the old policy in force.
+    pub fn swap_in(&mut self, view: Result<NodeView, String>) -> Result<String, String> {
+        let view = match view {
             Ok(v) => v,
             Err(e) => {
                 self.audit.reload_errors += 1;
