@@ -115,6 +115,8 @@ echo "     Rust: $RUSTC_VERSION (read-only from $SYSROOT)"
 set +e
 unshare --mount --propagation private -- bash -euc '
     ROOT=$1; SYSROOT=$2; CMD=$3
+    # The root a mount point of its own, as / is on a machine (containerd makes / rslave).
+    mount --bind "$ROOT" "$ROOT"
     mount --bind "$SYSROOT" "$ROOT/opt/rust"
     mount -o remount,bind,ro "$ROOT/opt/rust"
     mount -t proc proc "$ROOT/proc"
