@@ -1,5 +1,7 @@
 //! Guest-written frames through the whole matcher (both directions, a stateful sequence),
-//! and the bare parser: nothing may panic, and the verdict must agree with the reason.
+//! and the bare parser: nothing may panic, the verdict must agree with the reason, and the
+//! fast path (flows already decided skip the rule walk) must decide every frame exactly as
+//! the full path does on the same sequence.
 #![no_main]
 
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
@@ -15,7 +17,7 @@ static SHARED: OnceLock<(Arc<CompiledPolicy>, Arc<PeerDirectory>, Inventory)> = 
 const POLICY: &str = include_str!("../../../configs/policies/pci-cde.yaml");
 const INVENTORY: &str = include_str!("../../../configs/inventory/pci-demo.yaml");
 
-fn enforcer() -> Enforcer {
+fn enforcer(fast_path: bool) -> Enforcer {
     // The policy is compiled once; each input gets fresh flow state.
     let (c, peers, inv) = SHARED.get_or_init(|| {
         let c = Arc::new(policy::load_str(POLICY, "pci-cde.yaml").expect("template loads").compiled);
@@ -35,6 +37,7 @@ fn enforcer() -> Enforcer {
     let mut cfg = EnforcerConfig::default();
     cfg.flows = 64;
     cfg.fragments = 16;
+    cfg.fast_path = fast_path;
     Enforcer::new(c, peers, local, cfg)
 }
 
@@ -42,7 +45,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = Frame::parse(data);
     // The input is a sequence of frames: [dir|len_hi, len_lo, bytes...]*, so conntrack and
     // L7 state are exercised across frames.
-    let mut e = enforcer();
+    let mut e = enforcer(true);
+    let mut full = enforcer(false);
     let mut rest = data;
     let mut now = 1u64;
     while rest.len() >= 2 {
@@ -52,6 +56,12 @@ fuzz_target!(|data: &[u8]| {
         now += u64::from(rest[0] & 0x78) * 1_000_000_000;
         let d = e.decide(dir, frame, now);
         assert_eq!(d.verdict, d.reason.verdict());
+        let f = full.decide(dir, frame, now);
+        assert_eq!(
+            (d.verdict, d.reason, d.event.is_some()),
+            (f.verdict, f.reason, f.event.is_some()),
+            "fast path and full path disagree on a frame"
+        );
         rest = &rest[2 + len..];
     }
 });
