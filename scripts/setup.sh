@@ -12,11 +12,12 @@ step() { printf '\n==> %s\n' "$*"; }
 # CNI plugins (pods through CRI). tests and the pod demo: protobuf-compiler (protoc, which
 # the k8s-cri crate's build.rs runs), iputils-ping (the pod-IP checks), python3 and
 # ca-certificates (the image builder; cargo's registry over TLS), util-linux (nsenter),
-# bsdutils (script: the tty test), cpio/xz-utils/binutils (kernel package, strip).
+# bsdutils (script: the tty test), cpio/xz-utils/binutils (kernel package, strip), procps
+# (sysctl: the shim's pod network plumbing).
 APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
   qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar
   containernetworking-plugins protobuf-compiler iputils-ping python3 ca-certificates
-  util-linux bsdutils binutils xz-utils)
+  util-linux bsdutils binutils xz-utils procps)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()
