@@ -85,6 +85,9 @@ kill_inside
 rm -rf "$ROOT"
 mkdir -p "$ROOT"
 tar -C "$ROOT" -xzf "$BASE"
+# tar gives / the mode of debootstrap's temporary directory (0700); a machine's / is 0755,
+# and the pod's unprivileged helpers must traverse it.
+chmod 0755 "$ROOT"
 # What any machine here has to reach the package registries: name resolution and apt's
 # own settings for this mirror.
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
