@@ -75,6 +75,17 @@ for t in "${TOOLS[@]}"; do
     cargo install -q --locked --root "$CACHE/tools" --version "$ver" "$name"
   fi
 done
+# The shim runs the vsock backend as an unprivileged uid, which cannot reach a cache under
+# /root: the helpers live where a node keeps them (the shim looks there first).
+if [ "$(id -u)" = 0 ]; then
+  install -d -m 0755 /usr/local/lib/enclave/bin
+  for t in "${TOOLS[@]}"; do
+    name=${t%%:*}
+    cmp -s "$CACHE/tools/bin/$name" "/usr/local/lib/enclave/bin/$name" \
+      || install -m 0755 "$CACHE/tools/bin/$name" "/usr/local/lib/enclave/bin/$name"
+  done
+  echo "installed in /usr/local/lib/enclave/bin"
+fi
 
 step "guest image (kernel cached in $CACHE/kernel)"
 bash guest/image/build.sh

@@ -2,6 +2,7 @@
 //! microVM, driven through containerd's shim v2 Task API; and the VM backends it uses.
 
 pub mod config;
+pub mod confine;
 pub mod enforce;
 pub mod events;
 pub mod mount;

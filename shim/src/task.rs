@@ -63,6 +63,8 @@ pub struct Service {
     namespace: String,
     id: String,
     sandbox: Mutex<Option<Sandbox>>,
+    /// Whether the shared directory is a shared mount yet (see `prepare_shared`).
+    shared_mounted: std::sync::atomic::AtomicBool,
     /// The pod in the node registry, and where enforcement is configured.
     registered: Mutex<Option<(RegistryEntry, crate::config::NetworkSection)>>,
     containers: Mutex<HashMap<String, Container>>,
@@ -216,6 +218,7 @@ impl Service {
             namespace: namespace.into(),
             id: id.into(),
             sandbox: Mutex::new(None),
+            shared_mounted: Default::default(),
             registered: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             exited: Condvar::new(),
@@ -227,6 +230,22 @@ impl Service {
     /// The directory shared with the guest: one `<id>/rootfs` per container.
     fn shared_dir(&self) -> PathBuf {
         state_dir(&self.namespace, &self.id).join("shared")
+    }
+
+    /// Makes the shared directory a shared mount before the first root filesystem is
+    /// mounted into it (virtiofsd, in a mount namespace of its own, sees what is mounted
+    /// there through it; see `confine::make_shared_mount`). Removed at shutdown or by
+    /// `delete`.
+    fn prepare_shared(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        if !crate::confine::can_confine() || self.shared_mounted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let dir = self.shared_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        crate::confine::make_shared_mount(&dir)?;
+        self.shared_mounted.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn agent(&self) -> ttrpc::Result<Arc<Client>> {
@@ -282,6 +301,9 @@ impl Service {
             memory_mib,
             dir: Some(vm_dir),
             shared: Some(self.shared_dir()),
+            shared_mount_ready: self
+                .shared_mounted
+                .load(std::sync::atomic::Ordering::Acquire),
             ..VmOptions::default()
         };
         let t0 = std::time::Instant::now();
@@ -500,6 +522,10 @@ impl Task for TaskService {
         } else {
             req.rootfs.to_vec()
         };
+        if lock(&s.sandbox).is_none() {
+            s.prepare_shared()
+                .map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
+        }
         crate::mount::mount_all(&mounts, &rootfs).map_err(|e| err(ttrpc::Code::INTERNAL, e))?;
         let spec_path = bundle.join("config.json");
         let mut spec: serde_json::Value = std::fs::read(&spec_path)

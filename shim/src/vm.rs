@@ -13,6 +13,15 @@ use enclave_agent_protocol::{connect_hybrid_vsock, Client, AGENT_VSOCK_PORT};
 /// Host vsock port the agent announces its readiness on.
 pub const READY_PORT: u32 = 1025;
 
+/// The directory of the VM's vsock sockets, owned by the vsock backend's unprivileged uid.
+const VSOCK_DIR: &str = "vsock";
+/// The hybrid vsock socket (host side of the guest's vsock), under [`VSOCK_DIR`].
+const VSOCK_UDS: &str = "vsock/vm.vsock";
+/// vhost-device-vsock's vhost-user socket, which QEMU connects to.
+const VSOCK_BACKEND: &str = "vsock/backend.sock";
+/// The empty directory QEMU chroots into once the guest is set up.
+const QEMU_JAIL: &str = "jail";
+
 /// The tools and image a guest needs, found on this machine.
 #[derive(Debug, Clone)]
 pub struct Tools {
@@ -26,6 +35,9 @@ pub struct Tools {
     pub image: PathBuf,
 }
 
+/// Where the pod's helper binaries live on a node (scripts/setup.sh installs them there).
+pub const TOOLS_DIR: &str = "/usr/local/lib/enclave/bin";
+
 fn find_tool(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
@@ -36,6 +48,9 @@ fn find_tool(name: &str) -> Option<PathBuf> {
     if let Some(c) = cache {
         dirs.insert(0, c.join("tools/bin"));
     }
+    // Where scripts/setup.sh installs the helpers on a node: reachable by the unprivileged
+    // uid they run as (a build cache under /root is not).
+    dirs.insert(0, TOOLS_DIR.into());
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
@@ -62,12 +77,19 @@ impl Tools {
                 ));
             }
         }
+        let vsock = need(
+            "vhost-device-vsock",
+            "cargo install --locked vhost-device-vsock",
+        )?;
+        if crate::confine::can_confine() && !crate::confine::reachable_by_others(&vsock) {
+            return Err(format!(
+                "{} cannot be run by the unprivileged uid the vsock backend drops to (a directory on its path is closed to others): install it in {TOOLS_DIR} (scripts/setup.sh does)",
+                vsock.display()
+            ));
+        }
         Ok(Tools {
             qemu: need("qemu-system-x86_64", "apt-get install qemu-system-x86")?,
-            vsock: need(
-                "vhost-device-vsock",
-                "cargo install --locked vhost-device-vsock",
-            )?,
+            vsock,
             virtiofsd: need("virtiofsd", "cargo install --locked virtiofsd")?,
             image,
         })
@@ -155,6 +177,15 @@ fn qemu_command(
             "-no-user-config",
         ])
         .args(["-display", "none", "-no-reboot"])
+        // seccomp on every thread (QEMU installs it with TSYNC): no obsolete syscalls, no
+        // fork/exec, no scheduler or resource changes. set*id stays allowed: QEMU 7.2
+        // installs the filter before `-runas` drops (with `deny` it kills itself at its
+        // own setgid); once dropped to nobody with no capabilities and no_new_privs, set*id
+        // cannot raise anything.
+        .args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", d("console.log").display()))
         .args([
@@ -168,7 +199,7 @@ fn qemu_command(
         .args(["-append", cmdline])
         .args([
             "-chardev",
-            &format!("socket,id=vsock,path={}", d("vsock.sock").display()),
+            &format!("socket,id=vsock,path={}", d(VSOCK_BACKEND).display()),
         ])
         .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
         .args([
@@ -179,6 +210,17 @@ fn qemu_command(
     if let Some(mac) = &opts.net_mac {
         q.args(["-netdev", "user,id=n0,restrict=on"])
             .args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
+    }
+    if crate::confine::can_confine() {
+        // Everything QEMU opens (kernel, initrd, memfd, sockets, console) is opened before
+        // the guest runs; then it chroots into an empty directory and drops to nobody. Its
+        // own network, IPC, UTS and mount namespaces: it speaks only through Unix sockets
+        // and inherited descriptors.
+        let (uid, gid) = crate::confine::HELPER_ID;
+        q.arg("-chroot")
+            .arg(d(QEMU_JAIL))
+            .args(["-runas", &format!("{uid}:{gid}")]);
+        crate::confine::own_namespaces(&mut q, crate::confine::HELPER_NAMESPACES);
     }
     match opts.net.as_ref().map(|n| (&n.backend, &n.mac)) {
         Some((NetBackend::Netd { .. }, mac)) => {
@@ -226,7 +268,7 @@ pub fn enclave_vmm_config(
         "memory_mib": opts.memory_mib,
         "cmdline": cmdline,
         "serial": {"path": d("console.log")},
-        "vsock": {"cid": 3, "uds_path": d("vm.vsock")},
+        "vsock": {"cid": 3, "uds_path": d(VSOCK_UDS)},
         "fs": [{"socket": d("fs.sock"), "tag": "shared"}],
         "net": opts.net.iter().filter(|n| matches!(n.backend, NetBackend::Netd { .. })).map(|n| serde_json::json!({"socket": d("net.sock"), "mac": n.mac})).collect::<Vec<_>>(),
     })
@@ -238,6 +280,8 @@ pub struct GuestVm {
     shared: PathBuf,
     ready: Option<std::os::unix::net::UnixListener>,
     announced: std::sync::atomic::AtomicBool,
+    /// Whether the shared directory was made a shared mount (undone on drop).
+    shared_mount: bool,
     children: Vec<(&'static str, Child)>,
     /// When QEMU was started.
     pub started: Instant,
@@ -320,6 +364,10 @@ pub struct VmOptions {
     /// The host directory shared with the guest (at /run/enclave/shared); default
     /// `<dir>/shared`.
     pub shared: Option<PathBuf>,
+    /// The caller has already made `shared` a shared mount and removes it itself (the
+    /// shim, which mounts the first container's root filesystem there before the VM
+    /// boots); otherwise a confined boot makes it one and the drop removes it.
+    pub shared_mount_ready: bool,
 }
 
 impl Default for VmOptions {
@@ -333,6 +381,7 @@ impl Default for VmOptions {
             cmdline: String::new(),
             dir: None,
             shared: None,
+            shared_mount_ready: false,
         }
     }
 }
@@ -390,32 +439,70 @@ impl GuestVm {
             accel,
             ready: None,
             announced: Default::default(),
+            shared_mount: false,
         };
         let d = |f: &str| dir.join(f);
         let qemu = matches!(opts.backend, Backend::Qemu { .. });
-        if qemu {
-            // enclave-vmm has its own vsock device; QEMU gets it from a vhost-user backend.
-            vm.children.push(spawn(
-                "vhost-device-vsock",
-                Command::new(&tools.vsock)
-                    .arg("--guest-cid=3")
-                    .arg("--socket")
-                    .arg(d("vsock.sock"))
-                    .arg("--uds-path")
-                    .arg(d("vm.vsock")),
-                &d("vsock.log"),
-            )?);
+        let confine = crate::confine::can_confine();
+        for sub in [VSOCK_DIR, QEMU_JAIL] {
+            std::fs::create_dir_all(d(sub)).map_err(|e| format!("{}: {e}", d(sub).display()))?;
         }
-        vm.children.push(spawn(
-            "virtiofsd",
-            Command::new(&tools.virtiofsd)
-                .arg("--socket-path")
-                .arg(d("fs.sock"))
-                .arg("--shared-dir")
-                .arg(&shared)
-                .args(["--cache", "never", "--sandbox", "none"]),
-            &d("virtiofsd.log"),
-        )?);
+        if qemu {
+            // enclave-vmm has its own vsock device; QEMU gets it from a vhost-user backend,
+            // which runs as nobody, in namespaces of its own, in a directory it owns.
+            let mut c = Command::new(&tools.vsock);
+            c.arg("--guest-cid=3")
+                .arg("--socket")
+                .arg(d(VSOCK_BACKEND))
+                .arg("--uds-path")
+                .arg(d(VSOCK_UDS));
+            if confine {
+                crate::confine::chown(&d(VSOCK_DIR), crate::confine::HELPER_ID)?;
+                crate::confine::own_namespaces(&mut c, crate::confine::HELPER_NAMESPACES);
+                crate::confine::drop_to(&mut c, crate::confine::HELPER_ID);
+                crate::confine::seccomp_before_exec(
+                    &mut c,
+                    crate::confine::vsock_backend_filter()?,
+                );
+            }
+            vm.children
+                .push(spawn("vhost-device-vsock", &mut c, &d("vsock.log"))?);
+        }
+        // virtiofsd serves the containers' root filesystems, owned by many uids, and must
+        // create files as the guest asks: it stays uid 0 with its own reduced capability
+        // set and seccomp filter (kill), chrooted into the shared directory, in mount,
+        // network, IPC and UTS namespaces of its own. Its mount namespace is a copy in which
+        // the shared directory (a shared mount) is a peer of the shim's, so root filesystems
+        // mounted there later reach it. (Its `namespace` sandbox would add a PID namespace,
+        // but pivots into a clone of the directory that receives no later mounts.)
+        let mut fs = Command::new(&tools.virtiofsd);
+        fs.arg("--socket-path")
+            .arg(d("fs.sock"))
+            .arg("--shared-dir")
+            .arg(&shared)
+            .args(["--cache", "never"]);
+        if confine {
+            if !opts.shared_mount_ready {
+                crate::confine::make_shared_mount(&shared)?;
+                vm.shared_mount = true;
+            }
+            crate::confine::own_namespaces(&mut fs, crate::confine::HELPER_NAMESPACES);
+            // DAC_READ_SEARCH serves only file handles (open_by_handle_at, which reads any
+            // file of the host's file system by handle); inodes are held as O_PATH
+            // descriptors instead.
+            fs.args([
+                "--sandbox",
+                "chroot",
+                "--seccomp",
+                "kill",
+                "--inode-file-handles=never",
+                "--modcaps=-dac_read_search",
+            ]);
+        } else {
+            fs.args(["--sandbox", "none"]);
+        }
+        vm.children
+            .push(spawn("virtiofsd", &mut fs, &d("virtiofsd.log"))?);
         if let Some(NetOptions {
             backend:
                 NetBackend::Netd {
@@ -441,7 +528,7 @@ impl GuestVm {
             wait_for_socket(&d("net.sock"), Duration::from_secs(10))?;
         }
         if qemu {
-            wait_for_socket(&d("vsock.sock"), Duration::from_secs(10))?;
+            wait_for_socket(&d(VSOCK_BACKEND), Duration::from_secs(10))?;
         }
         wait_for_socket(&d("fs.sock"), Duration::from_secs(10))?;
         let base =
@@ -449,8 +536,13 @@ impl GuestVm {
         // The agent announces itself on this host port (guest -> host vsock arrives on
         // `<uds-path>_<port>`); connecting only then avoids queueing connection requests
         // before the guest's vsock driver is up, which can wedge vhost-device-vsock.
-        let ready = std::os::unix::net::UnixListener::bind(d(&format!("vm.vsock_{READY_PORT}")))
+        let ready_path = d(&format!("{VSOCK_UDS}_{READY_PORT}"));
+        let ready = std::os::unix::net::UnixListener::bind(&ready_path)
             .map_err(|e| format!("ready listener: {e}"))?;
+        if confine && qemu {
+            // The vsock backend (nobody) connects here when the agent announces itself.
+            crate::confine::chown(&ready_path, crate::confine::HELPER_ID)?;
+        }
         vm.ready = Some(ready);
         let mut cmdline = format!(
             "{} enclave.shared=shared enclave.ready_port={READY_PORT} {}",
@@ -487,7 +579,7 @@ impl GuestVm {
     pub fn connect(&self, timeout: Duration) -> Result<Client, String> {
         let deadline = Instant::now() + timeout;
         self.wait_ready(deadline)?;
-        let stream = connect_hybrid_vsock(&self.dir.join("vm.vsock"), AGENT_VSOCK_PORT, deadline)
+        let stream = connect_hybrid_vsock(&self.dir.join(VSOCK_UDS), AGENT_VSOCK_PORT, deadline)
             .map_err(|e| format!("{e}\n{}", self.logs()))?;
         let client = Client::new(stream).map_err(|e| e.to_string())?;
         client
@@ -525,7 +617,7 @@ impl GuestVm {
     /// A raw connection to the agent's port (for sending garbage).
     pub fn connect_raw(&self, timeout: Duration) -> Result<std::os::unix::net::UnixStream, String> {
         connect_hybrid_vsock(
-            &self.dir.join("vm.vsock"),
+            &self.dir.join(VSOCK_UDS),
             AGENT_VSOCK_PORT,
             Instant::now() + timeout,
         )
@@ -593,6 +685,9 @@ impl Drop for GuestVm {
         for (_, c) in self.children.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if self.shared_mount {
+            crate::confine::remove_shared_mount(&self.shared);
         }
         if std::env::var_os("ENCLAVE_KEEP_VM_DIR")
             .filter(|v| !v.is_empty())

@@ -334,3 +334,30 @@ fn a_terminal_container_gets_a_tty() {
     assert!(text.contains("tty-ok"), "no tty in the container: {text:?}");
     assert_nothing_left(&ctrd);
 }
+
+#[test]
+fn every_process_of_a_pod_is_unprivileged_in_its_own_namespaces_and_filtered() {
+    let test = "every_process_of_a_pod_is_unprivileged_in_its_own_namespaces_and_filtered";
+    let Some((ctrd, fifo)) = setup(test, "enclave-priv") else {
+        return;
+    };
+    ctrd.run_sleeper(fifo.to_str().unwrap(), "priv1", &[]);
+    let (seen, wrong) = enclave_tests::confinement::check(
+        &format!("/run/enclave/{}/priv1/", ctrd.ns),
+        enclave_tests::confinement::QEMU_POD,
+    );
+    for l in &seen {
+        eprintln!("  {l}");
+    }
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "priv1"]);
+    wait_stopped(&ctrd, "priv1");
+    ctrd.ctr_ok(&["task", "rm", "priv1"]);
+    ctrd.ctr_ok(&["container", "rm", "priv1"]);
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert_eq!(
+        seen.len(),
+        3,
+        "qemu, the vsock backend, virtiofsd: {seen:#?}"
+    );
+    assert_nothing_left(&ctrd);
+}

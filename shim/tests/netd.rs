@@ -720,6 +720,26 @@ async fn zone_policy_is_enforced_on_every_pod_frame() {
     assert!(m.contains("reason=\"spoofed_ip\",verdict=\"drop\""), "{m}");
 
     eprintln!(
+        "[{:>5.1}s] Every process of the api pod: unprivileged, own namespaces, filtered",
+        t.elapsed().as_secs_f64()
+    );
+    let mut expect = enclave_tests::confinement::QEMU_POD.to_vec();
+    expect.push(enclave_tests::confinement::NETD);
+    let (seen, wrong) = enclave_tests::confinement::check(
+        &format!("/run/enclave/k8s.io/{}/", api.sandbox),
+        &expect,
+    );
+    for l in &seen {
+        eprintln!("  {l}");
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert_eq!(
+        seen.len(),
+        4,
+        "qemu, vsock backend, virtiofsd, netd: {seen:#?}"
+    );
+
+    eprintln!(
         "[{:>5.1}s] Killing api's netd stops api's VM: no network, and nothing unfiltered",
         t.elapsed().as_secs_f64()
     );

@@ -2,6 +2,7 @@
 //! QEMU backend, re-exported), busybox root filesystems, OCI specs, the probe guest for
 //! enclave-vmm, and skip-or-fail reporting.
 
+pub mod confinement;
 pub mod containerd;
 pub mod cri;
 pub mod netns;

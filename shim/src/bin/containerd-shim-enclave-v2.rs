@@ -211,7 +211,10 @@ fn serve(f: &Flags) -> Result<(), String> {
         done = cv.wait(done).unwrap_or_else(|p| p.into_inner());
     }
     drop(done);
-    let _ = std::fs::remove_dir_all(state_dir(&f.namespace, &f.id));
+    let state = state_dir(&f.namespace, &f.id);
+    // The shared directory's own mount (made when the VM booted), before its removal.
+    enclave_shim::confine::remove_shared_mount(&state.join("shared"));
+    let _ = std::fs::remove_dir_all(&state);
     // Exit without waiting for ttrpc's connection threads: containerd closes its side.
     std::process::exit(0);
 }
@@ -242,6 +245,8 @@ fn delete(f: &Flags) -> Result<Vec<u8>, String> {
         }
     }
     enclave_shim::enforce::leave_from_state(&state);
+    // If this was the VM's shim: the shared directory's own mount, made at boot.
+    enclave_shim::confine::remove_shared_mount(&state.join("shared"));
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_file(socket_path(f));
     let resp = DeleteResponse {

@@ -1,0 +1,174 @@
+//! What the processes a pod runs on the node may hold, read back from /proc: uid and gid,
+//! capabilities, `no_new_privs`, `Seccomp:` on every thread, namespaces of their own, and
+//! their root directory. Used by the containerd and CRI tests for every process of a pod.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test support
+
+use crate::procfs::{pid_status, processes};
+use crate::seccomp::threads;
+
+/// What one kind of process must look like.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect {
+    /// A word of its command line that names it (the binary).
+    pub name: &'static str,
+    /// Its real, effective, saved and filesystem uid (and gid).
+    pub uid: u32,
+    /// Capabilities it may keep (a mask of `CapEff`); 0 for none.
+    pub caps: u64,
+    /// Namespaces (`/proc/PID/ns/<kind>`) that must differ from the node's.
+    pub own_ns: &'static [&'static str],
+    /// Its root directory ends with this (a chroot), if any.
+    pub root_ends_with: Option<&'static str>,
+}
+
+/// What each process of a pod on the QEMU backend must look like (docs/shim.md, "What runs
+/// as what").
+pub const QEMU_POD: &[Expect] = &[
+    Expect {
+        name: "qemu-system-x86_64",
+        uid: 65534,
+        caps: 0,
+        own_ns: &["net", "ipc", "uts", "mnt"],
+        root_ends_with: Some("/vm/jail"),
+    },
+    Expect {
+        name: "vhost-device-vsock",
+        uid: 65534,
+        caps: 0,
+        own_ns: &["net", "ipc", "uts", "mnt"],
+        root_ends_with: None,
+    },
+    // uid 0 with virtiofsd's own reduced set less DAC_READ_SEARCH (it creates files as the
+    // guest's uids): CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP.
+    Expect {
+        name: "virtiofsd",
+        uid: 0,
+        caps: (1 << 0)
+            | (1 << 1)
+            | (1 << 3)
+            | (1 << 4)
+            | (1 << 6)
+            | (1 << 7)
+            | (1 << 27)
+            | (1 << 31),
+        own_ns: &["net", "ipc", "uts", "mnt"],
+        root_ends_with: Some("/shared"),
+    },
+];
+
+/// enclave-netd, in a pod with a network: unprivileged, in the pod's network namespace
+/// (not the node's); its own seccomp filters on every thread.
+pub const NETD: Expect = Expect {
+    name: "enclave-netd",
+    uid: 65534,
+    caps: 0,
+    own_ns: &["net"],
+    root_ends_with: None,
+};
+
+/// Capability bits a pod's process must never hold, whatever else it keeps.
+pub const FORBIDDEN_CAPS: &[(u32, &str)] = &[
+    (12, "CAP_NET_ADMIN"),
+    (13, "CAP_NET_RAW"),
+    (16, "CAP_SYS_MODULE"),
+    (17, "CAP_SYS_RAWIO"),
+    (19, "CAP_SYS_PTRACE"),
+    (21, "CAP_SYS_ADMIN"),
+    (39, "CAP_BPF"),
+];
+
+/// One line per process checked, and one per thing that does not hold.
+pub fn check(marker: &str, expect: &[Expect]) -> (Vec<String>, Vec<String>) {
+    let node_ns = |kind: &str| std::fs::read_link(format!("/proc/self/ns/{kind}")).ok();
+    let mut seen = Vec::new();
+    let mut wrong = Vec::new();
+    let procs: Vec<(i32, String)> = processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(marker) && !cmd.contains("containerd-shim"))
+        .collect();
+    for e in expect {
+        let mine: Vec<&(i32, String)> = procs
+            .iter()
+            .filter(|(_, cmd)| {
+                cmd.split_whitespace()
+                    .next()
+                    .is_some_and(|p| p.ends_with(e.name))
+            })
+            .collect();
+        if mine.is_empty() {
+            wrong.push(format!("{}: no such process of the pod", e.name));
+        }
+        for (pid, _) in mine {
+            let field = |k: &str| pid_status(pid, k);
+            let uid = e.uid.to_string();
+            if field("Uid:") != [uid.as_str(); 4] || field("Gid:") != [uid.as_str(); 4] {
+                wrong.push(format!(
+                    "{} ({pid}): uid {:?} gid {:?}, wanted {uid}",
+                    e.name,
+                    field("Uid:"),
+                    field("Gid:")
+                ));
+            }
+            let cap = u64::from_str_radix(&field("CapEff:").join(""), 16).unwrap_or(u64::MAX);
+            if cap & !e.caps != 0 {
+                wrong.push(format!(
+                    "{} ({pid}): CapEff {cap:#x} beyond {:#x}",
+                    e.name, e.caps
+                ));
+            }
+            for (bit, name) in FORBIDDEN_CAPS {
+                if cap & (1 << bit) != 0 {
+                    wrong.push(format!("{} ({pid}): holds {name}", e.name));
+                }
+            }
+            if field("NoNewPrivs:") != ["1"] {
+                wrong.push(format!("{} ({pid}): no_new_privs not set", e.name));
+            }
+            let ts = threads(*pid as u32);
+            for (tid, name, mode) in &ts {
+                if mode != "2" {
+                    wrong.push(format!(
+                        "{} ({pid}): thread {name} ({tid}) Seccomp: {mode}",
+                        e.name
+                    ));
+                }
+            }
+            for kind in e.own_ns {
+                let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+                if theirs.is_none() || theirs == node_ns(kind) {
+                    wrong.push(format!(
+                        "{} ({pid}): shares the node's {kind} namespace",
+                        e.name
+                    ));
+                }
+            }
+            let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap_or_default();
+            if let Some(end) = e.root_ends_with {
+                if !root.to_string_lossy().ends_with(end) {
+                    wrong.push(format!(
+                        "{} ({pid}): root {} (wanted …{end})",
+                        e.name,
+                        root.display()
+                    ));
+                }
+            }
+            seen.push(format!(
+                "{:<20} pid {pid:<7} uid {:<5} CapEff {cap:016x} threads {} all Seccomp 2: {} ns own: {} root {}",
+                e.name,
+                field("Uid:").first().cloned().unwrap_or_default(),
+                ts.len(),
+                ts.iter().all(|t| t.2 == "2"),
+                e.own_ns.join(","),
+                root.display()
+            ));
+        }
+    }
+    // Anything of the pod's that the list does not name is a process nobody checked.
+    for (pid, cmd) in &procs {
+        let prog = cmd.split_whitespace().next().unwrap_or_default();
+        if !expect.iter().any(|e| prog.ends_with(e.name)) {
+            wrong.push(format!("unexpected process of the pod ({pid}): {cmd}"));
+        }
+    }
+    (seen, wrong)
+}
