@@ -213,3 +213,80 @@ fn lookup_cost_structure_decides_by_port_and_app() {
     assert_eq!(c.zone_of_ip("10.9.9.9".parse().expect("ip")), Some(b));
     assert_eq!(c.zone_of_ip("11.0.0.1".parse().expect("ip")), None);
 }
+
+/// The one error a hostile input gets, refused before the YAML parsers run.
+fn refused(src: &str) -> Diagnostic {
+    let e = errors(src);
+    assert_eq!(e.len(), 1, "{e:?}");
+    e.into_iter().next().unwrap()
+}
+
+#[test]
+fn deep_flow_nesting_is_refused_before_parsing_with_its_location() {
+    // 50 MiB of `[` took serde_yaml minutes and gigabytes; refused at the 65th bracket.
+    let d = refused(&"[".repeat(4 << 20));
+    assert!(d.message.contains("nested deeper than 64"), "{d}");
+    assert_eq!((d.pos.line, d.pos.col), (1, 65));
+    // Brackets inside quotes and comments are text, not nesting.
+    let mut ok = String::from("apiVersion: enclave.io/v1alpha1 # ");
+    ok.push_str(&"[".repeat(100));
+    ok.push_str(&format!("\nkind: \"{}\"\n", "{".repeat(100)));
+    let e = errors(&ok);
+    assert!(e.iter().all(|d| !d.message.contains("nested")), "{e:?}");
+}
+
+#[test]
+fn deep_block_nesting_is_refused_before_parsing() {
+    let indented: String = (0..200)
+        .map(|i| format!("{}- a:\n", "  ".repeat(i)))
+        .collect();
+    let d = refused(&indented);
+    assert!(d.message.contains("nested deeper"), "{d}");
+    assert_eq!(d.pos.line, 65);
+    let d = refused(&format!("{}x\n", "- ".repeat(100_000)));
+    assert!(d.message.contains("nested deeper"), "{d}");
+}
+
+#[test]
+fn an_oversized_policy_is_refused_without_being_read_whole() {
+    let d = refused(&"a".repeat(policy::MAX_POLICY_BYTES + 1));
+    assert!(d.message.contains("larger than 16 MiB"), "{d}");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("huge.yaml");
+    std::fs::write(&p, vec![b'#'; policy::MAX_POLICY_BYTES + 10]).unwrap();
+    let Err(PolicyError::Invalid { diagnostics }) = policy::load_file(&p) else {
+        panic!("a file over the limit loads")
+    };
+    assert!(
+        diagnostics[0].message.contains("larger than"),
+        "{diagnostics:?}"
+    );
+}
+
+#[test]
+fn binary_input_is_refused_with_the_byte_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("garbage.yaml");
+    std::fs::write(&p, b"apiVersion: x\nkind: \xff\xfe garbage").unwrap();
+    let Err(PolicyError::Invalid { diagnostics }) = policy::load_file(&p) else {
+        panic!("binary input loads")
+    };
+    let d = &diagnostics[0];
+    assert!(d.message.contains("byte offset 20"), "{d}");
+    assert_eq!((d.pos.line, d.pos.col), (2, 7));
+}
+
+#[test]
+fn an_echoed_value_is_cut_to_a_short_excerpt() {
+    let src = format!(
+        "apiVersion: {}\nkind: ZonePolicy\nmetadata: {{name: x, version: 1}}\nspec: {{zones: [{{name: a, cidrs: [10.0.0.0/8]}}], rules: []}}\n",
+        "A".repeat(5_000_000)
+    );
+    let e = errors(&src);
+    let d = e
+        .iter()
+        .find(|d| d.field == "apiVersion")
+        .expect("apiVersion error");
+    assert!(d.message.len() < 400, "{} bytes", d.message.len());
+    assert!(d.message.contains("message cut"), "{d}");
+}

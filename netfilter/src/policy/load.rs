@@ -7,18 +7,149 @@ use super::{Diagnostic, LoadedPolicy, PolicyError, Severity};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+/// The largest policy file read: a generated policy of 10,000 rules is about 0.8 MiB.
+pub const MAX_POLICY_BYTES: usize = 16 << 20;
+/// The deepest nesting of collections a policy may have (the schema needs 5).
+pub const MAX_NESTING: usize = 64;
+/// The longest message a diagnostic carries; a longer one (a value echoed back) is cut.
+pub const MAX_MESSAGE_CHARS: usize = 240;
+
 /// Loads and compiles a policy file.
 pub fn load_file(path: impl AsRef<Path>) -> Result<LoadedPolicy, PolicyError> {
+    use std::io::Read;
     let path = path.as_ref();
-    let src = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+    let read_err = |source| PolicyError::Read {
         path: path.display().to_string(),
         source,
-    })?;
-    load_str(&src, &path.display().to_string())
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_POLICY_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(read_err)?;
+    let file = path.display().to_string();
+    let src = match std::str::from_utf8(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            let at = e.valid_up_to();
+            let pos = pos_of(&bytes[..at]);
+            return Err(invalid(
+                &file,
+                pos,
+                format!(
+                    "not UTF-8 text: byte offset {at} is not valid UTF-8 (a policy is YAML text)"
+                ),
+            ));
+        }
+    };
+    load_str(src, &file)
+}
+
+/// Line and column (1-based) just after `before`.
+fn pos_of(before: &[u8]) -> super::Pos {
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let col = before.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+    super::Pos { line, col }
+}
+
+fn invalid(file: &str, pos: super::Pos, message: String) -> PolicyError {
+    PolicyError::Invalid {
+        diagnostics: vec![Diagnostic {
+            severity: Severity::Error,
+            file: file.to_string(),
+            pos,
+            field: "(document)".into(),
+            message,
+        }],
+    }
+}
+
+/// Refuses input whose size or nesting would make the YAML parsers slow or deep before
+/// either of them runs: longer than [`MAX_POLICY_BYTES`], or collections nested deeper than
+/// [`MAX_NESTING`] (flow `[`/`{` outside quotes and comments, and block nesting by
+/// indentation and `- ` markers).
+fn check_bounds(src: &str, file: &str) -> Result<(), PolicyError> {
+    if src.len() > MAX_POLICY_BYTES {
+        return Err(invalid(
+            file,
+            super::Pos { line: 1, col: 1 },
+            format!(
+                "the policy is larger than {} MiB; refused before parsing",
+                MAX_POLICY_BYTES >> 20
+            ),
+        ));
+    }
+    let too_deep = |at: usize| {
+        invalid(
+            file,
+            pos_of(&src.as_bytes()[..at]),
+            format!("collections nested deeper than {MAX_NESTING} levels; refused before parsing"),
+        )
+    };
+    let b = src.as_bytes();
+    let (mut depth, mut i, mut line_start) = (0usize, 0usize, true);
+    while i < b.len() {
+        if line_start {
+            // Block nesting: indentation and `- ` / `? ` markers at the start of a line.
+            let start = i;
+            let mut levels = 0usize;
+            while i < b.len() {
+                match b[i] {
+                    b' ' => i += 1,
+                    b'-' | b'?' if matches!(b.get(i + 1), None | Some(b' ' | b'\n')) => {
+                        levels += 1;
+                        i += 1;
+                    }
+                    _ => break,
+                }
+            }
+            // Two columns of indentation make one level at the least.
+            if levels + (i - start - levels) / 2 > MAX_NESTING {
+                return Err(too_deep(start));
+            }
+            line_start = false;
+            continue;
+        }
+        match b[i] {
+            b'\n' => line_start = true,
+            b'#' if i == 0 || b[i - 1].is_ascii_whitespace() => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            q @ (b'"' | b'\'') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += if q == b'"' && b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(too_deep(i));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Cuts a message that echoes a long value back.
+fn short(mut message: String) -> String {
+    if message.chars().count() > MAX_MESSAGE_CHARS {
+        let total = message.len();
+        let cut: String = message.chars().take(MAX_MESSAGE_CHARS).collect();
+        message = format!("{cut}… (message cut; {total} bytes)");
+    }
+    message
 }
 
 /// Loads and compiles policy text; `file` names it in diagnostics.
 pub fn load_str(src: &str, file: &str) -> Result<LoadedPolicy, PolicyError> {
+    check_bounds(src, file)?;
     let mut cx = Ctx {
         file,
         spans: SpanIndex::build(src),
@@ -85,7 +216,7 @@ impl Ctx<'_> {
             file: self.file.to_string(),
             pos,
             field,
-            message,
+            message: short(message),
         });
     }
     fn err(&mut self, field: impl Into<String>, msg: impl Into<String>) {
@@ -127,7 +258,7 @@ impl Ctx<'_> {
             file: self.file.to_string(),
             pos,
             field,
-            message,
+            message: short(message),
         });
     }
 

@@ -9,7 +9,7 @@ mod model;
 mod span;
 
 pub use compile::{ClassKey, CompiledPolicy, Lookup, ProtoClass, Verdicts};
-pub use load::{load_file, load_str};
+pub use load::{load_file, load_str, MAX_MESSAGE_CHARS, MAX_NESTING, MAX_POLICY_BYTES};
 pub use model::*;
 pub use span::Pos;
 
