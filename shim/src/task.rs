@@ -393,17 +393,35 @@ impl Service {
             for done in pumps {
                 let _ = done.recv_timeout(OUTPUT_DRAIN);
             }
-            let at = now();
-            {
-                let mut cs = lock(&me.containers);
-                if let Some(p) = cs.get_mut(&cid).and_then(|c| c.procs.get_mut(&exec)) {
-                    p.status = Status::STOPPED;
-                    p.exit = Some((status, at.clone()));
-                }
-            }
-            me.exited.notify_all();
-            me.publisher.task_exit(&cid, &exec, pid, status, at);
+            me.exited_with(&cid, &exec, pid, status);
         });
+    }
+
+    /// Records that process `exec` of container `cid` ended with `status`: it is STOPPED,
+    /// waiters wake, containerd gets its TaskExit.
+    fn exited_with(&self, cid: &str, exec: &str, pid: u32, status: u32) {
+        let at = now();
+        {
+            let mut cs = lock(&self.containers);
+            if let Some(p) = cs.get_mut(cid).and_then(|c| c.procs.get_mut(exec)) {
+                p.status = Status::STOPPED;
+                p.exit = Some((status, at.clone()));
+            }
+        }
+        self.exited.notify_all();
+        self.publisher.task_exit(cid, exec, pid, status, at);
+    }
+}
+
+/// The exit status a process that could not be started gets, as a shell gives it: 127 when
+/// the program is not there, 126 when it cannot be executed, 128 for anything else.
+fn start_failure_status(error: &str) -> u32 {
+    if error.contains("No such file") || error.contains("not found") {
+        127
+    } else if error.contains("Permission denied") || error.contains("Exec format error") {
+        126
+    } else {
+        128
     }
 }
 
@@ -626,9 +644,14 @@ impl Task for TaskService {
                 .map(|r| r.pid),
         }
         .map_err(|e| {
+            // A process that never started has ended: STOPPED with an exit status, so that
+            // kill, wait and delete (and with the last container, the VM's teardown) go on
+            // as for any process that exited.
+            let message = e.to_string();
+            s.exited_with(&req.id, &req.exec_id, 0, start_failure_status(&message));
             err(
                 ttrpc::Code::INTERNAL,
-                format!("starting the process in the guest: {e}"),
+                format!("starting the process in the guest: {message}"),
             )
         })?;
         if let Some(p) = lock(&s.containers)

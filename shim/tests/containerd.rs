@@ -361,3 +361,64 @@ fn every_process_of_a_pod_is_unprivileged_in_its_own_namespaces_and_filtered() {
     );
     assert_nothing_left(&ctrd);
 }
+
+#[test]
+fn a_start_that_fails_ends_the_task_and_kill_and_delete_never_hang() {
+    let test = "a_start_that_fails_ends_the_task_and_kill_and_delete_never_hang";
+    let Some((ctrd, fifo)) = setup(test, "enclave-fail") else {
+        return;
+    };
+    let fifo = fifo.to_str().unwrap();
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // (id, extra ctr flags, command, what the error says)
+    let cases: [(&str, &[&str], &[&str], &str); 3] = [
+        ("missing", &[], &["/no/such/entrypoint"], "No such file"),
+        ("noexec", &[], &["/etc/passwd"], "ermission denied"),
+        // Container setup fails in the guest: its working directory does not exist.
+        ("badcwd", &["--cwd", "/no/such/dir"], &["true"], ""),
+    ];
+    for (id, extra, cmd, says) in cases {
+        let mut args = vec![
+            "run",
+            "--fifo-dir",
+            fifo,
+            "--runtime",
+            "io.containerd.enclave.v2",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, id]);
+        args.extend_from_slice(cmd);
+        let run = ctrd.ctr_within(120, &args);
+        assert!(
+            !run.status.success(),
+            "{id}: ctr run succeeded: {}",
+            text(&run)
+        );
+        assert!(
+            text(&run).contains(says),
+            "{id}: the error reaches ctr: {}",
+            text(&run)
+        );
+        // Whatever state the task is in now, kill and delete answer promptly.
+        let ls = ctrd.ctr_ok(&["task", "ls"]);
+        if let Some(line) = ls.lines().find(|l| l.split_whitespace().next() == Some(id)) {
+            assert!(
+                line.contains("STOPPED"),
+                "{id}: task after a failed start: {line}"
+            );
+            let kill = ctrd.ctr_within(30, &["task", "kill", "-s", "SIGKILL", id]);
+            assert_ne!(kill.status.code(), None, "{id}: ctr task kill hung");
+            let rm = ctrd.ctr_within(30, &["task", "rm", "-f", id]);
+            assert!(rm.status.success(), "{id}: ctr task rm -f: {}", text(&rm));
+        }
+        let rm = ctrd.ctr_within(30, &["container", "rm", id]);
+        assert!(rm.status.success(), "{id}: ctr container rm: {}", text(&rm));
+        assert_nothing_left(&ctrd);
+    }
+}

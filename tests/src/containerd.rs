@@ -124,6 +124,16 @@ impl Containerd {
             .unwrap()
     }
 
+    /// Runs `ctr`, killed after `secs` seconds (`timeout`): for calls that must not hang.
+    pub fn ctr_within(&self, secs: u32, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .args(["-s", "KILL", &secs.to_string(), "ctr"])
+            .args(["--address", &self.sock(), "--namespace", self.ns])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// Runs `ctr`, panicking with its output and containerd's log unless it succeeds.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
         let out = self.ctr(args);
