@@ -255,3 +255,117 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_containerd_restart_keeps_every_container_of_a_pod_reachable() {
+    let test = "a_containerd_restart_keeps_every_container_of_a_pod_reachable";
+    if let Err(e) = enclave_tests::cri::prerequisites(&[("gcc", "/usr/bin/gcc")]) {
+        return skip_or_fail(test, &e);
+    }
+    enclave_tests::cri::clean_node();
+    let dir = std::env::temp_dir().join(format!("enclave-crirs-{}", std::process::id()));
+    let mut node = CriNode::start(
+        &dir,
+        &shim_dir(),
+        &format!("enclave-crirs-{}", std::process::id()),
+    );
+    let mut cri = cri_client(&node.containerd.sock()).await;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let sandbox_config = sandbox_config("restartee", "payments", "cde", &logs);
+    let sandbox = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: "enclave".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.containerd.log_tail()))
+        .into_inner()
+        .pod_sandbox_id;
+    let mut ids = Vec::new();
+    for name in ["one", "two"] {
+        let c = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.clone(),
+                config: Some(container_config(
+                    name,
+                    &["sleep", "1000"],
+                    &format!("{name}.log"),
+                )),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+            .into_inner()
+            .container_id;
+        cri.start_container(StartContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        ids.push(c);
+    }
+
+    // The operator restarts containerd; the pod's shim and VM go on running.
+    node.containerd.restart();
+    let mut cri = cri_client(&node.containerd.sock()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in &ids {
+        // Once containerd has reloaded its state, each container is still running and
+        // answers an exec.
+        loop {
+            let st = cri
+                .container_status(ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().status);
+            match st {
+                Some(s) if s.state == ContainerState::ContainerRunning as i32 => break,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{id} after the restart: {other:?}\n{}",
+                        node.containerd.log_tail()
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        let (code, out, err) = exec_sync(&mut cri, id, &["echo", "still-here"]).await;
+        assert_eq!(
+            (code, out.trim()),
+            (0, "still-here"),
+            "exec into {id}: {err}"
+        );
+    }
+
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: sandbox.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", node.containerd.log_tail()));
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: sandbox.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", node.containerd.log_tail()));
+    // Nothing of the pod is left: no shim, no VM process, no state.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = leftovers(&sandbox);
+        let state = std::path::Path::new("/run/enclave/k8s.io").join(&sandbox);
+        if left.is_empty() && !state.exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left after Stop/RemovePodSandbox: {left:?}, state {} exists: {}",
+            state.display(),
+            state.exists()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

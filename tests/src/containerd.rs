@@ -16,6 +16,8 @@ pub const IMAGE: &str = "enclave.local/busybox:latest";
 /// A private containerd (own root, state and sockets under `dir`), stopped on drop.
 pub struct Containerd {
     child: Child,
+    /// Starts containerd again with the same command, config and environment.
+    launch: Box<dyn Fn() -> Child + Send + Sync>,
     /// Its directory.
     pub dir: PathBuf,
     /// The namespace `ctr` uses.
@@ -79,27 +81,42 @@ impl Containerd {
             shim_dir.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let mut cmd = match netns {
-            Some(n) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", n, "containerd"]);
-                c
-            }
-            None => Command::new("containerd"),
+        let log_path = dir.join("containerd.log");
+        let config_path = dir.join("config.toml");
+        let netns = netns.map(str::to_string);
+        let env: Vec<(String, std::ffi::OsString)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let launch = move || {
+            // Appends: a restarted containerd's log follows the first one's.
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .unwrap();
+            let mut cmd = match &netns {
+                Some(n) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", n, "containerd"]);
+                    c
+                }
+                None => Command::new("containerd"),
+            };
+            cmd.arg("--config")
+                .arg(&config_path)
+                .env("PATH", &path)
+                .env("ENCLAVE_GUEST_IMAGE", workspace_root().join("target/guest"))
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap()
         };
-        let child = cmd
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .env("PATH", path)
-            .env("ENCLAVE_GUEST_IMAGE", workspace_root().join("target/guest"))
-            .envs(env.iter().map(|(k, v)| (*k, v)))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = launch();
         let c = Containerd {
             child,
+            launch: Box::new(launch),
             dir: dir.to_path_buf(),
             ns,
         };
@@ -113,6 +130,34 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(20));
         }
         c
+    }
+
+    /// Stops containerd (SIGTERM, as an operator's restart does; its shims go on running)
+    /// and starts it again on the same root, state and sockets; returns once it serves.
+    pub fn restart(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(self.sock());
+        self.child = (self.launch)();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !Path::new(&self.sock()).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come back:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Runs `ctr` against it.
@@ -185,14 +230,7 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let _ = Command::new("umount")
             .arg("-R")
             .arg(self.dir.join("root"))

@@ -136,8 +136,16 @@ fn start(f: &Flags) -> Result<String, String> {
     };
     let sock = socket_path(f);
     let address = format!("unix://{}", sock.display());
+    // containerd 1.6 reconnects to a running shim after a restart through the bundle's
+    // `address` file: every container writes it, a pod's joining containers too (without
+    // it containerd takes a joined container for lost and runs `delete` on it).
+    let write_address = || {
+        std::fs::write(bundle.join("address"), &address)
+            .map_err(|e| format!("writing the bundle's address file: {e}"))
+    };
     if UnixStream::connect(&sock).is_ok() {
         // A shim for this id already serves: reuse it.
+        write_address()?;
         return Ok(address);
     }
     let _ = std::fs::remove_file(&sock);
@@ -178,8 +186,7 @@ fn start(f: &Flags) -> Result<String, String> {
     enclave_shim::vm::pass_as_fd3(&mut cmd, fd, true);
     cmd.spawn()
         .map_err(|e| format!("starting the shim daemon: {e}"))?;
-    std::fs::write(bundle.join("address"), &address)
-        .map_err(|e| format!("writing the bundle's address file: {e}"))?;
+    write_address()?;
     Ok(address)
 }
 
