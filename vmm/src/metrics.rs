@@ -53,6 +53,10 @@ counters! {
     vsock_rx_bytes,
     /// vsock connections opened.
     vsock_connections,
+    /// vsock connections refused because the VM has `MAX_CONNECTIONS` open.
+    vsock_conn_refused,
+    /// vsock control packets dropped because the guest left the control queue full.
+    vsock_control_dropped,
     /// vsock packets dropped as malformed or for unknown connections.
     vsock_bad_packets,
 }

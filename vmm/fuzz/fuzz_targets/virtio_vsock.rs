@@ -2,12 +2,13 @@
 //! The vsock device behind the virtio-mmio transport, driven by a hostile guest: the first
 //! 64 KiB of input become guest memory (rings, descriptors, packet headers), the rest a
 //! sequence of register accesses and queue kicks. Nothing may panic, hang or touch memory
-//! outside the guest's.
+//! outside the guest's, and what the device keeps for the guest (connections, queued
+//! control packets) stays within its limits.
 use std::sync::{Arc, Mutex, OnceLock};
 
 use enclave_vmm::bus::BusDevice;
 use enclave_vmm::devices::virtio::mmio::MmioTransport;
-use enclave_vmm::devices::virtio::vsock::Vsock;
+use enclave_vmm::devices::virtio::vsock::{Vsock, MAX_CONNECTIONS, MAX_RX_CONTROL};
 use enclave_vmm::devices::virtio::Interrupt;
 use enclave_vmm::metrics::Metrics;
 use libfuzzer_sys::fuzz_target;
@@ -109,4 +110,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = r.kicks[1].write(1);
     let _ = r.kicks[0].write(1);
     r.vsock.process();
+    let (conns, pending, control) = r.vsock.backlog();
+    assert!(conns + pending <= MAX_CONNECTIONS, "{conns} + {pending} connections");
+    assert!(control <= MAX_RX_CONTROL, "{control} control packets queued");
 });

@@ -49,6 +49,14 @@ const CONN_BUF_ALLOC: u32 = 256 * 1024;
 const EPHEMERAL_PORT_BASE: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// Connections one VM may hold (guest- and host-initiated, pending ones included), as
+/// Firecracker caps them: each is a host socket and buffers.
+pub const MAX_CONNECTIONS: usize = 1023;
+/// Control packets (responses, resets, credit updates) waiting for the guest to post
+/// receive buffers. A guest that floods requests and never posts buffers would otherwise
+/// grow this without end; past it, packets are dropped (counted) and a connection whose
+/// packet is dropped is closed on the host side.
+pub const MAX_RX_CONTROL: usize = 2 * MAX_CONNECTIONS;
 
 /// The packet header (virtio 1.2, 5.10.6).
 #[repr(C, packed)]
@@ -187,6 +195,13 @@ impl Vsock {
         Ok(Vsock(Arc::new(Mutex::new(state))))
     }
 
+    /// (connections, pending host connections, queued control packets): the device state a
+    /// guest can make grow, all bounded.
+    pub fn backlog(&self) -> (usize, usize, usize) {
+        let s = lock(&self.0);
+        (s.conns.len(), s.pending.len(), s.rx_control.len())
+    }
+
     /// The fd the event loop waits on (the device's own epoll).
     pub fn epoll_fd(&self) -> RawFd {
         lock(&self.0).epoll.as_raw_fd()
@@ -273,6 +288,18 @@ impl VsockState {
     }
 
     fn control(&mut self, local_port: u32, peer_port: u32, op: u16, flags: u32) {
+        if self.rx_control.len() >= MAX_RX_CONTROL {
+            self.metrics
+                .vsock_control_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            // The guest will not hear of this connection's state: end it here, so that
+            // host and guest agree it is gone (its next packet gets a reset once the queue
+            // drains).
+            if let Some(c) = self.conns.remove(&(local_port, peer_port)) {
+                self.drop_fd(&c.stream);
+            }
+            return;
+        }
         let mut h = self.header(local_port, peer_port, op);
         h.flags = flags;
         if let Some(c) = self.conns.get_mut(&(local_port, peer_port)) {
@@ -339,8 +366,20 @@ impl VsockState {
         })
     }
 
+    /// Whether the VM already holds [`MAX_CONNECTIONS`].
+    fn at_capacity(&self) -> bool {
+        self.conns.len() + self.pending.len() >= MAX_CONNECTIONS
+    }
+
     fn accept(&mut self) {
         while let Ok((stream, _)) = self.listener.accept() {
+            if self.at_capacity() {
+                // Dropped: the host side sees the connection close.
+                self.metrics
+                    .vsock_conn_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -534,6 +573,13 @@ impl VsockState {
         let key = (h.dst_port, h.src_port);
         if op == OP_REQUEST {
             if self.conns.contains_key(&key) {
+                self.control(key.0, key.1, OP_RST, 0);
+                return;
+            }
+            if self.at_capacity() {
+                self.metrics
+                    .vsock_conn_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 self.control(key.0, key.1, OP_RST, 0);
                 return;
             }
