@@ -7,7 +7,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
-use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, Verdict};
+use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, PreparedReload, Verdict};
 use enclave_netfilter::packet::{build, MacAddr, TcpFlags as F};
 use enclave_netfilter::policy::{self, Action, CompiledPolicy, Policy, Protocol, RuleId, ZoneId};
 use std::net::IpAddr;
@@ -49,6 +49,11 @@ fn compiled(n: usize) -> Arc<CompiledPolicy> {
 /// An enforcer for workload `app/a` (10.0.0.1); `fast_path: false` is the full-path
 /// baseline.
 fn enforcer(c: Arc<CompiledPolicy>, fast_path: bool) -> Enforcer {
+    enforcer_with(c, fast_path, 65536)
+}
+
+/// As [`enforcer`], with a connection table of `flows` slots.
+fn enforcer_with(c: Arc<CompiledPolicy>, fast_path: bool, flows: usize) -> Enforcer {
     let inv: Inventory =
         serde_yaml::from_str("workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n")
             .expect("inv");
@@ -59,7 +64,7 @@ fn enforcer(c: Arc<CompiledPolicy>, fast_path: bool) -> Enforcer {
         peers,
         local,
         EnforcerConfig {
-            flows: 65536,
+            flows,
             fast_path,
             ..EnforcerConfig::default()
         },
@@ -225,7 +230,8 @@ fn bench(c: &mut Criterion) {
         serde_yaml::from_str("workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n")
             .expect("inv");
     let peers = Arc::new(PeerDirectory::build(cp.policy(), &inv.workloads));
-    let mut e = enforcer(cp.clone(), true);
+    // netd's table: EnforcerConfig's default size (a reload walks every slot).
+    let mut e = enforcer_with(cp.clone(), true, EnforcerConfig::default().flows);
     let mut now = 1u64;
     for i in 0..1000usize {
         let (dst, port) = last_rule_target(1 + i * 10);
@@ -253,12 +259,20 @@ fn bench(c: &mut Criterion) {
     g.bench_function("load_and_compile_outside_the_lock", |b| {
         b.iter(|| black_box(policy::load_str(black_box(&src), "bench.yaml").expect("policy")))
     });
+    g.bench_function("prepare_outside_the_lock", |b| {
+        b.iter(|| black_box(PreparedReload::new(e.policy(), cp.clone(), peers.clone())))
+    });
+    let prepared = PreparedReload::new(e.policy(), cp.clone(), peers.clone());
     g.bench_function("swap_under_the_lock_1000_flows", |b| {
-        b.iter(|| {
-            let cut = e.reload(cp.clone(), peers.clone());
-            debug_assert!(cut.is_empty());
-            black_box(cut)
-        })
+        b.iter_batched(
+            || prepared.clone(),
+            |p| {
+                let cut = e.install(p);
+                debug_assert!(cut.is_empty());
+                black_box(cut)
+            },
+            criterion::BatchSize::SmallInput,
+        )
     });
     g.finish();
 }

@@ -272,6 +272,46 @@ pub struct Enforcer {
 
 const ALL_APPS: [Option<RuleId>; AppProto::COUNT] = [Some(RuleId(u32::MAX)); AppProto::COUNT];
 
+/// A reload made ready without the enforcer: the new policy and peers, and for each new
+/// rule the old rule of the same name whose counter it carries on.
+#[derive(Debug, Clone)]
+pub struct PreparedReload {
+    base: Arc<CompiledPolicy>,
+    policy: Arc<CompiledPolicy>,
+    peers: Arc<PeerDirectory>,
+    carry: Vec<Option<usize>>,
+}
+
+impl PreparedReload {
+    /// Prepares the move from `current` (the enforcer's policy now, [`Enforcer::policy`])
+    /// to `policy` and `peers`.
+    pub fn new(
+        current: &Arc<CompiledPolicy>,
+        policy: Arc<CompiledPolicy>,
+        peers: Arc<PeerDirectory>,
+    ) -> PreparedReload {
+        let old: std::collections::HashMap<&str, usize> = current
+            .policy()
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), i))
+            .collect();
+        let carry = policy
+            .policy()
+            .rules
+            .iter()
+            .map(|r| old.get(r.name.as_str()).copied())
+            .collect();
+        PreparedReload {
+            base: current.clone(),
+            policy,
+            peers,
+            carry,
+        }
+    }
+}
+
 impl Enforcer {
     /// An enforcer for `local` under `policy`, resolving peers through `peers`.
     pub fn new(
@@ -1012,25 +1052,33 @@ impl Enforcer {
         policy: Arc<CompiledPolicy>,
         peers: Arc<PeerDirectory>,
     ) -> Vec<FlowEvent> {
+        let prepared = PreparedReload::new(&self.policy, policy, peers);
+        self.install(prepared)
+    }
+
+    /// [`Enforcer::reload`] with the work that does not need the enforcer done beforehand
+    /// ([`PreparedReload::new`], e.g. while frames are still being decided), so that the
+    /// caller holds the enforcer only for the swap and the flow re-decisions.
+    pub fn install(&mut self, prepared: PreparedReload) -> Vec<FlowEvent> {
+        let PreparedReload {
+            base,
+            policy,
+            peers,
+            carry,
+        } = prepared;
+        if !Arc::ptr_eq(&base, &self.policy) {
+            // Prepared against another policy (a reload raced this one): map again.
+            return self.reload(policy, peers);
+        }
         self.zone = policy.policy().zone_of_workload(&self.local.identity);
         self.mode = policy.policy().zone_mode(self.zone);
         // Counters are monotonic (Prometheus): a rule keeps its count across a reload when
         // the new policy has a rule of the same name.
-        let old: std::collections::HashMap<&str, u64> = self
-            .policy
-            .policy()
-            .rules
+        let old = std::mem::take(&mut self.counters.rule_flows);
+        self.counters.rule_flows = carry
             .iter()
-            .zip(&self.counters.rule_flows)
-            .map(|(r, n)| (r.name.as_str(), *n))
+            .map(|c| c.and_then(|i| old.get(i).copied()).unwrap_or(0))
             .collect();
-        let carried: Vec<u64> = policy
-            .policy()
-            .rules
-            .iter()
-            .map(|r| old.get(r.name.as_str()).copied().unwrap_or(0))
-            .collect();
-        self.counters.rule_flows = carried;
         self.policy = policy;
         self.peers = peers;
         let mut events = Vec::new();

@@ -929,3 +929,32 @@ fn rule_counters_survive_a_reload_by_rule_name() {
     assert_eq!(f.e.counters().rule_flows[idx], 1);
     assert_eq!(f.e.counters().rule_flows[0], 0, "new-first starts at 0");
 }
+
+#[test]
+fn a_reload_prepared_against_a_policy_no_longer_in_force_still_carries_counters_by_name() {
+    use enclave_netfilter::matcher::PreparedReload;
+    let mut f = fixture("a");
+    f.connect("10.0.0.2", 22);
+    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let with_first = |name: &str| {
+        let c = compiled(&POLICY.replace(
+            "  rules:\n",
+            &format!(
+                "  rules:\n    - {{name: {name}, from: b, to: ext, protocol: tcp, ports: [1]}}\n"
+            ),
+        ));
+        let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
+        (c, peers)
+    };
+    // Prepared against the policy in force now...
+    let (c1, p1) = with_first("one-first");
+    let stale = PreparedReload::new(f.e.policy(), c1, p1);
+    // ...but another reload lands first (its rule indices differ).
+    let (c2, p2) = with_first("two-first");
+    f.e.reload(c2, p2);
+    assert_eq!(f.e.counters().rule_flows[rule_index(&f, "a-b-ssh")], 1);
+    // Installing the stale preparation maps the counters again instead of misplacing them.
+    f.e.install(stale);
+    assert_eq!(f.e.counters().rule_flows[rule_index(&f, "a-b-ssh")], 1);
+    assert_eq!(f.e.counters().rule_flows[0], 0, "one-first starts at 0");
+}

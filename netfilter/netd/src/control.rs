@@ -35,27 +35,32 @@ pub fn hup_signalfd() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Reads and compiles the node's policy and registry without the datapath lock (a policy
-/// of thousands of rules takes milliseconds to compile; frames must not wait for it), then
-/// takes the lock only to swap it in.
+/// Reads and compiles the node's policy and registry, and prepares the swap, without the
+/// datapath lock (a policy of 10,000 rules takes hundreds of milliseconds to compile; frames
+/// must not wait for it), then takes the lock only to swap it in and re-decide live flows.
 fn reload(backend: &RwLock<NetBackend>, why: &str) -> String {
     let sources = {
         let b = match backend.read() {
             Ok(b) => b,
             Err(p) => p.into_inner(),
         };
-        b.gate.enforcing().map(|e| e.sources())
+        b.gate
+            .enforcing()
+            .map(|e| (e.sources(), e.current_policy()))
     };
-    let Some((policy_dir, registry)) = sources else {
+    let Some(((policy_dir, registry), current)) = sources else {
         return "error forward-only mode has no policy\n".into();
     };
     let view = NodeView::load(&policy_dir, &registry);
+    let prepared = view.as_ref().ok().map(|v| {
+        enclave_netfilter::matcher::PreparedReload::new(&current, v.policy.clone(), v.peers.clone())
+    });
     let mut b = match backend.write() {
         Ok(b) => b,
         Err(p) => p.into_inner(),
     };
     match b.gate.enforcing_mut() {
-        Some(e) => match e.swap_in(view) {
+        Some(e) => match e.swap_in(view, prepared) {
             Ok(s) => {
                 eprintln!("enclave-netd: reload ({why}): {s}");
                 format!("ok {s}\n")

@@ -240,6 +240,11 @@ impl Enforcing {
         Ok(())
     }
 
+    /// The policy in force now (what a reload is prepared against).
+    pub fn current_policy(&self) -> std::sync::Arc<enclave_netfilter::policy::CompiledPolicy> {
+        self.enforcer.policy().clone()
+    }
+
     /// Where a reload reads from: the policy directory and the registry. The control thread
     /// reads and compiles the node's view from them without holding the datapath lock, then
     /// hands it to [`Enforcing::swap_in`] under the lock.
@@ -253,7 +258,11 @@ impl Enforcing {
     /// Puts a view read by [`NodeView::load`] in force: flows still allowed go on, flows
     /// now denied are cut and recorded. A view that did not load is recorded as a refusal
     /// and leaves the old policy in force.
-    pub fn swap_in(&mut self, view: Result<NodeView, String>) -> Result<String, String> {
+    pub fn swap_in(
+        &mut self,
+        view: Result<NodeView, String>,
+        prepared: Option<enclave_netfilter::matcher::PreparedReload>,
+    ) -> Result<String, String> {
         let view = match view {
             Ok(v) => v,
             Err(e) => {
@@ -265,7 +274,10 @@ impl Enforcing {
             }
         };
         let (policy, peers) = (view.policy.clone(), view.peers.clone());
-        let cut = self.enforcer.reload(policy.clone(), peers.clone());
+        let cut = match prepared {
+            Some(p) => self.enforcer.install(p),
+            None => self.enforcer.reload(policy.clone(), peers.clone()),
+        };
         let cx = self.builder.context().clone();
         self.builder = RecordBuilder::new(AuditContext {
             policy: policy.clone(),
