@@ -51,16 +51,20 @@ fn reload(backend: &RwLock<NetBackend>, why: &str) -> String {
     let Some(((policy_dir, registry), current)) = sources else {
         return "error forward-only mode has no policy\n".into();
     };
-    let view = NodeView::load(&policy_dir, &registry);
-    let prepared = view.as_ref().ok().map(|v| {
-        enclave_netfilter::matcher::PreparedReload::new(&current, v.policy.clone(), v.peers.clone())
+    let view = NodeView::load(&policy_dir, &registry).map(|v| {
+        let prepared = enclave_netfilter::matcher::PreparedReload::new(
+            &current,
+            v.policy.clone(),
+            v.peers.clone(),
+        );
+        (v, prepared)
     });
     let mut b = match backend.write() {
         Ok(b) => b,
         Err(p) => p.into_inner(),
     };
     match b.gate.enforcing_mut() {
-        Some(e) => match e.swap_in(view, prepared) {
+        Some(e) => match e.swap_in(view) {
             Ok(s) => {
                 eprintln!("enclave-netd: reload ({why}): {s}");
                 format!("ok {s}\n")

@@ -255,15 +255,15 @@ impl Enforcing {
         )
     }
 
-    /// Puts a view read by [`NodeView::load`] in force: flows still allowed go on, flows
-    /// now denied are cut and recorded. A view that did not load is recorded as a refusal
-    /// and leaves the old policy in force.
+    /// Puts a view read by [`NodeView::load`] in force, with its swap prepared against the
+    /// policy now in force: flows still allowed go on, flows now denied are cut and
+    /// recorded. A view that did not load is recorded as a refusal and leaves the old policy
+    /// in force.
     pub fn swap_in(
         &mut self,
-        view: Result<NodeView, String>,
-        prepared: Option<enclave_netfilter::matcher::PreparedReload>,
+        view: Result<(NodeView, enclave_netfilter::matcher::PreparedReload), String>,
     ) -> Result<String, String> {
-        let view = match view {
+        let (view, prepared) = match view {
             Ok(v) => v,
             Err(e) => {
                 self.audit.reload_errors += 1;
@@ -274,10 +274,7 @@ impl Enforcing {
             }
         };
         let (policy, peers) = (view.policy.clone(), view.peers.clone());
-        let cut = match prepared {
-            Some(p) => self.enforcer.install(p),
-            None => self.enforcer.reload(policy.clone(), peers.clone()),
-        };
+        let cut = self.enforcer.install(prepared);
         let cx = self.builder.context().clone();
         self.builder = RecordBuilder::new(AuditContext {
             policy: policy.clone(),
