@@ -9,33 +9,26 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
 use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, PreparedReload, Verdict};
 use enclave_netfilter::packet::{build, MacAddr, TcpFlags as F};
+use enclave_netfilter::policy::generate::{ManyRules, PEER_ZONES};
 use enclave_netfilter::policy::{self, Action, CompiledPolicy, Policy, Protocol, RuleId, ZoneId};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-const PEER_ZONES: usize = 100;
 const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
 const GW: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xfe]);
 
 /// A policy of `n` allow rules from zone `app` to 100 CIDR zones, one port each.
 fn policy_src(n: usize) -> String {
-    let mut s = String::from("apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {name: bench, version: 1}\nspec:\n  zones:\n    - {name: app, selector: {namespaces: [app]}}\n");
-    for z in 0..PEER_ZONES {
-        s.push_str(&format!(
-            "    - {{name: p{z}, cidrs: [10.{}.{}.0/24]}}\n",
-            100 + z / 256,
-            z % 256
-        ));
+    ManyRules {
+        name: "bench",
+        version: 1,
+        namespace: "app",
+        rules: n,
+        inbound: false,
+        extra_zones: &[],
+        extra_rules: &[],
     }
-    s.push_str("  rules:\n");
-    for i in 0..n {
-        s.push_str(&format!(
-            "    - {{name: r{i}, from: app, to: p{}, protocol: tcp, ports: [{}]}}\n",
-            i % PEER_ZONES,
-            1000 + i
-        ));
-    }
-    s
+    .yaml()
 }
 
 fn compiled(n: usize) -> Arc<CompiledPolicy> {

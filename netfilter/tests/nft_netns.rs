@@ -317,28 +317,18 @@ fn policy_applied_through_netlink_passes_allowed_and_drops_denied_connections() 
 /// A policy of `n` rules into zone `app` from 100 CIDR zones (one port each, the shape of a
 /// generated per-service policy), and last the one rule that lets `trusted` reach :8080.
 fn large_policy(n: usize) -> String {
-    let mut s = String::from(
-        "apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {name: large, version: 1}\nspec:\n  zones:\n    - {name: app, selector: {namespaces: [shop]}}\n    - {name: trusted, cidrs: [10.78.0.2/32]}\n",
-    );
-    for z in 0..100 {
-        s.push_str(&format!(
-            "    - {{name: p{z}, cidrs: [10.{}.{}.0/24]}}\n",
-            100 + z / 256,
-            z % 256
-        ));
+    policy::generate::ManyRules {
+        name: "large",
+        version: 1,
+        namespace: "shop",
+        rules: n,
+        inbound: true,
+        extra_zones: &["{name: trusted, cidrs: [10.78.0.2/32]}"],
+        extra_rules: &[
+            "{name: trusted-to-app, from: trusted, to: app, protocol: tcp, ports: [8080]}",
+        ],
     }
-    s.push_str("  rules:\n");
-    for i in 0..n {
-        s.push_str(&format!(
-            "    - {{name: r{i}, from: p{}, to: app, protocol: tcp, ports: [{}]}}\n",
-            i % 100,
-            1000 + i % 60000
-        ));
-    }
-    s.push_str(
-        "    - {name: trusted-to-app, from: trusted, to: app, protocol: tcp, ports: [8080]}\n",
-    );
-    s
+    .yaml()
 }
 
 #[test]

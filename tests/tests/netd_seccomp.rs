@@ -202,25 +202,16 @@ fn a_forbidden_syscall_from_the_frame_thread_kills_netd() {
 
 /// A policy for pod `shop/web` (zone `app`) of `n` rules into it, version `version`.
 fn policy(n: usize, version: u32) -> String {
-    let mut s = format!(
-        "apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {{name: reload-test, version: {version}}}\nspec:\n  zones:\n    - {{name: app, selector: {{namespaces: [shop]}}}}\n"
-    );
-    for z in 0..100 {
-        s.push_str(&format!(
-            "    - {{name: p{z}, cidrs: [10.{}.{}.0/24]}}\n",
-            100 + z / 256,
-            z % 256
-        ));
+    enclave_netfilter::policy::generate::ManyRules {
+        name: "reload-test",
+        version,
+        namespace: "shop",
+        rules: n,
+        inbound: true,
+        extra_zones: &[],
+        extra_rules: &["{name: base, from: p0, to: app, protocol: tcp, ports: [80]}"],
     }
-    s.push_str("  rules:\n    - {name: base, from: p0, to: app, protocol: tcp, ports: [80]}\n");
-    for i in 0..n {
-        s.push_str(&format!(
-            "    - {{name: r{i}, from: p{}, to: app, protocol: tcp, ports: [{}]}}\n",
-            i % 100,
-            1000 + i % 60000
-        ));
-    }
-    s
+    .yaml()
 }
 
 #[test]

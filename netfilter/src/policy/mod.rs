@@ -4,6 +4,7 @@
 //! [`CompiledPolicy`] or into diagnostics that name the file, line, column and field.
 
 mod compile;
+pub mod generate;
 mod load;
 mod model;
 mod span;
