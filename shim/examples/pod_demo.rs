@@ -76,15 +76,7 @@ async fn main() {
         let config = sandbox_config(name, ns, zone, &logs.join(name));
         std::fs::create_dir_all(logs.join(name)).unwrap();
         let t = Instant::now();
-        let sandbox = cri
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: "enclave".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id;
+        let sandbox = enclave_tests::cri::run_sandbox(&mut cri, &node.containerd, &config).await;
         println!(
             "  sandbox {} ready in {:.0} ms",
             &sandbox[..12],
@@ -103,21 +95,7 @@ async fn main() {
                 &["sleep", "1000"]
             };
             let cc = container_config(c, cmd, &format!("{c}.log"));
-            let id = cri
-                .create_container(CreateContainerRequest {
-                    pod_sandbox_id: sandbox.clone(),
-                    config: Some(cc),
-                    sandbox_config: Some(config.clone()),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .container_id;
-            cri.start_container(StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-            .unwrap();
+            let id = enclave_tests::cri::run_container(&mut cri, &sandbox, &config, cc).await;
             println!(
                 "  container {c} running in {:.0} ms",
                 t.elapsed().as_secs_f64() * 1e3

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use enclave_tests::containerd::leftovers;
 use enclave_tests::cri::{
-    container_config, cri_client, exec_sync, pod_ip, sandbox_config, CriNode,
+    container_config, cri_client, exec_sync, pod_ip, run_container, run_sandbox, sandbox_config,
+    CriNode,
 };
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::*;
@@ -46,15 +47,7 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     std::fs::create_dir_all(&logs).unwrap();
     let sandbox_config = sandbox_config("payments-api", "payments", "cde", &logs);
     let t = Instant::now();
-    let sandbox = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(sandbox_config.clone()),
-            runtime_handler: "enclave".into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctrd.log_tail()))
-        .into_inner()
-        .pod_sandbox_id;
+    let sandbox = run_sandbox(&mut cri, ctrd, &sandbox_config).await;
     eprintln!("RunPodSandbox (enclave, TCG) took {:?}", t.elapsed());
 
     let mut ids = Vec::new();
@@ -66,21 +59,8 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
         ("sidecar", vec!["sleep", "1000"]),
         ("quitter", vec!["sh", "-c", "exit 3"]),
     ] {
-        let c = cri
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: sandbox.clone(),
-                config: Some(container_config(name, &cmd, &format!("{name}.log"))),
-                sandbox_config: Some(sandbox_config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", ctrd.log_tail()))
-            .into_inner()
-            .container_id;
-        cri.start_container(StartContainerRequest {
-            container_id: c.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        let config = container_config(name, &cmd, &format!("{name}.log"));
+        let c = run_container(&mut cri, &sandbox, &sandbox_config, config).await;
         ids.push(c);
     }
 
@@ -273,36 +253,11 @@ async fn a_containerd_restart_keeps_every_container_of_a_pod_reachable() {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let sandbox_config = sandbox_config("restartee", "payments", "cde", &logs);
-    let sandbox = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(sandbox_config.clone()),
-            runtime_handler: "enclave".into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.containerd.log_tail()))
-        .into_inner()
-        .pod_sandbox_id;
+    let sandbox = run_sandbox(&mut cri, &node.containerd, &sandbox_config).await;
     let mut ids = Vec::new();
     for name in ["one", "two"] {
-        let c = cri
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: sandbox.clone(),
-                config: Some(container_config(
-                    name,
-                    &["sleep", "1000"],
-                    &format!("{name}.log"),
-                )),
-                sandbox_config: Some(sandbox_config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
-            .into_inner()
-            .container_id;
-        cri.start_container(StartContainerRequest {
-            container_id: c.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        let config = container_config(name, &["sleep", "1000"], &format!("{name}.log"));
+        let c = run_container(&mut cri, &sandbox, &sandbox_config, config).await;
         ids.push(c);
     }
 

@@ -57,15 +57,7 @@ async fn run_pod(
     net_admin: bool,
 ) -> Pod {
     let sc = sandbox_config(name, ns, zone, logs);
-    let sandbox = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(sc.clone()),
-            runtime_handler: "enclave".into(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", node.containerd.log_tail()))
-        .into_inner()
-        .pod_sandbox_id;
+    let sandbox = enclave_tests::cri::run_sandbox(cri, &node.containerd, &sc).await;
     let mut config = container_config(name, &["sh", "-c", script], &format!("{name}.log"));
     if net_admin {
         config.linux = Some(LinuxContainerConfig {
@@ -79,21 +71,7 @@ async fn run_pod(
             ..Default::default()
         });
     }
-    let c = cri
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: sandbox.clone(),
-            config: Some(config),
-            sandbox_config: Some(sc),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
-        .into_inner()
-        .container_id;
-    cri.start_container(StartContainerRequest {
-        container_id: c.clone(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    let c = enclave_tests::cri::run_container(cri, &sandbox, &sc, config).await;
     let ip = pod_ip(cri, &sandbox).await;
     assert!(ip.starts_with("10.88.77."), "{name}: pod IP {ip:?}");
     Pod { sandbox, ip, c }

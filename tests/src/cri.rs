@@ -230,6 +230,59 @@ pub fn container_config(name: &str, cmd: &[&str], log: &str) -> k8s_cri::v1::Con
     }
 }
 
+/// RunPodSandbox of `config` with runtime handler `enclave`, as the kubelet does for the
+/// RuntimeClass; panics with containerd's log if it fails. Returns the sandbox id.
+pub async fn run_sandbox(
+    cri: &mut RuntimeServiceClient<Channel>,
+    ctrd: &Containerd,
+    config: &k8s_cri::v1::PodSandboxConfig,
+) -> String {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    cri.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: "enclave".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", ctrd.log_tail()))
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// CreateContainer of `config` in `sandbox`, then StartContainer; panics naming the
+/// container if either fails. Returns the container id.
+pub async fn run_container(
+    cri: &mut RuntimeServiceClient<Channel>,
+    sandbox: &str,
+    sandbox_config: &k8s_cri::v1::PodSandboxConfig,
+    config: k8s_cri::v1::ContainerConfig,
+) -> String {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let id = cri
+        .create_container(k8s_cri::v1::CreateContainerRequest {
+            pod_sandbox_id: sandbox.into(),
+            config: Some(config),
+            sandbox_config: Some(sandbox_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+        .into_inner()
+        .container_id;
+    cri.start_container(k8s_cri::v1::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    id
+}
+
 /// The pod IP CRI reports for `sandbox` ("" when it has none).
 pub async fn pod_ip(cri: &mut RuntimeServiceClient<Channel>, sandbox: &str) -> String {
     cri.pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
