@@ -384,16 +384,7 @@ fn a_start_that_fails_ends_the_task_and_kill_and_delete_never_hang() {
         ("badcwd", &["--cwd", "/no/such/dir"], &["true"], ""),
     ];
     for (id, extra, cmd, says) in cases {
-        let mut args = vec![
-            "run",
-            "--fifo-dir",
-            fifo,
-            "--runtime",
-            "io.containerd.enclave.v2",
-        ];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[IMAGE, id]);
-        args.extend_from_slice(cmd);
+        let args = enclave_tests::containerd::run_args(fifo, id, extra, cmd);
         let run = ctrd.ctr_within(120, &args);
         assert!(
             !run.status.success(),

@@ -195,18 +195,9 @@ impl Containerd {
     /// `ctr run -d` of `id` running `cmd` in [`IMAGE`] with the enclave runtime, FIFOs
     /// under `fifo`, and `extra` ctr flags (annotations).
     pub fn run_detached(&self, fifo: &str, id: &str, extra: &[&str], cmd: &[&str]) -> String {
-        let mut args = vec![
-            "run",
-            "-d",
-            "--fifo-dir",
-            fifo,
-            "--runtime",
-            "io.containerd.enclave.v2",
-        ];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[IMAGE, id]);
-        args.extend_from_slice(cmd);
-        self.ctr_ok(&args)
+        let mut flags = vec!["-d"];
+        flags.extend_from_slice(extra);
+        self.ctr_ok(&run_args(fifo, id, &flags, cmd))
     }
 
     /// [`Containerd::run_detached`] of `sleep 1000`.
@@ -336,6 +327,27 @@ pub fn image_from_rootfs(dir: &Path, rootfs: &Path, name: &str, cmd: &[&str]) ->
         ".",
     ]);
     out
+}
+
+/// `ctr run` of `id` running `cmd` in [`IMAGE`] with the enclave runtime, FIFOs under
+/// `fifo`, and `extra` ctr flags.
+pub fn run_args<'a>(
+    fifo: &'a str,
+    id: &'a str,
+    extra: &[&'a str],
+    cmd: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "run",
+        "--fifo-dir",
+        fifo,
+        "--runtime",
+        "io.containerd.enclave.v2",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id]);
+    args.extend_from_slice(cmd);
+    args
 }
 
 /// Command lines of VM and shim processes whose command line contains `marker`.
