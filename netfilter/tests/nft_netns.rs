@@ -107,6 +107,20 @@ impl Drop for Netns {
     }
 }
 
+/// A veth pair: `a_dev` in `a`, `b_dev` in `b`.
+fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
+    sh(&[
+        "ip", "link", "add", a_dev, "netns", &a.0, "type", "veth", "peer", "name", b_dev, "netns",
+        &b.0,
+    ]);
+}
+
+/// Brings `dev` and the loopback of `ns` up.
+fn set_up(ns: &Netns, dev: &str) {
+    assert!(ns.exec(&["ip", "link", "set", dev, "up"]).status.success());
+    assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
+}
+
 /// Connects to `dst` from `ns` (whose only address is `src`); true when the handshake completes.
 fn connects(ns: &Netns, src: &str, dst: &str) -> bool {
     let _ = src;
@@ -132,21 +146,7 @@ fn policy_applied_through_netlink_passes_allowed_and_drops_denied_connections() 
     let o = Netns::new(format!("encl-o-{id}"));
     // One veth pair per peer: the workload (10.77.0.1) sees `trusted` and `other` on their own links.
     for (wdev, pdev, peer) in [("vw", "vp", &p), ("xw", "xo", &o)] {
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &format!("{wdev}{id}"),
-            "netns",
-            &w.0,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{pdev}{id}"),
-            "netns",
-            &peer.0,
-        ]);
+        veth(&w, &format!("{wdev}{id}"), peer, &format!("{pdev}{id}"));
     }
     for (ns, dev, addr) in [
         (&w, format!("vw{id}"), "10.77.0.1/32"),
@@ -160,8 +160,7 @@ fn policy_applied_through_netlink_passes_allowed_and_drops_denied_connections() 
                 .success()
                 || addr == "10.77.0.1/32"
         );
-        assert!(ns.exec(&["ip", "link", "set", &dev, "up"]).status.success());
-        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
+        set_up(ns, &dev);
     }
     for (dst, dev) in [("10.77.0.2/32", "vw"), ("10.77.0.3/32", "xw")] {
         let dev = format!("{dev}{id}");
@@ -339,21 +338,7 @@ fn a_policy_of_ten_thousand_rules_applies_and_enforces() {
     let id = std::process::id();
     let w = Netns::new(format!("encl-lw-{id}"));
     let p = Netns::new(format!("encl-lp-{id}"));
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        &format!("lw{id}"),
-        "netns",
-        &w.0,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &format!("lp{id}"),
-        "netns",
-        &p.0,
-    ]);
+    veth(&w, &format!("lw{id}"), &p, &format!("lp{id}"));
     for (ns, dev, addr) in [
         (&w, format!("lw{id}"), "10.78.0.1/24"),
         (&p, format!("lp{id}"), "10.78.0.2/24"),
@@ -362,8 +347,7 @@ fn a_policy_of_ten_thousand_rules_applies_and_enforces() {
             .exec(&["ip", "addr", "add", addr, "dev", &dev])
             .status
             .success());
-        assert!(ns.exec(&["ip", "link", "set", &dev, "up"]).status.success());
-        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
+        set_up(ns, &dev);
     }
     let listeners = w
         .run(|| {
