@@ -190,8 +190,9 @@ impl Config {
     }
 
     /// The backend `auto` stands for on this host: enclave-vmm where KVM runs Linux guests
-    /// at full speed and the guest kernel takes virtio-mmio devices from its command line
-    /// (the image's manifest says `cmdline-devices`); QEMU otherwise.
+    /// with hardware virtualization (the image's kernel finds its devices through the
+    /// VMM's ACPI tables, or on its command line); QEMU otherwise (this PVM host, or no
+    /// enclave-vmm binary).
     pub fn backend(&self) -> Backend {
         let qemu_accel = match self.vm.accel.as_str() {
             "kvm" => Some("kvm"),
@@ -204,13 +205,7 @@ impl Config {
                 binary: self.paths.enclave_vmm.clone(),
             },
             _ => {
-                let manifest = std::fs::read_to_string(self.paths.guest_image.join("manifest"))
-                    .unwrap_or_default();
-                let cmdline_devices = manifest.lines().any(|l| l.trim() == "cmdline-devices");
-                if crate::vm::accel().0 == "kvm"
-                    && cmdline_devices
-                    && self.paths.enclave_vmm.exists()
-                {
+                if crate::vm::accel().0 == "kvm" && self.paths.enclave_vmm.exists() {
                     Backend::EnclaveVmm {
                         binary: self.paths.enclave_vmm.clone(),
                     }

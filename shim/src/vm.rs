@@ -253,7 +253,8 @@ fn qemu_command(
 }
 
 /// enclave-vmm's config for the guest image: the same devices (vsock on `vm.vsock`, the
-/// shared directory through virtiofsd), declared to the kernel on its command line.
+/// shared directory through virtiofsd), described in ACPI, or on the command line when the
+/// image's manifest says its kernel reads them there (`cmdline-devices`).
 pub fn enclave_vmm_config(
     tools: &Tools,
     opts: &VmOptions,
@@ -267,11 +268,24 @@ pub fn enclave_vmm_config(
         "vcpus": opts.vcpus.max(1),
         "memory_mib": opts.memory_mib,
         "cmdline": cmdline,
+        "device_discovery": image_discovery(&tools.image),
         "serial": {"path": d("console.log")},
         "vsock": {"cid": 3, "uds_path": d(VSOCK_UDS)},
         "fs": [{"socket": d("fs.sock"), "tag": "shared"}],
         "net": opts.net.iter().filter(|n| matches!(n.backend, NetBackend::Netd { .. })).map(|n| serde_json::json!({"socket": d("net.sock"), "mac": n.mac})).collect::<Vec<_>>(),
     })
+}
+
+/// How the image's kernel finds virtio-mmio devices: `cmdline` when its manifest says
+/// `cmdline-devices` (a kernel built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`), else
+/// `acpi`. Never both, so no device is probed twice.
+pub fn image_discovery(image: &Path) -> &'static str {
+    let manifest = std::fs::read_to_string(image.join("manifest")).unwrap_or_default();
+    if manifest.lines().any(|l| l.trim() == "cmdline-devices") {
+        "cmdline"
+    } else {
+        "acpi"
+    }
 }
 
 /// A running guest.

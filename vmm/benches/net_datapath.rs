@@ -75,7 +75,7 @@ fn run(
         std::thread::sleep(Duration::from_millis(5));
     }
     let cfg = serde_json::json!({
-        "kernel": probe, "memory_mib": 128,
+        "kernel": probe, "device_discovery": "cmdline", "memory_mib": 128,
         "cmdline": format!("console=ttyS0 probe.net_udp=1 probe.net_batch=8 probe.net_frames={frames}"),
         "serial": {"path": dir.join("serial.log")},
         "net": [{"socket": sock, "mac": MAC}],

@@ -40,7 +40,7 @@ impl Setup {
                     cmdline.replace(' ', "_").replace('.', "-")
                 ));
                 if !cfg.exists() {
-                    let json = serde_json::json!({"kernel": self.probe, "memory_mib": MEM_MIB, "cmdline": format!("console=ttyS0 {cmdline}")});
+                    let json = serde_json::json!({"kernel": self.probe, "device_discovery": "cmdline", "memory_mib": MEM_MIB, "cmdline": format!("console=ttyS0 {cmdline}")});
                     std::fs::write(&cfg, json.to_string()).unwrap();
                 }
                 Command::new(VMM)

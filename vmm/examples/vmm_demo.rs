@@ -38,7 +38,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("enclave-vmm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = serde_json::json!({
-        "kernel": probe, "memory_mib": 64, "vcpus": 2,
+        "kernel": probe, "device_discovery": "cmdline", "memory_mib": 64, "vcpus": 2,
         "cmdline": "console=ttyS0 probe.hostile probe.vsock_listen=5000",
         "vsock": {"cid": 3, "uds_path": "/ignored/by/the/jailer"},
     });

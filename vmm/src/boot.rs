@@ -162,6 +162,8 @@ pub struct BootInfo<'a> {
     pub initrd: Option<(u64, u64)>,
     /// The bzImage's setup header, to copy into boot_params.
     pub setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+    /// Where the ACPI RSDP is, so the kernel need not scan for it.
+    pub rsdp: Option<u64>,
 }
 
 /// Writes the command line, boot_params (zero page) and the PVH start info.
@@ -198,6 +200,7 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(
         };
     }
     params.e820_entries = map.len() as u8;
+    params.acpi_rsdp_addr = info.rsdp.unwrap_or(0);
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(|_| BootError::Write("boot_params"))?;
 
@@ -207,6 +210,7 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: info.rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some((addr, size)) = info.initrd {
@@ -315,6 +319,7 @@ mod tests {
             cmdline: "console=ttyS0",
             initrd: Some((0x300_0000, 1234)),
             setup_header: None,
+            rsdp: Some(0xe_0000),
         };
         write_boot_structures(&ram.mem, &info).unwrap();
         let p = read_boot_params(&ram.mem).unwrap();
@@ -322,6 +327,7 @@ mod tests {
         assert_eq!({ p.hdr.boot_flag }, BOOT_FLAG);
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!(p.e820_entries, 3);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
         let mut line = [0u8; 14];
         ram.mem
             .read_slice(&mut line, GuestAddress(CMDLINE_START))

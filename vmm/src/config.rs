@@ -16,6 +16,21 @@ pub enum BootProtocol {
     Pvh,
 }
 
+/// How the guest kernel learns where its virtio-mmio devices are. Exactly one way, so a
+/// kernel that could read both never probes a device twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceDiscovery {
+    /// Devices in the ACPI DSDT (`LNRO0005`), as Firecracker and QEMU's microvm do: what
+    /// distribution kernels (Debian's cloud kernel) read.
+    #[default]
+    Acpi,
+    /// `virtio_mmio.device=4K@BASE:IRQ` on the command line: for kernels built with
+    /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (the probe guest, the purpose-built kernel).
+    /// The ACPI tables still describe the CPUs and the platform.
+    Cmdline,
+}
+
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,9 +86,13 @@ pub struct VmConfig {
     /// An initrd loaded at the top of low memory.
     #[serde(default)]
     pub initrd: Option<PathBuf>,
-    /// The kernel command line; the VMM appends its `virtio_mmio.device=` entries.
+    /// The kernel command line; with `device_discovery = "cmdline"` the VMM appends its
+    /// `virtio_mmio.device=` entries.
     #[serde(default)]
     pub cmdline: String,
+    /// How the guest finds its virtio-mmio devices.
+    #[serde(default)]
+    pub device_discovery: DeviceDiscovery,
     /// Boot protocol.
     #[serde(default)]
     pub boot: BootProtocol,

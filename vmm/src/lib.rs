@@ -4,6 +4,7 @@
 //! the event loop (virtio queues, vsock sockets); each vCPU has a thread; the control API
 //! has one. Every thread runs under its own seccomp filter ([`seccomp`]). See docs/vmm.md.
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod bus;

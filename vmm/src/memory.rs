@@ -9,6 +9,7 @@
 //! 0x0000_9000  PML4  0x0000_a000 PDPT  0x0000_b000 PD (first GiB, 2 MiB pages)
 //! 0x0002_0000  kernel command line (up to 64 KiB)
 //! 0x0009_fc00  EBDA (reserved in e820) .. 0x0010_0000
+//! 0x000e_0000  ACPI: RSDP, then DSDT, FADT, MADT, XSDT (in the reserved range)
 //! 0x0010_0000  kernel (HIMEM_START)
 //!     ...      initrd, page aligned, at the top of low RAM
 //! 0xd000_0000  MMIO gap: virtio-mmio devices, 4 KiB each, then IOAPIC/LAPIC
@@ -44,6 +45,14 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 /// Start of the extended BIOS data area, reserved in the e820 map.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables: the RSDP here (where a BIOS would leave it), the rest after it.
+pub const ACPI_START: u64 = 0xe_0000;
+/// End of the room for ACPI tables.
+pub const ACPI_END: u64 = 0x10_0000;
+/// The IOAPIC's MMIO base (KVM's in-kernel IOAPIC).
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// The local APICs' MMIO base.
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// Where high memory (and the kernel) starts.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap.

@@ -15,9 +15,10 @@ use vm_superio::Serial;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi;
 use crate::boot::{self, BootInfo};
 use crate::bus::Bus;
-use crate::config::VmConfig;
+use crate::config::{DeviceDiscovery, VmConfig};
 use crate::cpu::{self, RunState, StopReason, VcpuContext};
 use crate::devices::legacy::{IrqTrigger, SerialConsole, I8042};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
@@ -150,7 +151,8 @@ impl Vm {
         pio.insert(I8042_BASE, 5, Arc::new(Mutex::new(i8042)))
             .map_err(|_| BuildError("i8042 overlaps".into()))?;
 
-        // virtio-mmio devices, each a 4 KiB window and an IRQ, declared on the command line.
+        // virtio-mmio devices, each a 4 KiB window and an IRQ, declared in ACPI or on the
+        // command line (config `device_discovery`).
         let mut mmio = Bus::default();
         let mut cmdline = cfg.cmdline.clone();
         let mut devices = Vec::new();
@@ -181,7 +183,9 @@ impl Vm {
                 .map_err(BuildError)?;
             mmio.insert(base, memory::VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)))
                 .map_err(|_| BuildError("virtio-mmio windows overlap".into()))?;
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            if cfg.device_discovery == DeviceDiscovery::Cmdline {
+                cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            }
             devices.push((name.to_string(), base, irq));
             Ok(())
         };
@@ -209,6 +213,21 @@ impl Vm {
         }
         let cmdline = cmdline.trim().to_string();
 
+        // ACPI: the platform (CPUs, IOAPIC, no legacy devices) and, for `acpi` discovery,
+        // the devices. Built from the VMM's own list, never read back from the guest.
+        let in_acpi: Vec<acpi::MmioDevice> = match cfg.device_discovery {
+            DeviceDiscovery::Acpi => devices
+                .iter()
+                .map(|(_, base, irq)| acpi::MmioDevice {
+                    base: *base,
+                    irq: *irq,
+                })
+                .collect(),
+            DeviceDiscovery::Cmdline => Vec::new(),
+        };
+        let tables = acpi::build(cfg.vcpus, &in_acpi).map_err(BuildError)?;
+        let rsdp = acpi::write(&ram.mem, &tables).map_err(BuildError)?;
+
         // Kernel, initrd, boot structures.
         let (entry, setup_header) =
             boot::load_kernel(&ram.mem, &cfg.kernel, cfg.boot).map_err(err("kernel"))?;
@@ -233,6 +252,7 @@ impl Vm {
                 cmdline: &cmdline,
                 initrd,
                 setup_header,
+                rsdp: Some(rsdp),
             },
         )
         .map_err(err("boot"))?;

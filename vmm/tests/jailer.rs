@@ -33,7 +33,7 @@ fn the_jailed_vmm_is_unprivileged_isolated_and_works() {
     let base = dir.join("jails");
     let id = format!("jailtest-{}", std::process::id());
     let cfg = json!({
-        "kernel": probe, "memory_mib": 64,
+        "kernel": probe, "device_discovery": "cmdline", "memory_mib": 64,
         "cmdline": "console=ttyS0 probe.vsock_listen=5000",
         "vsock": {"cid": 3, "uds_path": dir.join("ignored.sock")},
     });

@@ -87,6 +87,7 @@ fn bzimage_loads_and_its_setup_header_reaches_boot_params() {
         cmdline: "console=ttyS0",
         initrd: None,
         setup_header: Some(hdr),
+        rsdp: None,
     };
     boot::write_boot_structures(&ram.mem, &info).unwrap();
     let p = boot::read_boot_params(&ram.mem).unwrap();

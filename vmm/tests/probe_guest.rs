@@ -27,7 +27,7 @@ fn ready(test: &str) -> Option<PathBuf> {
 
 fn base_config(probe: &PathBuf, dir: &std::path::Path, cmdline: &str) -> serde_json::Value {
     json!({
-        "kernel": probe,
+        "kernel": probe, "device_discovery": "cmdline",
         "memory_mib": 128,
         "cmdline": format!("console=ttyS0 {cmdline}"),
         "serial": {"path": dir.join("serial.log")},
@@ -476,7 +476,7 @@ fn configure_and_start_over_the_api() {
         bad["error"].as_str().unwrap().contains("field `kernel`"),
         "{bad}"
     );
-    let cfg = json!({"action": "configure", "config": {"kernel": probe, "memory_mib": 32, "cmdline": "console=ttyS0", "serial": {"path": dir.join("serial.log")}}});
+    let cfg = json!({"action": "configure", "config": {"kernel": probe, "device_discovery": "cmdline", "memory_mib": 32, "cmdline": "console=ttyS0", "serial": {"path": dir.join("serial.log")}}});
     assert_eq!(ask(&cfg.to_string())["ok"], true);
     assert_eq!(ask(r#"{"action":"start"}"#)["ok"], true);
     drop(s);

@@ -71,7 +71,7 @@ fn virtio_fs_through_virtiofsd() {
     );
     wait_for_path(&sock);
     let cfg = json!({
-        "kernel": probe, "memory_mib": 128,
+        "kernel": probe, "device_discovery": "cmdline", "memory_mib": 128,
         "cmdline": "console=ttyS0 probe.fs_file=probe.txt",
         "serial": {"path": dir.join("serial.log")},
         "fs": [{"socket": sock, "tag": "shared"}],
@@ -244,7 +244,7 @@ fn virtio_net_through_enclave_netd_to_a_tap() {
     let peer = tap_peer(ns.path(), 4);
     std::thread::sleep(Duration::from_millis(100)); // the capture socket is bound
     let cfg = json!({
-        "kernel": probe, "memory_mib": 128,
+        "kernel": probe, "device_discovery": "cmdline", "memory_mib": 128,
         "cmdline": "console=ttyS0 probe.net_frames=4 probe.net_expect=4",
         "serial": {"path": dir.join("serial.log")},
         "net": [{"socket": sock, "mac": "52:54:00:12:34:56"}],
