@@ -89,15 +89,34 @@ def cpio_entry(out, name, mode, data=b"", rdev=(0, 0), ino=[1]):
 
 def initramfs(args):
     order = module_order(args.modules_dir, args.module)
-    agent = open(args.agent, "rb").read()
-    if agent[:4] != b"\x7fELF":
-        die(f"{args.agent}: not an ELF binary")
+    init = open(args.init, "rb").read()
+    if not (init[:4] == b"\x7fELF" or init[:2] == b"#!"):
+        die(f"{args.init}: neither an ELF binary nor a script")
+    extra = []
+    for spec in args.file:
+        dest, sep, src = spec.partition("=")
+        if not sep or not dest or dest.startswith("/"):
+            die(f"--file {spec}: expected DEST=SOURCE with DEST relative to the image root")
+        try:
+            data = open(src, "rb").read()
+        except OSError as e:
+            die(f"--file {spec}: {e}")
+        extra.append((dest, os.stat(src).st_mode & 0o777, data))
     tmp = args.out + ".tmp"
     with open(tmp, "wb") as out:
-        for d in ("dev", "proc", "sys", "run", "tmp", "etc", "etc/enclave", "lib", "lib/modules"):
+        dirs = ["dev", "proc", "sys", "run", "tmp", "etc", "etc/enclave", "lib", "lib/modules"]
+        for dest, _, _ in extra:
+            parts = dest.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.append(d)
+        for d in dirs:
             cpio_entry(out, d, stat.S_IFDIR | 0o755)
         cpio_entry(out, "dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
-        cpio_entry(out, "init", stat.S_IFREG | 0o755, agent)
+        cpio_entry(out, "init", stat.S_IFREG | 0o755, init)
+        for dest, mode, data in extra:
+            cpio_entry(out, dest, stat.S_IFREG | mode, data)
         lines = []
         for name, path in order:
             cpio_entry(out, f"lib/modules/{name}.ko", stat.S_IFREG | 0o644, open(path, "rb").read())
@@ -105,8 +124,8 @@ def initramfs(args):
         cpio_entry(out, "etc/enclave/modules", stat.S_IFREG | 0o644, ("\n".join(lines) + "\n").encode())
         cpio_entry(out, "TRAILER!!!", 0)
     os.replace(tmp, args.out)
-    print(f"initramfs: {os.path.getsize(args.out) // 1024} KiB, agent {len(agent) // 1024} KiB, "
-          f"{len(order)} modules: {' '.join(n for n, _ in order)}")
+    print(f"initramfs: {os.path.getsize(args.out) // 1024} KiB, init {len(init) // 1024} KiB, "
+          f"{len(extra)} more files, {len(order)} modules: {' '.join(n for n, _ in order)}")
 
 
 def main():
@@ -116,8 +135,12 @@ def main():
     v.add_argument("bzimage")
     v.add_argument("out")
     v.set_defaults(func=vmlinux)
-    i = sub.add_parser("initramfs", help="write the initramfs: agent as /init, modules in load order")
-    i.add_argument("--agent", required=True, help="static enclave-agent binary")
+    i = sub.add_parser("initramfs", help="write an initramfs: /init, more files, modules in load order "
+                       "(listed in /etc/enclave/modules)")
+    i.add_argument("--init", "--agent", dest="init", required=True,
+                   help="what runs as /init: the static enclave-agent, or a script")
+    i.add_argument("--file", action="append", default=[], metavar="DEST=SOURCE",
+                   help="another file, at DEST (relative to the root), with SOURCE's permissions")
     i.add_argument("--modules-dir", required=True, help="lib/modules/<version> of the kernel package")
     i.add_argument("--module", action="append", default=[], help="module to include (with its dependencies)")
     i.add_argument("--out", required=True)

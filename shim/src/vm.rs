@@ -121,7 +121,8 @@ pub fn accel() -> (&'static str, String) {
     }
 }
 
-fn tsc_khz() -> Option<u64> {
+/// The host TSC frequency in kHz, from /proc/cpuinfo, for `tsc_early_khz=` under TCG.
+pub fn tsc_khz() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info
         .lines()

@@ -5,6 +5,7 @@
 pub mod confinement;
 pub mod containerd;
 pub mod cri;
+pub mod nestbox;
 pub mod netns;
 pub mod procfs;
 pub mod seccomp;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use enclave_agent_protocol::Client;
-pub use enclave_shim::vm::{accel, GuestVm, Tools, VmOptions, READY_PORT};
+pub use enclave_shim::vm::{accel, tsc_khz, GuestVm, Tools, VmOptions, READY_PORT};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
