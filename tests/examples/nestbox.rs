@@ -62,10 +62,7 @@ fn main() {
         run.status,
         run.out.display()
     );
-    std::process::exit(match run.status {
-        Some(s) => s,
-        None => 124,
-    });
+    std::process::exit(run.status.unwrap_or(124));
 }
 
 fn number(v: Option<String>, flag: &str) -> u64 {
