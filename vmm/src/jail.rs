@@ -42,6 +42,20 @@ pub struct JailSpec {
     pub cgroups: Vec<(String, String)>,
     /// Arguments passed on to enclave-vmm.
     pub vmm_args: Vec<String>,
+    /// A host directory shared with the jail at [`SHARE_INSIDE`]: the vsock socket and the
+    /// serial log, when the config puts them in it, stay there (so the VMM's supervisor
+    /// finds them at their host paths, and its listeners for guest-initiated vsock
+    /// connections are reachable). It must be writable by `uid`.
+    pub share: Option<PathBuf>,
+}
+
+/// Where [`JailSpec::share`] appears inside the jail.
+pub const SHARE_INSIDE: &str = "/run/share";
+
+/// `path` as the VMM sees it when it lies in the shared directory.
+fn in_share(share: Option<&Path>, path: &Path) -> Option<PathBuf> {
+    let rel = path.strip_prefix(share?).ok()?;
+    Some(Path::new(SHARE_INSIDE).join(rel))
 }
 
 fn io<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> String {
@@ -94,7 +108,7 @@ fn shared_libs(exec: &Path) -> Result<Vec<PathBuf>, String> {
         .collect())
 }
 
-/// Bind mounts the jail needs: (host socket, path inside the jail).
+/// Bind mounts the jail needs: (host file or directory, path inside the jail).
 type Binds = Vec<(PathBuf, PathBuf)>;
 
 /// Builds the jail directory and the rewritten config; returns the bind mounts to make.
@@ -127,10 +141,22 @@ pub fn prepare(spec: &JailSpec) -> Result<Binds, String> {
         }
         place(&lib, &inside, 0o555)?;
     }
-    place(&cfg.kernel, &root.join("kernel"), 0o444)?;
-    cfg.kernel = "/kernel".into();
+    let mut binds = Vec::new();
+    // The kernel and initrd: hard links on the same file system, else read-only bind
+    // mounts (never a copy of tens of MiB per VM).
+    let mut kernel_files = vec![(cfg.kernel.clone(), "/kernel")];
     if let Some(initrd) = &cfg.initrd {
-        place(initrd, &root.join("initrd"), 0o444)?;
+        kernel_files.push((initrd.clone(), "/initrd"));
+    }
+    for (src, inside) in kernel_files {
+        let dst = root.join(&inside[1..]);
+        let src = fs::canonicalize(&src).map_err(io(src.display()))?;
+        if fs::hard_link(&src, &dst).is_err() {
+            binds.push((src, PathBuf::from(inside)));
+        }
+    }
+    cfg.kernel = "/kernel".into();
+    if cfg.initrd.is_some() {
         cfg.initrd = Some("/initrd".into());
     }
     // /dev/kvm, usable by the VMM's uid only.
@@ -145,14 +171,24 @@ pub fn prepare(spec: &JailSpec) -> Result<Binds, String> {
     }
     chown(root.join("dev/kvm"), Some(spec.uid), Some(spec.gid)).map_err(io("chown /dev/kvm"))?;
 
-    // Everything the VMM writes lives in /run; backend sockets are bind-mounted there.
-    cfg.serial = Some(crate::config::SerialConfig {
-        path: Some("/run/serial.log".into()),
-    });
+    // Everything the VMM writes lives in /run (or the shared directory); backend sockets
+    // are bind-mounted there.
+    let share = spec.share.as_deref();
+    let serial = cfg
+        .serial
+        .as_ref()
+        .and_then(|s| s.path.as_deref())
+        .and_then(|p| in_share(share, p))
+        .unwrap_or_else(|| "/run/serial.log".into());
+    cfg.serial = Some(crate::config::SerialConfig { path: Some(serial) });
     if let Some(v) = &mut cfg.vsock {
-        v.uds_path = "/run/vsock.sock".into();
+        v.uds_path = in_share(share, &v.uds_path).unwrap_or_else(|| "/run/vsock.sock".into());
     }
-    let mut binds = Vec::new();
+    if let Some(dir) = share {
+        let dir = fs::canonicalize(dir).map_err(io(dir.display()))?;
+        fs::create_dir_all(root.join(&SHARE_INSIDE[1..])).map_err(io(root.display()))?;
+        binds.push((dir, PathBuf::from(SHARE_INSIDE)));
+    }
     for (i, n) in cfg.net.iter_mut().enumerate() {
         let inside = PathBuf::from(format!("/run/net{i}.sock"));
         binds.push((n.socket.clone(), inside.clone()));
@@ -223,7 +259,13 @@ fn cstr(p: &Path) -> Result<CString, String> {
 
 /// In the child, PID 1 of the new PID namespace: mounts, pivot_root, credentials, exec.
 /// Only returns on error.
-fn child(spec: &JailSpec, root: &Path, binds: &Binds, go: libc::c_int) -> String {
+fn child(
+    spec: &JailSpec,
+    root: &Path,
+    binds: &Binds,
+    go: libc::c_int,
+    alive: libc::c_int,
+) -> String {
     let r = (|| -> Result<(), String> {
         // Wait until the parent has put us in the cgroups.
         let mut b = [0u8; 1];
@@ -252,7 +294,9 @@ fn child(spec: &JailSpec, root: &Path, binds: &Binds, go: libc::c_int) -> String
             )?;
             for (host, inside) in binds {
                 let target = root.join(inside.strip_prefix("/").unwrap_or(inside));
-                fs::write(&target, b"").map_err(io(target.display()))?;
+                if !host.is_dir() {
+                    fs::write(&target, b"").map_err(io(target.display()))?;
+                }
                 let (h, t) = (cstr(host)?, cstr(&target)?);
                 check(
                     libc::mount(
@@ -291,8 +335,6 @@ fn child(spec: &JailSpec, root: &Path, binds: &Binds, go: libc::c_int) -> String
                 libc::sethostname(host.as_ptr().cast(), host.len()),
                 "sethostname",
             )?;
-            // No descriptor but stdio crosses into the VMM.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
             check(libc::setresgid(spec.gid, spec.gid, spec.gid), "setresgid")?;
             check(libc::setresuid(spec.uid, spec.uid, spec.uid), "setresuid")?;
@@ -300,6 +342,31 @@ fn child(spec: &JailSpec, root: &Path, binds: &Binds, go: libc::c_int) -> String
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
                 "no_new_privs",
             )?;
+            // If the jailer dies (even by SIGKILL), so does the VMM and with it, as PID 1
+            // of its namespace, everything it started. Set after the credential change,
+            // which clears it; then make sure the jailer did not die in between.
+            check(
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ),
+                "parent-death signal",
+            )?;
+            // (The parent is outside our PID namespace, so getppid() says 0 either way: the
+            // parent holds the write end of `alive` open for as long as it lives.)
+            let mut pfd = libc::pollfd {
+                fd: alive,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut pfd, 1, 0) != 0 {
+                return Err("the jailer went away".into());
+            }
+            // No descriptor but stdio crosses into the VMM.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         }
         let mut argv: Vec<CString> = vec![
             c"/enclave-vmm".into(),
@@ -343,6 +410,10 @@ pub fn run(spec: &JailSpec, cleanup: bool) -> Result<i32, String> {
     // SAFETY: pipe2 fills our array.
     let rc = unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) };
     check(rc, "pipe")?;
+    let mut alive = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills our array.
+    let rc = unsafe { libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC) };
+    check(rc, "pipe")?;
     // SAFETY: fork in a single-threaded process; the child only calls async-signal-safe
     // functions and allocation-light code before execve.
     let pid = unsafe { libc::fork() };
@@ -350,13 +421,19 @@ pub fn run(spec: &JailSpec, cleanup: bool) -> Result<i32, String> {
         return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        let e = child(spec, &root, &binds, pipe[0]);
+        // SAFETY: the child's copy of the write end; only the parent keeps one.
+        unsafe { libc::close(alive[1]) };
+        let e = child(spec, &root, &binds, pipe[0], alive[0]);
         eprintln!("enclave-jailer: {e}");
         // SAFETY: leaving the child without running the parent's destructors.
         unsafe { libc::_exit(70) };
     }
-    // SAFETY: closing our copy of the read end.
-    unsafe { libc::close(pipe[0]) };
+    // SAFETY: closing our copies of the read ends (the write end of `alive` stays open,
+    // close-on-exec, until this process ends).
+    unsafe {
+        libc::close(pipe[0]);
+        libc::close(alive[0]);
+    }
     let placed = enter_cgroups(&dirs, pid);
     if placed.is_ok() {
         // SAFETY: one byte to our end of the pipe releases the child.

@@ -177,3 +177,87 @@ fn the_jailed_vmm_is_unprivileged_isolated_and_works() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `--share`, the vsock socket and the serial log stay at their host paths (what the
+/// shim reads and where it listens), the kernel is not copied into the jail, and a jailer
+/// killed with SIGKILL takes its VMM with it.
+#[test]
+fn a_shared_directory_keeps_host_paths_and_the_vmm_dies_with_its_jailer() {
+    let test = "a_shared_directory_keeps_host_paths_and_the_vmm_dies_with_its_jailer";
+    if !kvm_and_root(test, "the jailer needs root (namespaces, mknod, cgroups)") {
+        return;
+    }
+    let probe = probe_guest().unwrap();
+    let dir = VmmRun::dir("jailshare");
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::os::unix::fs::chown(&share, Some(65534), Some(65534)).unwrap();
+    let base = dir.join("jails");
+    let id = format!("jailshare-{}", std::process::id());
+    let cfg = json!({
+        "kernel": probe, "device_discovery": "cmdline", "memory_mib": 64,
+        "cmdline": "console=ttyS0 probe.vsock_listen=5000",
+        "serial": {"path": share.join("console.log")},
+        "vsock": {"cid": 3, "uds_path": share.join("vm.vsock")},
+    });
+    std::fs::write(dir.join("vm.json"), cfg.to_string()).unwrap();
+    let mut jailer = Command::new(JAILER)
+        .args(["--id", &id, "--exec", VMM, "--config"])
+        .arg(dir.join("vm.json"))
+        .args(["--uid", "65534", "--gid", "65534", "--base"])
+        .arg(&base)
+        .arg("--share")
+        .arg(&share)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        if let Some(p) = first_child(jailer.id()) {
+            if std::fs::read_to_string(share.join("console.log"))
+                .unwrap_or_default()
+                .contains("INFO vsock listening")
+            {
+                break p;
+            }
+        }
+        if let Ok(Some(st)) = jailer.try_wait() {
+            let mut e = String::new();
+            jailer
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut e)
+                .unwrap();
+            panic!("jailer exited early ({st}): {e}");
+        }
+        assert!(Instant::now() < deadline, "the jailed VM did not come up");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The jail holds no copy of the kernel: a hard link or a bind mount of the original.
+    let inside = std::fs::metadata(format!("/proc/{pid}/root/kernel")).unwrap();
+    let original = std::fs::metadata(&probe).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (inside.dev(), inside.ino()),
+        (original.dev(), original.ino()),
+        "the kernel was copied into the jail"
+    );
+    let mut s = hybrid_connect(&share.join("vm.vsock"), 5000);
+    s.write_all(b"shared\n").unwrap();
+    let mut echo = [0u8; 7];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"SHARED\n");
+    // SIGKILL leaves the jailer no chance to clean up; the VMM must not outlive it.
+    jailer.kill().unwrap();
+    jailer.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the VMM (pid {pid}) outlived its jailer"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -12,18 +12,23 @@ enclave-jailer: run enclave-vmm jailed
 USAGE:
     enclave-jailer --id ID --exec ENCLAVE_VMM --config VM.json --uid UID --gid GID
                    [--base DIR] [--netns PATH] [--cgroup CONTROLLER.FILE=VALUE]...
+                   [--share DIR]
                    [--cleanup] [-- ENCLAVE_VMM_ARGS...]
 
 OPTIONS:
     --id ID          the VM's id (letters, digits, '-'); the jail is BASE/ID/root
     --exec PATH      the enclave-vmm binary (copied into the jail)
-    --config FILE    the VM config; kernel and initrd are copied in, sockets and the serial
-                     log go to BASE/ID/root/run/, backend sockets are bind-mounted there
+    --config FILE    the VM config; kernel and initrd are hard-linked or bind-mounted (read
+                     only) in, the vsock socket and the serial log go to BASE/ID/root/run/
+                     (or stay in --share's directory), backend sockets are bind-mounted
     --uid, --gid     the unprivileged user the VMM runs as (not 0)
     --base DIR       where jails go (default /srv/enclave/jail)
     --netns PATH     join this network namespace (the pod's)
     --cgroup K=V     a cgroup limit, e.g. memory.limit_in_bytes=600000000 (v1) or
                      memory.max=600000000 (v2); repeatable
+    --share DIR      bind-mount DIR (writable by UID) at /run/share in the jail; the vsock
+                     socket and serial log the config puts in DIR stay there, where the
+                     VMM's supervisor finds them and listens for guest connections
     --cleanup        remove BASE/ID when the VMM exits
     -h, --help       this text
 
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
         netns: None,
         cgroups: Vec::new(),
         vmm_args: Vec::new(),
+        share: None,
     };
     let mut cleanup = false;
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -91,6 +97,7 @@ fn parse(args: &[String], spec: &mut JailSpec, cleanup: &mut bool) -> Result<(),
                     .ok_or(format!("--cgroup {v}: expected KEY=VALUE"))?;
                 spec.cgroups.push((k.to_string(), x.to_string()));
             }
+            "--share" => spec.share = Some(val()?.into()),
             "--cleanup" => *cleanup = true,
             "--" => {
                 spec.vmm_args.extend(args[i + 1..].iter().cloned());
