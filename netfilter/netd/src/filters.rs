@@ -90,6 +90,14 @@ pub const DATAPATH: &[Syscall] = &[
     ),
     any(libc::SYS_fsync, "audit log sync"),
     any(libc::SYS_sched_yield, "lock contention"),
+    // The vDSO answers these without a syscall only while the clocksource is one it can
+    // read (TSC, kvm-clock); a host that marks its TSC unstable (seen in the nested box)
+    // makes every Instant::now() a real clock_gettime, and the vring worker was killed.
+    any(
+        libc::SYS_clock_gettime,
+        "Instant::now, timestamps (vDSO fallback)",
+    ),
+    any(libc::SYS_clock_nanosleep, "sleeps"),
     when(
         libc::SYS_ioctl,
         1,

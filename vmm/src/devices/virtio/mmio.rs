@@ -47,6 +47,11 @@ mod reg {
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_HIGH: u64 = 0x0bc;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
     pub const CONFIG: u64 = 0x100;
 }
@@ -251,6 +256,12 @@ impl BusDevice for MmioTransport {
             }
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions (virtio-fs DAX windows): the spec's answer is a
+            // length (and base) of all ones. Zero would announce an empty region at 0,
+            // which Linux's virtio-fs tries to reserve and then fails its probe (EBUSY).
+            reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
+                u32::MAX
+            }
             _ => {
                 self.bad();
                 0
@@ -280,6 +291,7 @@ impl BusDevice for MmioTransport {
         let features_phase = self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER;
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::SHM_SEL => {} // every region reads as absent
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             reg::DRIVER_FEATURES if features_phase => match self.driver_features_sel {
                 0 => self.acked_features = (self.acked_features & !0xffff_ffff) | v as u64,
