@@ -21,6 +21,10 @@ const VSOCK_UDS: &str = "vsock/vm.vsock";
 const VSOCK_BACKEND: &str = "vsock/backend.sock";
 /// The empty directory QEMU chroots into once the guest is set up.
 const QEMU_JAIL: &str = "jail";
+/// enclave-vmm's console log, in the directory shared into its jail.
+const VMM_CONSOLE: &str = "vsock/console.log";
+/// Where enclave-jailer builds enclave-vmm's jail (`<dir>/vmm-jail/<id>/root`).
+const VMM_JAIL_BASE: &str = "vmm-jail";
 
 /// The tools and image a guest needs, found on this machine.
 #[derive(Debug, Clone)]
@@ -270,11 +274,42 @@ pub fn enclave_vmm_config(
         "memory_mib": opts.memory_mib,
         "cmdline": cmdline,
         "device_discovery": image_discovery(&tools.image),
-        "serial": {"path": d("console.log")},
+        "serial": {"path": d(VMM_CONSOLE)},
         "vsock": {"cid": 3, "uds_path": d(VSOCK_UDS)},
         "fs": [{"socket": d("fs.sock"), "tag": "shared"}],
         "net": opts.net.iter().filter(|n| matches!(n.backend, NetBackend::Netd { .. })).map(|n| serde_json::json!({"socket": d("net.sock"), "mac": n.mac})).collect::<Vec<_>>(),
     })
+}
+
+/// enclave-vmm through enclave-jailer (found next to it): as nobody, PID 1 of its own PID
+/// namespace, in its own mount, IPC, UTS and (empty) network namespaces, `pivot_root`ed
+/// into `<dir>/vmm-jail/<id>/root` holding only itself, the kernel and initrd (linked or
+/// bind-mounted read-only), `/dev/kvm` and the backend sockets; the vsock socket and the
+/// console log stay in `<dir>/vsock`, shared into the jail. The jailer waits for the VMM
+/// (which dies with it) and removes the jail.
+fn jailed_vmm(binary: &Path, dir: &Path, n: u32) -> Result<Command, String> {
+    let jailer = binary.with_file_name("enclave-jailer");
+    if !jailer.exists() {
+        return Err(format!(
+            "{} not found: enclave-vmm runs only through its jailer when the shim can confine",
+            jailer.display()
+        ));
+    }
+    let (uid, gid) = crate::confine::HELPER_ID;
+    let mut c = Command::new(jailer);
+    c.arg("--id")
+        .arg(format!("vm-{}-{n}", std::process::id()))
+        .arg("--exec")
+        .arg(binary)
+        .arg("--config")
+        .arg(dir.join("vm.json"))
+        .args(["--uid", &uid.to_string(), "--gid", &gid.to_string()])
+        .arg("--base")
+        .arg(dir.join(VMM_JAIL_BASE))
+        .arg("--share")
+        .arg(dir.join(VSOCK_DIR))
+        .args(["--netns", "new", "--cleanup"]);
+    Ok(c)
 }
 
 /// How the image's kernel finds virtio-mmio devices: `cmdline` when its manifest says
@@ -462,6 +497,11 @@ impl GuestVm {
         for sub in [VSOCK_DIR, QEMU_JAIL] {
             std::fs::create_dir_all(d(sub)).map_err(|e| format!("{}: {e}", d(sub).display()))?;
         }
+        if confine && !qemu {
+            // The jailed enclave-vmm (nobody) creates its vsock socket and console log in
+            // the directory shared into its jail.
+            crate::confine::chown(&d(VSOCK_DIR), crate::confine::HELPER_ID)?;
+        }
         if qemu {
             // enclave-vmm has its own vsock device; QEMU gets it from a vhost-user backend,
             // which runs as nobody, in namespaces of its own, in a directory it owns.
@@ -546,6 +586,14 @@ impl GuestVm {
             wait_for_socket(&d(VSOCK_BACKEND), Duration::from_secs(10))?;
         }
         wait_for_socket(&d("fs.sock"), Duration::from_secs(10))?;
+        if confine && !qemu {
+            // The jailed VMM connects to its backends as nobody (QEMU connects before it
+            // drops to nobody).
+            crate::confine::chown(&d("fs.sock"), crate::confine::HELPER_ID)?;
+            if opts.net.is_some() {
+                crate::confine::chown(&d("net.sock"), crate::confine::HELPER_ID)?;
+            }
+        }
         let base =
             std::fs::read_to_string(tools.image.join("cmdline")).map_err(|e| e.to_string())?;
         // The agent announces itself on this host port (guest -> host vsock arrives on
@@ -554,8 +602,9 @@ impl GuestVm {
         let ready_path = d(&format!("{VSOCK_UDS}_{READY_PORT}"));
         let ready = std::os::unix::net::UnixListener::bind(&ready_path)
             .map_err(|e| format!("ready listener: {e}"))?;
-        if confine && qemu {
-            // The vsock backend (nobody) connects here when the agent announces itself.
+        if confine {
+            // The vsock backend (QEMU's vhost-device-vsock, or the jailed enclave-vmm), both
+            // nobody, connects here when the agent announces itself.
             crate::confine::chown(&ready_path, crate::confine::HELPER_ID)?;
         }
         vm.ready = Some(ready);
@@ -580,8 +629,13 @@ impl GuestVm {
                 let cfg = enclave_vmm_config(tools, opts, &cmdline, &dir);
                 std::fs::write(d("vm.json"), cfg.to_string())
                     .map_err(|e| format!("{}: {e}", d("vm.json").display()))?;
-                let mut c = Command::new(binary);
-                c.arg("--config").arg(d("vm.json"));
+                let mut c = if confine {
+                    jailed_vmm(binary, &dir, n)?
+                } else {
+                    let mut c = Command::new(binary);
+                    c.arg("--config").arg(d("vm.json"));
+                    c
+                };
                 vm.children
                     .push(spawn("enclave-vmm", &mut c, &d("vmm.log"))?);
             }
@@ -677,6 +731,7 @@ impl GuestVm {
         let mut s = String::new();
         for f in [
             "console.log",
+            VMM_CONSOLE,
             "qemu.log",
             "vmm.log",
             "vsock.log",

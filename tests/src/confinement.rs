@@ -19,6 +19,10 @@ pub struct Expect {
     pub own_ns: &'static [&'static str],
     /// Its root directory ends with this (a chroot), if any.
     pub root_ends_with: Option<&'static str>,
+    /// Its root is an enclave-jailer jail: these entries are there and the host's `/etc`
+    /// is not. (Checked by content: a root in another mount namespace has no path the
+    /// reader could compare.)
+    pub jail_holds: &'static [&'static str],
 }
 
 /// What each process of a pod on the QEMU backend must look like (docs/shim.md, "What runs
@@ -30,6 +34,7 @@ pub const QEMU_POD: &[Expect] = &[
         caps: 0,
         own_ns: &["net", "ipc", "uts", "mnt"],
         root_ends_with: Some("/vm/jail"),
+        jail_holds: &[],
     },
     Expect {
         name: "vhost-device-vsock",
@@ -37,23 +42,37 @@ pub const QEMU_POD: &[Expect] = &[
         caps: 0,
         own_ns: &["net", "ipc", "uts", "mnt"],
         root_ends_with: None,
+        jail_holds: &[],
     },
-    // uid 0 with virtiofsd's own reduced set less DAC_READ_SEARCH (it creates files as the
-    // guest's uids): CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP.
+    VIRTIOFSD,
+];
+
+/// The virtiofsd of a pod (either backend): uid 0 with virtiofsd's own reduced set less
+/// DAC_READ_SEARCH (it creates files as the guest's uids): CHOWN, DAC_OVERRIDE, FOWNER,
+/// FSETID, SETGID, SETUID, MKNOD, SETFCAP; chrooted into the shared directory.
+pub const VIRTIOFSD: Expect = Expect {
+    name: "virtiofsd",
+    uid: 0,
+    caps: (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 27) | (1 << 31),
+    own_ns: &["net", "ipc", "uts", "mnt"],
+    root_ends_with: Some("/shared"),
+    jail_holds: &[],
+};
+
+/// What each process of a pod on the enclave-vmm backend must look like: the VMM as
+/// enclave-jailer leaves it (nobody, no capabilities, PID 1 of its own PID namespace, its
+/// own mount/IPC/UTS/network namespaces, `/` its jail), and virtiofsd as for QEMU.
+/// (enclave-jailer itself, like the shim, is a supervisor that handles no guest data.)
+pub const ENCLAVE_VMM_POD: &[Expect] = &[
     Expect {
-        name: "virtiofsd",
-        uid: 0,
-        caps: (1 << 0)
-            | (1 << 1)
-            | (1 << 3)
-            | (1 << 4)
-            | (1 << 6)
-            | (1 << 7)
-            | (1 << 27)
-            | (1 << 31),
-        own_ns: &["net", "ipc", "uts", "mnt"],
-        root_ends_with: Some("/shared"),
+        name: "enclave-vmm",
+        uid: 65534,
+        caps: 0,
+        own_ns: &["net", "ipc", "uts", "mnt", "pid"],
+        root_ends_with: None,
+        jail_holds: &["enclave-vmm", "vm.json", "kernel", "dev/kvm"],
     },
+    VIRTIOFSD,
 ];
 
 /// enclave-netd, in a pod with a network: unprivileged, in the pod's network namespace
@@ -64,6 +83,7 @@ pub const NETD: Expect = Expect {
     caps: 0,
     own_ns: &["net"],
     root_ends_with: None,
+    jail_holds: &[],
 };
 
 /// Capability bits a pod's process must never hold, whatever else it keeps.
@@ -82,9 +102,33 @@ pub fn check(marker: &str, expect: &[Expect]) -> (Vec<String>, Vec<String>) {
     let node_ns = |kind: &str| std::fs::read_link(format!("/proc/self/ns/{kind}")).ok();
     let mut seen = Vec::new();
     let mut wrong = Vec::new();
-    let procs: Vec<(i32, String)> = processes()
+    // The pod's processes: those whose command line names the marker, and the children of
+    // its enclave-jailer (a jailed VMM's command line names only paths inside its jail). The supervisors,
+    // the shim and enclave-jailer, are not checked here.
+    let all = processes();
+    let prog = |cmd: &str| {
+        cmd.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let jailers: Vec<i32> = all
+        .iter()
+        .filter(|(_, cmd)| cmd.contains(marker) && prog(cmd).ends_with("enclave-jailer"))
+        .map(|(pid, _)| *pid)
+        .collect();
+    let procs: Vec<(i32, String)> = all
         .into_iter()
-        .filter(|(_, cmd)| cmd.contains(marker) && !cmd.contains("containerd-shim"))
+        .filter(|(pid, cmd)| {
+            cmd.contains(marker)
+                || pid_status(pid, "PPid:")
+                    .first()
+                    .and_then(|p| p.parse::<i32>().ok())
+                    .is_some_and(|pp| jailers.contains(&pp))
+        })
+        .filter(|(_, cmd)| {
+            !cmd.contains("containerd-shim") && !prog(cmd).ends_with("enclave-jailer")
+        })
         .collect();
     for e in expect {
         let mine: Vec<&(i32, String)> = procs
@@ -150,6 +194,20 @@ pub fn check(marker: &str, expect: &[Expect]) -> (Vec<String>, Vec<String>) {
                         e.name,
                         root.display()
                     ));
+                }
+            }
+            if !e.jail_holds.is_empty() {
+                let inside = |p: &str| std::fs::symlink_metadata(format!("/proc/{pid}/root/{p}"));
+                for p in e.jail_holds {
+                    if inside(p).is_err() {
+                        wrong.push(format!(
+                            "{} ({pid}): its root has no {p}: not its jail",
+                            e.name
+                        ));
+                    }
+                }
+                if inside("etc").is_ok() {
+                    wrong.push(format!("{} ({pid}): sees an /etc: not in its jail", e.name));
                 }
             }
             seen.push(format!(

@@ -32,6 +32,8 @@ pub const OUT_ENV: &str = "ENCLAVE_BOX_OUT";
 /// Modules the box loads, with their dependencies: KVM, the devices it is built from, and
 /// what the scenarios' own networking needs (taps, veth pairs, nftables).
 pub const MODULES: &[&str] = &[
+    "bridge",
+    "br_netfilter",
     "kvm_amd",
     "virtio_mmio",
     "virtiofs",
@@ -401,9 +403,12 @@ pub fn run_test_in_box(test: &str, timeout: Duration) {
     );
     let passed = run.console.contains("test result: ok. 1 passed");
     if run.status != Some(0) || !passed {
+        let kept = run.out.join("console.log");
+        let _ = std::fs::write(&kept, &run.console);
         panic!(
-            "{test} failed inside the box (status {:?}):\n{}",
+            "{test} failed inside the box (status {:?}); the whole console is in {}; its end:\n{}",
             run.status,
+            kept.display(),
             run.tail(80)
         );
     }

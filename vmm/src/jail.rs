@@ -36,7 +36,7 @@ pub struct JailSpec {
     pub gid: u32,
     /// Where jail directories go.
     pub base: PathBuf,
-    /// A network namespace to join (the pod's).
+    /// A network namespace to join (the pod's), or `new` for an empty one of its own.
     pub netns: Option<PathBuf>,
     /// cgroup settings, `controller.file=value` (e.g. `memory.limit_in_bytes=536870912`).
     pub cgroups: Vec<(String, String)>,
@@ -395,11 +395,20 @@ pub fn run(spec: &JailSpec, cleanup: bool) -> Result<i32, String> {
     let binds = prepare(spec)?;
     let root = root_dir(spec);
     let dirs = make_cgroups(spec)?;
-    if let Some(ns) = &spec.netns {
-        let f = fs::File::open(ns).map_err(io(ns.display()))?;
-        // SAFETY: setns with an fd we own and the namespace type it must be.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-        check(rc, "joining the network namespace")?;
+    match &spec.netns {
+        Some(ns) if ns.as_os_str() == "new" => {
+            // SAFETY: unshare with a constant flag; the jailer is single-threaded here.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            check(rc, "a new network namespace")?;
+        }
+        Some(ns) => {
+            let f = fs::File::open(ns).map_err(io(ns.display()))?;
+            // SAFETY: setns with an fd we own and the namespace type it must be.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            check(rc, "joining the network namespace")?;
+        }
+        None => {}
     }
     // PID: for the child; IPC and UTS: harmless for the waiting parent. The mount namespace
     // is made in the child.

@@ -23,7 +23,8 @@ OPTIONS:
                      (or stay in --share's directory), backend sockets are bind-mounted
     --uid, --gid     the unprivileged user the VMM runs as (not 0)
     --base DIR       where jails go (default /srv/enclave/jail)
-    --netns PATH     join this network namespace (the pod's)
+    --netns PATH     join this network namespace (the pod's); `new`: an empty one of its
+                     own (a VMM whose net devices are vhost-user needs no network)
     --cgroup K=V     a cgroup limit, e.g. memory.limit_in_bytes=600000000 (v1) or
                      memory.max=600000000 (v2); repeatable
     --share DIR      bind-mount DIR (writable by UID) at /run/share in the jail; the vsock
