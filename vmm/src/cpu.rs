@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
@@ -154,6 +155,37 @@ pub fn cpuid_for(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, kvm_ioctls::Erro
     Ok(cpuid)
 }
 
+/// XSAVE user state components a Linux guest enables (x87, SSE, AVX, AVX-512's three,
+/// PKRU) when CPUID offers them.
+const XCR0_USER: u64 = 0b10_1110_0111;
+
+/// Sets XCR0 to the user state components CPUID leaf 0xD offers, as the guest kernel will
+/// (`XSETBV`) when it enables XSAVE. KVM derives leaf 0xD's "size for the enabled
+/// components" (EBX) from the XCR0 it knows; where it does not see the guest's XSETBV
+/// (nested under TCG's SVM emulation) Linux found a size for x87/SSE only, warned "XSAVE
+/// consistency problem" and disabled XSAVE. The value is inert until the guest sets
+/// CR4.OSXSAVE.
+fn set_xcr0(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), kvm_ioctls::Error> {
+    let Some(leaf) = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+    else {
+        return Ok(());
+    };
+    let supported = (leaf.eax as u64 | (leaf.edx as u64) << 32) & XCR0_USER;
+    if supported & 0b11 != 0b11 {
+        return Ok(()); // no XSAVE worth setting up: x87 and SSE are the minimum
+    }
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = supported;
+    vcpu.set_xcrs(&xcrs)
+}
+
 /// A flat segment as KVM wants it: `limit` is the byte limit (0xffff_ffff with g = 1), not the
 /// 20-bit descriptor field.
 fn segment(selector: u16, base: u64, limit: u32, type_: u8, l: u8, db: u8) -> kvm_segment {
@@ -199,7 +231,9 @@ pub fn setup_vcpu(
     count: u8,
     entry: EntryPoint,
 ) -> Result<(), kvm_ioctls::Error> {
-    vcpu.set_cpuid2(&cpuid_for(kvm, id, count)?)?;
+    let cpuid = cpuid_for(kvm, id, count)?;
+    vcpu.set_cpuid2(&cpuid)?;
+    set_xcr0(vcpu, &cpuid)?;
     let entries = [
         (MSR_IA32_SYSENTER_CS, 0),
         (MSR_IA32_SYSENTER_ESP, 0),
