@@ -483,3 +483,36 @@ fn a_pods_guest_on_enclave_vmm_runs_a_container_and_netd_decides_its_flows() {
     drop(vm);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `auto` picks enclave-vmm where /dev/kvm has hardware virtualization (in the nested box)
+/// and QEMU where it does not (this PVM host): the same configuration, both answers.
+#[test]
+fn auto_picks_enclave_vmm_on_hardware_kvm_and_qemu_elsewhere() {
+    let test = "auto_picks_enclave_vmm_on_hardware_kvm_and_qemu_elsewhere";
+    let vmm = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2"))
+        .with_file_name("enclave-vmm");
+    if !vmm.exists() {
+        return skip_or_fail(test, "enclave-vmm not built (cargo build --workspace)");
+    }
+    let mut cfg = Config::default();
+    cfg.vm.backend = "auto".into();
+    cfg.paths.enclave_vmm = vmm.clone();
+    let (accel, why) = enclave_tests::accel();
+    if accel == "kvm" {
+        assert_eq!(
+            cfg.backend(),
+            enclave_shim::vm::Backend::EnclaveVmm { binary: vmm },
+            "{why}"
+        );
+        println!("BOX-REPORT auto chose enclave-vmm: {why}");
+        return;
+    }
+    assert!(
+        matches!(cfg.backend(), enclave_shim::vm::Backend::Qemu { .. }),
+        "{why}: {:?}",
+        cfg.backend()
+    );
+    println!("auto chose QEMU here: {why}");
+    // The same configuration on hardware-virtualization KVM.
+    enclave_tests::nestbox::run_test_in_box(test, Duration::from_secs(120));
+}
