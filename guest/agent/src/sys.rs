@@ -168,6 +168,11 @@ pub fn mkdir_p(p: &Path) -> Result<()> {
 #[macro_export]
 macro_rules! log {
     ($($t:tt)*) => {{
-        eprintln!("enclave-agent[{:>6}ms]: {}", $crate::sys::uptime_ms(), format_args!($($t)*));
+        // Never `eprintln!`: it panics when the write fails, and a PID 1 that cannot write
+        // its console (an 8250 without its IRQ gives EIO) must keep serving, not abort.
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("enclave-agent[{:>6}ms]: {}\n", $crate::sys::uptime_ms(), format_args!($($t)*)),
+        );
     }};
 }
