@@ -67,6 +67,14 @@ fn assert_nothing_left(ctrd: &Containerd) {
     );
 }
 
+/// SIGKILLs a running task, waits until it has stopped, and removes it and its container.
+fn kill_and_remove(ctrd: &Containerd, id: &str) {
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_stopped(ctrd, id);
+    ctrd.ctr_ok(&["task", "rm", id]);
+    ctrd.ctr_ok(&["container", "rm", id]);
+}
+
 /// Waits until `ctr task ls` shows `id` stopped (or no longer lists it).
 fn wait_stopped(ctrd: &Containerd, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -220,13 +228,8 @@ fn killing_the_shim_or_the_vm_ends_the_task_and_leaves_nothing() {
 #[test]
 fn ctr_runs_containers_on_enclave_vmm() {
     let test = "ctr_runs_containers_on_enclave_vmm";
-    let (accel, why) = enclave_tests::accel();
-    if accel != "kvm" {
-        assert!(
-            !enclave_tests::nestbox::inside(),
-            "inside the nested box but no hardware KVM: {why}"
-        );
-        return enclave_tests::nestbox::run_test_in_box(test, Duration::from_secs(900));
+    if !enclave_tests::nestbox::on_hardware_kvm_or_in_box(test, Duration::from_secs(900)) {
+        return;
     }
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
@@ -289,10 +292,7 @@ fn ctr_runs_containers_on_enclave_vmm() {
     for l in &seen {
         println!("BOX-REPORT {l}");
     }
-    ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "ev-sleep"]);
-    wait_stopped(&ctrd, "ev-sleep");
-    ctrd.ctr_ok(&["task", "rm", "ev-sleep"]);
-    ctrd.ctr_ok(&["container", "rm", "ev-sleep"]);
+    kill_and_remove(&ctrd, "ev-sleep");
     assert!(wrong.is_empty(), "{wrong:#?}\n{seen:#?}");
     assert_eq!(seen.len(), 2, "enclave-vmm and virtiofsd: {seen:#?}");
     assert_nothing_left(&ctrd);
@@ -366,10 +366,7 @@ fn containers_of_one_pod_share_its_vm() {
     assert_eq!(vms, 2, "one VM for the pod, one for the other container");
 
     for id in ["app1", "pod1", "other"] {
-        ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-        wait_stopped(&ctrd, id);
-        ctrd.ctr_ok(&["task", "rm", id]);
-        ctrd.ctr_ok(&["containers", "rm", id]);
+        kill_and_remove(&ctrd, id);
     }
     assert_nothing_left(&ctrd);
 }
@@ -419,10 +416,7 @@ fn every_process_of_a_pod_is_unprivileged_in_its_own_namespaces_and_filtered() {
     for l in &seen {
         eprintln!("  {l}");
     }
-    ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "priv1"]);
-    wait_stopped(&ctrd, "priv1");
-    ctrd.ctr_ok(&["task", "rm", "priv1"]);
-    ctrd.ctr_ok(&["container", "rm", "priv1"]);
+    kill_and_remove(&ctrd, "priv1");
     assert!(wrong.is_empty(), "{wrong:#?}");
     assert_eq!(
         seen.len(),

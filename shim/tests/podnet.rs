@@ -69,6 +69,37 @@ fn pod(tag: &str, dir: &Path) -> Pod {
     }
 }
 
+impl Pod {
+    /// The pod's NIC served by `netd` on the shim's tap, with the shim's arguments.
+    fn netd_net(&self, netd: PathBuf) -> NetOptions {
+        NetOptions {
+            backend: NetBackend::Netd {
+                netd,
+                netns: self.net.netns.clone(),
+                tap: podnet::TAP.into(),
+                args: self.netd_args.clone(),
+            },
+            mac: self.net.mac.clone(),
+        }
+    }
+
+    /// Gives the guest's eth0 the pod's MAC, MTU and addresses.
+    fn configure_guest(&self, agent: &enclave_agent_protocol::Client) {
+        agent
+            .call::<ConfigureNetwork>(&ConfigureNetworkRequest {
+                interfaces: vec![Interface {
+                    mac: self.net.mac.clone(),
+                    name: "eth0".into(),
+                    mtu: self.net.mtu,
+                    addresses: self.net.addresses.clone(),
+                }],
+                routes: vec![],
+                dns: None,
+            })
+            .unwrap();
+    }
+}
+
 fn root(test: &str) -> bool {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } != 0 {
@@ -96,32 +127,13 @@ fn the_guest_answers_on_the_pod_ip_through_netd() {
     let dir = std::env::temp_dir().join(format!("enclave-podnet-{}", std::process::id()));
     let p = pod("pn", &dir);
     let opts = VmOptions {
-        net: Some(NetOptions {
-            backend: NetBackend::Netd {
-                netd,
-                netns: p.net.netns.clone(),
-                tap: podnet::TAP.into(),
-                args: p.netd_args.clone(),
-            },
-            mac: p.net.mac.clone(),
-        }),
+        net: Some(p.netd_net(netd)),
         dir: Some(dir.join("vm")),
         ..Default::default()
     };
     let vm = GuestVm::boot(&tools, &opts).unwrap();
     let agent = vm.connect(Duration::from_secs(120)).unwrap();
-    agent
-        .call::<ConfigureNetwork>(&ConfigureNetworkRequest {
-            interfaces: vec![Interface {
-                mac: p.net.mac.clone(),
-                name: "eth0".into(),
-                mtu: p.net.mtu,
-                addresses: p.net.addresses.clone(),
-            }],
-            routes: vec![],
-            dns: None,
-        })
-        .unwrap();
+    p.configure_guest(&agent);
     // ARP and ICMP through the bridge, the tap, enclave-netd (policy: peer may ping the
     // pod) and the guest's virtio-net.
     let out = Command::new("ip")
@@ -285,13 +297,8 @@ fn diag(pod: &str) -> String {
 #[test]
 fn a_pods_guest_on_enclave_vmm_runs_a_container_and_netd_decides_its_flows() {
     let test = "a_pods_guest_on_enclave_vmm_runs_a_container_and_netd_decides_its_flows";
-    let (accel, why) = enclave_tests::accel();
-    if accel != "kvm" {
-        assert!(
-            !enclave_tests::nestbox::inside(),
-            "inside the nested box but no hardware KVM: {why}"
-        );
-        return enclave_tests::nestbox::run_test_in_box(test, Duration::from_secs(600));
+    if !enclave_tests::nestbox::on_hardware_kvm_or_in_box(test, Duration::from_secs(600)) {
+        return;
     }
     if !root(test) {
         return;
@@ -312,15 +319,7 @@ fn a_pods_guest_on_enclave_vmm_runs_a_container_and_netd_decides_its_flows() {
     let dir = std::env::temp_dir().join(format!("enclave-podvmm-{}", std::process::id()));
     let p = pod("ev", &dir);
     let opts = VmOptions {
-        net: Some(NetOptions {
-            backend: NetBackend::Netd {
-                netd: bin("enclave-netd"),
-                netns: p.net.netns.clone(),
-                tap: podnet::TAP.into(),
-                args: p.netd_args.clone(),
-            },
-            mac: p.net.mac.clone(),
-        }),
+        net: Some(p.netd_net(bin("enclave-netd"))),
         backend: enclave_shim::vm::Backend::EnclaveVmm {
             binary: bin("enclave-vmm"),
         },
@@ -342,18 +341,7 @@ fn a_pods_guest_on_enclave_vmm_runs_a_container_and_netd_decides_its_flows() {
     assert!(wrong.is_empty(), "{wrong:#?}\n{seen:#?}\n{}", vm.logs());
 
     // The pod network through netd.
-    agent
-        .call::<ConfigureNetwork>(&ConfigureNetworkRequest {
-            interfaces: vec![Interface {
-                mac: p.net.mac.clone(),
-                name: "eth0".into(),
-                mtu: p.net.mtu,
-                addresses: p.net.addresses.clone(),
-            }],
-            routes: vec![],
-            dns: None,
-        })
-        .unwrap();
+    p.configure_guest(&agent);
     // Inbound, allowed (peer-pings-app): the peer pings the pod IP.
     let ping = Command::new("ip")
         .args([

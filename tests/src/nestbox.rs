@@ -362,6 +362,23 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// For a test that needs a Linux guest on KVM with hardware virtualization: true when this
+/// host (or the box the test already runs in) has it, and the caller goes on; otherwise
+/// the caller is run inside a box ([`run_test_in_box`]) and false is returned (its result
+/// already stands).
+pub fn on_hardware_kvm_or_in_box(test: &str, timeout: Duration) -> bool {
+    let (accel, why) = crate::accel();
+    if accel == "kvm" {
+        return true;
+    }
+    assert!(
+        !inside(),
+        "{test}: inside the nested box but no hardware KVM: {why}"
+    );
+    run_test_in_box(test, timeout);
+    false
+}
+
 /// Runs the calling test (`test`, by its exact name, from this test binary) inside a box,
 /// and fails the caller if it does not pass there. Where a box cannot run here, the test
 /// fails under CI (`ENCLAVE_REQUIRE_VM=1`) or as root, and skips with the reason

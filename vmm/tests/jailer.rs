@@ -22,6 +22,34 @@ fn ns(pid: &str, kind: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until the jailer's child (the VMM) runs and the probe guest says it listens on
+/// vsock (in `serial`); returns the VMM's pid. Fails the test if the jailer exits first.
+fn wait_for_jailed_vm(jailer: &mut std::process::Child, serial: &Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(p) = first_child(jailer.id()) {
+            if std::fs::read_to_string(serial)
+                .unwrap_or_default()
+                .contains("INFO vsock listening")
+            {
+                return p;
+            }
+        }
+        if let Ok(Some(st)) = jailer.try_wait() {
+            let mut e = String::new();
+            jailer
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut e)
+                .unwrap();
+            panic!("jailer exited early ({st}): {e}");
+        }
+        assert!(Instant::now() < deadline, "the jailed VM did not come up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn the_jailed_vmm_is_unprivileged_isolated_and_works() {
     let test = "the_jailed_vmm_is_unprivileged_isolated_and_works";
@@ -71,29 +99,7 @@ fn the_jailed_vmm_is_unprivileged_isolated_and_works() {
     // SAFETY: closing our duplicate.
     unsafe { libc::close(leaked) };
     let root = base.join(&id).join("root");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let pid = loop {
-        if let Some(p) = first_child(jailer.id()) {
-            if std::fs::read_to_string(root.join("run/serial.log"))
-                .unwrap_or_default()
-                .contains("INFO vsock listening")
-            {
-                break p.to_string();
-            }
-        }
-        if let Ok(Some(st)) = jailer.try_wait() {
-            let mut e = String::new();
-            jailer
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut e)
-                .unwrap();
-            panic!("jailer exited early ({st}): {e}");
-        }
-        assert!(Instant::now() < deadline, "the jailed VM did not come up");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let pid = wait_for_jailed_vm(&mut jailer, &root.join("run/serial.log")).to_string();
 
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |k: &str| pid_status(&pid, k);
@@ -211,29 +217,7 @@ fn a_shared_directory_keeps_host_paths_and_the_vmm_dies_with_its_jailer() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let pid = loop {
-        if let Some(p) = first_child(jailer.id()) {
-            if std::fs::read_to_string(share.join("console.log"))
-                .unwrap_or_default()
-                .contains("INFO vsock listening")
-            {
-                break p;
-            }
-        }
-        if let Ok(Some(st)) = jailer.try_wait() {
-            let mut e = String::new();
-            jailer
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut e)
-                .unwrap();
-            panic!("jailer exited early ({st}): {e}");
-        }
-        assert!(Instant::now() < deadline, "the jailed VM did not come up");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let pid = wait_for_jailed_vm(&mut jailer, &share.join("console.log"));
     // The jail holds no copy of the kernel: a hard link or a bind mount of the original.
     let inside = std::fs::metadata(format!("/proc/{pid}/root/kernel")).unwrap();
     let original = std::fs::metadata(&probe).unwrap();
