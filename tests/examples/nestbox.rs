@@ -6,7 +6,7 @@
 //! ```
 //! Prints the box's console and exits with the script's status (125 when the box could
 //! not run it, 124 when it timed out). The script sees this host's root read-only, with
-//! its own /tmp and /run, and a writable directory in `$ENCLAVE_BOX_OUT` that is kept.
+//! its own /run, a writable layer over /tmp, and a writable directory in `$ENCLAVE_BOX_OUT` that is kept.
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ const HELP: &str = "usage: nestbox [--timeout SECONDS] [--memory MIB] (-c 'COMMA
 
 Boots the nested KVM box (QEMU TCG, -cpu max, kvm_amd: real KVM with hardware
 virtualization semantics), runs COMMANDS or the file SCRIPT with /bin/sh in the box's
-view of this host's root (read-only; fresh /tmp, /run, /dev, /proc, /sys; /dev/kvm),
+view of this host's root (read-only; fresh /run, /dev, /proc, /sys; /dev/kvm; /tmp writable over the host's),
 prints the box's console and exits with the script's status. Files the script writes to
 $ENCLAVE_BOX_OUT are kept; the directory is printed at the end.
   --timeout SECONDS   give up after this long (default 600)

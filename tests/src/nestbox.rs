@@ -5,9 +5,9 @@
 //! `-cpu max` loads `kvm_amd` and gets a `/dev/kvm` on which enclave-vmm boots Linux for
 //! real (slowly: everything the box runs is emulated). The box sees this host's root file
 //! system read-only through virtiofs (so the workspace's binaries, the guest image and the
-//! host's libraries are where they are on the host), with its own `/tmp`, `/run`, `/dev`,
-//! `/proc` and `/sys`, and one writable output directory shared at the same path it has
-//! on the host. A scenario is a shell script run in that view; its output comes back on
+//! host's libraries are where they are on the host), with its own `/run`, `/dev`, `/proc`
+//! and `/sys`, a writable layer over the host's `/tmp` (CI's clone lives there), and one
+//! writable output directory shared at the same path it has on the host. A scenario is a shell script run in that view; its output comes back on
 //! the box's console and in the output directory.
 //!
 //! The box's initramfs (busybox, its `/init` from `tests/nestbox/init`, and the modules it
