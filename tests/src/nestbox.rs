@@ -200,7 +200,9 @@ impl NestBox {
 
     /// Runs `script` (POSIX sh, in the box's view of this host's root) and waits for the
     /// box to power off, at most `timeout`. The script finds its output directory in
-    /// `$ENCLAVE_BOX_OUT`; `ENCLAVE_IN_BOX=1` is set.
+    /// `$ENCLAVE_BOX_OUT`; `ENCLAVE_IN_BOX=1` is set, and `TMPDIR=/run/tmp`, a plain tmpfs:
+    /// `/tmp` is an overlay there, which cannot be the upper layer of another overlay
+    /// (containerd's snapshots).
     pub fn run(&self, script: &str, timeout: Duration) -> Result<BoxRun, String> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -212,7 +214,8 @@ impl NestBox {
         std::fs::write(
             out.join("run.sh"),
             format!(
-                "export {IN_BOX_ENV}=1 {OUT_ENV}={out} PATH={path} HOME=/root\ncd /\n{script}\n",
+                "export {IN_BOX_ENV}=1 {OUT_ENV}={out} PATH={path} HOME=/root TMPDIR=/run/tmp\n\
+                 mkdir -p -m 1777 /run/tmp\ncd /\n{script}\n",
                 out = shell_quote(&out.to_string_lossy()),
                 path = shell_quote(&path),
             ),
