@@ -89,8 +89,9 @@ echo "console=ttyS0 reboot=t panic=-1 quiet" > "$OUT/cmdline"
     echo "kernel $PKG $VER"
     echo "agent $(sha256sum "$AGENT" | cut -d' ' -f1)"
     echo "modules ${MODULES[*]}"
-    # enclave-vmm declares its devices on the command line; only a kernel built with
-    # CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES finds them (the shim's `auto` backend checks this).
+    # Whether the kernel could also take virtio-mmio devices from its command line. For
+    # information only: enclave-vmm describes them in ACPI, which every Linux guest needs on
+    # its hardware-reduced platform (docs/vmm.md).
     if grep -q '^CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y' "$KDIR/config" 2>/dev/null; then
         echo "cmdline-devices"
     fi

@@ -25,9 +25,9 @@ pub enum DeviceDiscovery {
     /// distribution kernels (Debian's cloud kernel) read.
     #[default]
     Acpi,
-    /// `virtio_mmio.device=4K@BASE:IRQ` on the command line: for kernels built with
-    /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (the probe guest, the purpose-built kernel).
-    /// The ACPI tables still describe the CPUs and the platform.
+    /// `virtio_mmio.device=4K@BASE:IRQ` on the command line, for the probe guest. The ACPI
+    /// tables still describe the CPUs and a hardware-reduced platform, on which Linux maps
+    /// an interrupt only for a device the DSDT describes: Linux guests need `Acpi`.
     Cmdline,
 }
 
