@@ -83,6 +83,18 @@ impl Pod {
         }
     }
 
+    /// The peer namespace pings the pod IP `count` times, waiting up to `wait` s for each.
+    fn peer_pings_pod(&self, count: u32, wait: u32) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns.peer, "ping", "-c"])
+            .arg(count.to_string())
+            .arg("-W")
+            .arg(wait.to_string())
+            .arg("10.99.0.2")
+            .output()
+            .unwrap()
+    }
+
     /// Gives the guest's eth0 the pod's MAC, MTU and addresses.
     fn configure_guest(&self, agent: &enclave_agent_protocol::Client) {
         agent
@@ -136,20 +148,7 @@ fn the_guest_answers_on_the_pod_ip_through_netd() {
     p.configure_guest(&agent);
     // ARP and ICMP through the bridge, the tap, enclave-netd (policy: peer may ping the
     // pod) and the guest's virtio-net.
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &p.ns.peer,
-            "ping",
-            "-c",
-            "3",
-            "-W",
-            "5",
-            "10.99.0.2",
-        ])
-        .output()
-        .unwrap();
+    let out = p.peer_pings_pod(3, 5);
     assert!(
         out.status.success(),
         "ping the pod IP:\n{}\n{}\n{}\n{:?}",
@@ -343,20 +342,7 @@ fn a_pods_guest_on_enclave_vmm_runs_a_container_and_netd_decides_its_flows() {
     // The pod network through netd.
     p.configure_guest(&agent);
     // Inbound, allowed (peer-pings-app): the peer pings the pod IP.
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &p.ns.peer,
-            "ping",
-            "-c",
-            "2",
-            "-W",
-            "10",
-            "10.99.0.2",
-        ])
-        .output()
-        .unwrap();
+    let ping = p.peer_pings_pod(2, 10);
     assert!(
         ping.status.success(),
         "ping the pod IP:\n{}\n{}",
