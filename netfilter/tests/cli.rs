@@ -160,7 +160,7 @@ fn render_prints_an_nft_table_for_a_workload() {
         t.contains("table inet enclave_payments_payments_db_0 {"),
         "{t}"
     );
-    assert!(t.contains("ip saddr 10.244.2.10/32 tcp dport 5432 counter accept comment \"allow rule api-to-db; app postgres enforced by enclave-netd\""), "{t}");
+    assert!(t.contains("ip saddr 10.244.2.10 tcp dport 5432 counter accept comment \"allow rule api-to-db; app postgres enforced by enclave-netd\""), "{t}");
     assert!(t.contains("counter drop comment \"default deny\""), "{t}");
     let inline = ctl(&[
         "policy",

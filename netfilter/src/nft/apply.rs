@@ -1,6 +1,6 @@
 //! Installs and removes a rendered table through netlink (nftnl), in a network namespace.
 
-use super::{Hook, Match, NftTable, NftVerdict};
+use super::{kernel_sets, Hook, KeyField, Match, NftTable, NftVerdict};
 use crate::packet::proto;
 use nftnl::expr::{Bitwise, Cmp, CmpOp, Counter, InterfaceName, Meta};
 use nftnl::{nft_expr, Batch, Chain, FinalizedBatch, ProtoFamily, Rule, Table};
@@ -119,6 +119,18 @@ fn build(t: &NftTable, replace: bool) -> Result<FinalizedBatch, NftError> {
         batch.add(&table, nftnl::MsgType::Del);
     }
     batch.add(&table, nftnl::MsgType::Add);
+    let table_name = cstr(&t.name)?;
+    let mut set_ids = std::collections::HashMap::new();
+    for (i, set) in t.sets.iter().enumerate() {
+        let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        let name = cstr(&set.name)?;
+        let (decl, elements) = kernel_sets::set_messages(&table_name, &name, id, set);
+        batch.add(&decl, nftnl::MsgType::Add);
+        for e in &elements {
+            batch.add(e, nftnl::MsgType::Add);
+        }
+        set_ids.insert(set.name.as_str(), id);
+    }
     let mut chains = Vec::new();
     for c in &t.chains {
         let mut chain = Chain::new(cstr(&c.name)?, &table);
@@ -144,7 +156,7 @@ fn build(t: &NftTable, replace: bool) -> Result<FinalizedBatch, NftError> {
             let mut rule = Rule::new(chain);
             let mut l4: Option<u8> = None;
             for m in &r.matches {
-                add_match(&mut rule, m, &mut l4)?;
+                add_match(&mut rule, m, &mut l4, &set_ids)?;
             }
             rule.add_expr(&Counter);
             match &r.verdict {
@@ -165,7 +177,12 @@ fn build(t: &NftTable, replace: bool) -> Result<FinalizedBatch, NftError> {
     Ok(batch.finalize())
 }
 
-fn add_match(rule: &mut Rule<'_>, m: &Match, l4: &mut Option<u8>) -> Result<(), NftError> {
+fn add_match(
+    rule: &mut Rule<'_>,
+    m: &Match,
+    l4: &mut Option<u8>,
+    set_ids: &std::collections::HashMap<&str, u32>,
+) -> Result<(), NftError> {
     match m {
         Match::Iifname(n) => {
             rule.add_expr(&Meta::IifName);
@@ -191,18 +208,45 @@ fn add_match(rule: &mut Rule<'_>, m: &Match, l4: &mut Option<u8>) -> Result<(), 
             rule.add_expr(&Meta::L4Proto);
             rule.add_expr(&Cmp::new(CmpOp::Eq, *p));
         }
-        Match::Saddr(c) | Match::Daddr(c) => {
+        Match::Saddr(r) | Match::Daddr(r) => {
             let src = matches!(m, Match::Saddr(_));
-            nfproto(rule, c.addr);
-            rule.add_expr(&addr_payload(c.addr, src));
-            let full = if c.addr.is_ipv4() { 32 } else { 128 };
-            let net = octets(c.addr);
-            if c.len != full {
-                let mask = mask_bytes(c.addr.is_ipv4(), c.len);
-                let zero = vec![0u8; mask.len()];
-                rule.add_expr(&Bitwise::new(mask.as_slice(), zero.as_slice()));
+            nfproto(rule, r.lo);
+            rule.add_expr(&addr_payload(r.lo, src));
+            match r.as_cidr() {
+                Some(c) => {
+                    let full = if c.addr.is_ipv4() { 32 } else { 128 };
+                    if c.len != full {
+                        let mask = mask_bytes(c.addr.is_ipv4(), c.len);
+                        let zero = vec![0u8; mask.len()];
+                        rule.add_expr(&Bitwise::new(mask.as_slice(), zero.as_slice()));
+                    }
+                    rule.add_expr(&Cmp::new(CmpOp::Eq, octets(c.addr).as_slice()));
+                }
+                None => {
+                    // Big-endian bytes compare in numeric order.
+                    rule.add_expr(&Cmp::new(CmpOp::Gte, octets(r.lo).as_slice()));
+                    rule.add_expr(&Cmp::new(CmpOp::Lte, octets(r.hi).as_slice()));
+                }
             }
-            rule.add_expr(&Cmp::new(CmpOp::Eq, net.as_slice()));
+        }
+        Match::InSet { set, key } => {
+            if let Some(KeyField::Addr { v6, .. }) =
+                key.iter().find(|f| matches!(f, KeyField::Addr { .. }))
+            {
+                let any = if *v6 {
+                    IpAddr::from([0u16; 8])
+                } else {
+                    IpAddr::from([0u8; 4])
+                };
+                nfproto(rule, any);
+            }
+            for load in kernel_sets::Load::of(key) {
+                rule.add_expr(&load);
+            }
+            rule.add_expr(&kernel_sets::Lookup {
+                set: cstr(set)?,
+                id: set_ids.get(set.as_str()).copied().unwrap_or(0),
+            });
         }
         Match::SaddrNot(a) => {
             nfproto(rule, *a);

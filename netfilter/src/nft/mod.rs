@@ -6,16 +6,20 @@
 //! idempotently, with a counter on every rule. The kernel layer is L4 and stateful
 //! (conntrack); application protocols are enforced by `enclave-netd` and noted in comments.
 
+mod addrs;
 mod apply;
+mod kernel_sets;
+pub mod model;
+mod sets;
 mod text;
 
+pub use addrs::{ipv4_mapped, AddrRange, ZoneAddrs};
 pub use apply::{apply, remove, NftError};
+pub use sets::{Element, KeyField, NftSet, Span, SET_MIN_ELEMENTS};
 
 use crate::identity::PeerDirectory;
 use crate::packet::proto;
-use crate::policy::{
-    Action, Cidr, CompiledPolicy, Mode, PortRange, Protocol, WorkloadIdentity, ZoneId,
-};
+use crate::policy::{Action, CompiledPolicy, Mode, PortRange, Protocol, WorkloadIdentity, ZoneId};
 use std::net::IpAddr;
 
 /// Where the workload sits relative to the namespace the table goes into.
@@ -72,16 +76,23 @@ pub enum Match {
     },
     /// Layer 4 protocol number.
     L4Proto(u8),
-    /// Source address in the network.
-    Saddr(Cidr),
-    /// Destination address in the network.
-    Daddr(Cidr),
+    /// Source address in the range.
+    Saddr(AddrRange),
+    /// Destination address in the range.
+    Daddr(AddrRange),
     /// Source address is not this one (anti-spoofing).
     SaddrNot(IpAddr),
     /// Destination port in the range (the protocol must be matched before).
     Dport(PortRange),
     /// ICMPv6 type.
     Icmpv6Type(u8),
+    /// The packet's key (the fields the set names, concatenated) is in the set.
+    InSet {
+        /// The set's name.
+        set: String,
+        /// Its key.
+        key: Vec<KeyField>,
+    },
 }
 
 /// One rule.
@@ -111,6 +122,8 @@ pub struct NftChain {
 pub struct NftTable {
     /// Name.
     pub name: String,
+    /// Named sets the chains look up (created before the chains).
+    pub sets: Vec<NftSet>,
     /// Chains.
     pub chains: Vec<NftChain>,
 }
@@ -143,8 +156,30 @@ pub fn table_name(w: &WorkloadIdentity) -> String {
     s
 }
 
-/// Renders the policy as it applies to `w` into a table.
+/// Renders the policy as it applies to `w` into a table: one rule per address range ×
+/// port range, then every long run of rules with the same verdict folded into set lookups
+/// (see [`NftSet`]), so the first packet of a new flow costs a few lookups whatever the
+/// policy's size.
 pub fn render(
+    policy: &CompiledPolicy,
+    peers: &PeerDirectory,
+    w: &NftWorkload<'_>,
+    placement: &Placement,
+) -> NftTable {
+    fold_into_sets(render_rules(policy, peers, w, placement), SET_MIN_ELEMENTS)
+}
+
+/// Folds every run of same-verdict rules with at least `min_elements` elements of one key
+/// shape into a set lookup ([`render`] does this with [`SET_MIN_ELEMENTS`]). Decides every
+/// packet as `table` does.
+pub fn fold_into_sets(table: NftTable, min_elements: usize) -> NftTable {
+    sets::fold(table, min_elements.max(1))
+}
+
+/// Renders the policy as it applies to `w` into a table of plain rules, one per address
+/// range × port range and no sets: the reference [`render`] folds, and the baseline its
+/// benchmark compares with.
+pub fn render_rules(
     policy: &CompiledPolicy,
     peers: &PeerDirectory,
     w: &NftWorkload<'_>,
@@ -153,43 +188,9 @@ pub fn render(
     let p = policy.policy();
     let zone = p.zone_of_workload(w.identity);
     let mode = p.zone_mode(zone);
-    let workloads: Vec<(IpAddr, ZoneId)> = peers.iter().map(|(ip, p)| (ip, p.zone)).collect();
-
-    // Addresses of every zone: its CIDRs, and the workloads the node knows in it.
-    let zone_addrs = |z: ZoneId| -> Vec<Cidr> {
-        let mut v: Vec<Cidr> = if z == ZoneId::UNKNOWN {
-            Vec::new()
-        } else {
-            p.zones
-                .get(usize::from(z.0) - 1)
-                .map(|zz| zz.cidrs.clone())
-                .unwrap_or_default()
-        };
-        for (ip, wz) in &workloads {
-            if *wz == z && !w.ips.contains(ip) {
-                v.push(host(*ip));
-            }
-        }
-        v.sort();
-        v.dedup();
-        v
-    };
-    let all_known: Vec<Cidr> = {
-        let mut v: Vec<Cidr> = p
-            .zones
-            .iter()
-            .flat_map(|z| z.cidrs.iter().copied())
-            .collect();
-        v.extend(
-            workloads
-                .iter()
-                .filter(|(ip, _)| !w.ips.contains(ip))
-                .map(|(ip, _)| host(*ip)),
-        );
-        v.sort();
-        v.dedup();
-        v
-    };
+    // The addresses of every zone, as netd resolves them (disjoint across zones).
+    let zones = ZoneAddrs::new(policy, peers, w.ips);
+    let all_known = zones.known();
 
     let mut to_w = vec![
         rule(
@@ -203,6 +204,22 @@ pub fn render(
             "invalid conntrack state",
         ),
     ];
+    for (matches, what) in [
+        (
+            Match::Saddr(AddrRange::of_cidr(addrs::ipv4_mapped())),
+            "source",
+        ),
+        (
+            Match::Daddr(AddrRange::of_cidr(addrs::ipv4_mapped())),
+            "destination",
+        ),
+    ] {
+        to_w.push(NftRule {
+            matches: vec![matches],
+            verdict: NftVerdict::Drop,
+            comment: format!("IPv4-mapped IPv6 {what} address (never on the wire)"),
+        });
+    }
     let mut from_w = to_w.clone();
     for t in NDP_TYPES {
         let ndp = vec![Match::L4Proto(proto::ICMPV6), Match::Icmpv6Type(t)];
@@ -272,11 +289,7 @@ pub fn render(
                 comment
             };
             for &pz in peers_of {
-                let addrs = if pz == ZoneId::UNKNOWN {
-                    vec![]
-                } else {
-                    zone_addrs(pz)
-                };
+                let addrs = zones.of(pz);
                 if pz != ZoneId::UNKNOWN && addrs.is_empty() {
                     continue;
                 }
@@ -321,11 +334,16 @@ pub fn render(
                 } else {
                     Match::Saddr(*c)
                 };
-                dir_rules.push(rule(
-                    vec![m],
-                    NftVerdict::Drop,
-                    "known zone not allowed above",
-                ));
+                // Outside enforce mode the wall passes what it would drop, as for denies.
+                dir_rules.push(NftRule {
+                    matches: vec![m],
+                    verdict: if mode == Mode::Enforce {
+                        NftVerdict::Drop
+                    } else {
+                        NftVerdict::Accept
+                    },
+                    comment: "known zone not allowed above".into(),
+                });
             }
             dir_rules.extend(unknown_allows);
         }
@@ -404,12 +422,12 @@ pub fn render(
             let mut rules = Vec::new();
             for ip in w.ips {
                 rules.push(rule(
-                    vec![Match::Daddr(host(*ip))],
+                    vec![Match::Daddr(AddrRange::host(*ip))],
                     NftVerdict::Jump("to_workload".into()),
                     "zone policy, inbound",
                 ));
                 rules.push(rule(
-                    vec![Match::Saddr(host(*ip))],
+                    vec![Match::Saddr(AddrRange::host(*ip))],
                     NftVerdict::Jump("from_workload".into()),
                     "zone policy, outbound",
                 ));
@@ -445,6 +463,7 @@ pub fn render(
     });
     NftTable {
         name: table_name(w.identity),
+        sets: Vec::new(),
         chains,
     }
 }
@@ -454,13 +473,6 @@ fn rule(matches: Vec<Match>, verdict: NftVerdict, comment: &str) -> NftRule {
         matches,
         verdict,
         comment: comment.to_string(),
-    }
-}
-
-fn host(ip: IpAddr) -> Cidr {
-    Cidr {
-        addr: ip,
-        len: if ip.is_ipv4() { 32 } else { 128 },
     }
 }
 
@@ -491,5 +503,10 @@ impl NftTable {
     /// Number of rules.
     pub fn rule_count(&self) -> usize {
         self.chains.iter().map(|c| c.rules.len()).sum()
+    }
+
+    /// Number of set elements.
+    pub fn element_count(&self) -> usize {
+        self.sets.iter().map(|s| s.elements.len()).sum()
     }
 }

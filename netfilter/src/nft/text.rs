@@ -1,6 +1,6 @@
 //! `nft -f` syntax for a rendered table, for review and for `nft` users.
 
-use super::{Hook, Match, NftTable, NftVerdict};
+use super::{AddrRange, Hook, KeyField, Match, NftSet, NftTable, NftVerdict};
 use crate::packet::proto;
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -10,6 +10,10 @@ impl NftTable {
     pub fn to_nft_text(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "table inet {} {{", self.name);
+        for set in &self.sets {
+            set_text(&mut s, set);
+            s.push('\n');
+        }
         for (i, c) in self.chains.iter().enumerate() {
             if i > 0 {
                 s.push('\n');
@@ -41,8 +45,8 @@ impl NftTable {
                             l4 = Some(*p);
                             format!("meta l4proto {}", proto_word(*p))
                         }
-                        Match::Saddr(c) => format!("{} saddr {c}", fam(c.addr)),
-                        Match::Daddr(c) => format!("{} daddr {c}", fam(c.addr)),
+                        Match::Saddr(c) => format!("{} saddr {c}", fam(c.lo)),
+                        Match::Daddr(c) => format!("{} daddr {c}", fam(c.lo)),
                         Match::SaddrNot(a) => format!("{} saddr != {a}", fam(*a)),
                         Match::Dport(r) => {
                             // `meta l4proto tcp tcp dport` reads twice; say it once.
@@ -52,6 +56,32 @@ impl NftTable {
                                 }
                             }
                             format!("{} dport {r}", l4.map_or("th", proto_word))
+                        }
+                        Match::InSet { set, key } => {
+                            let fields: Vec<&str> = key
+                                .iter()
+                                .map(|f| match f {
+                                    KeyField::Addr {
+                                        v6: false,
+                                        src: true,
+                                    } => "ip saddr",
+                                    KeyField::Addr {
+                                        v6: false,
+                                        src: false,
+                                    } => "ip daddr",
+                                    KeyField::Addr {
+                                        v6: true,
+                                        src: true,
+                                    } => "ip6 saddr",
+                                    KeyField::Addr {
+                                        v6: true,
+                                        src: false,
+                                    } => "ip6 daddr",
+                                    KeyField::L4Proto => "meta l4proto",
+                                    KeyField::Dport => "th dport",
+                                })
+                                .collect();
+                            format!("{} @{set}", fields.join(" . "))
                         }
                         Match::Icmpv6Type(t) => {
                             if let Some(last) = parts.pop() {
@@ -82,6 +112,45 @@ impl NftTable {
         s.push_str("}\n");
         s
     }
+}
+
+fn set_text(s: &mut String, set: &NftSet) {
+    let types: Vec<&str> = set
+        .key
+        .iter()
+        .map(|f| match f {
+            KeyField::Addr { v6: false, .. } => "ipv4_addr",
+            KeyField::Addr { v6: true, .. } => "ipv6_addr",
+            KeyField::L4Proto => "inet_proto",
+            KeyField::Dport => "inet_service",
+        })
+        .collect();
+    let _ = writeln!(s, "\tset {} {{", set.name);
+    let _ = writeln!(s, "\t\ttype {}", types.join(" . "));
+    let _ = writeln!(s, "\t\tflags interval");
+    let elements: Vec<String> = set
+        .elements
+        .iter()
+        .map(|e| {
+            let parts: Vec<String> = set
+                .key
+                .iter()
+                .zip(e)
+                .map(|(f, &(lo, hi))| match f {
+                    KeyField::Addr { v6, .. } => AddrRange::from_bits(lo, hi, *v6).to_string(),
+                    _ if lo == hi => lo.to_string(),
+                    _ => format!("{lo}-{hi}"),
+                })
+                .collect();
+            parts.join(" . ")
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "\t\telements = {{ {} }}",
+        elements.join(",\n\t\t\t     ")
+    );
+    let _ = writeln!(s, "\t}}");
 }
 
 fn fam(a: IpAddr) -> &'static str {

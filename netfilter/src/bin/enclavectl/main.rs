@@ -413,11 +413,12 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
             );
             let zone = l.compiled.policy().zone_of_workload(&w.identity);
             println!(
-                "# workload {}/{} in zone `{}`; {} rules",
+                "# workload {}/{} in zone `{}`; {} rules, {} set elements",
                 w.identity.namespace,
                 w.identity.name,
                 l.compiled.policy().zone_name(zone),
-                t.rule_count()
+                t.rule_count(),
+                t.element_count()
             );
             print!("{}", t.to_nft_text());
             Ok(0)
@@ -448,9 +449,10 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
             let ns = netns.map(|n| netns_path(&n));
             nft::apply(&t, ns.as_deref()).map_err(|e| fail(e.to_string()))?;
             println!(
-                "applied table inet {} ({} rules) in {}",
+                "applied table inet {} ({} rules, {} set elements) in {}",
                 t.name,
                 t.rule_count(),
+                t.element_count(),
                 ns.map_or("this network namespace".into(), |p| p.display().to_string())
             );
             Ok(0)
