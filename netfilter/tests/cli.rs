@@ -45,6 +45,21 @@ fn check_accepts_templates_and_locates_errors_with_exit_codes() {
         "{}",
         text(&ok)
     );
+    // What netd alone enforces is said where it is written, and is not a warning: --strict
+    // still accepts the templates.
+    assert!(
+        text(&ok).contains("configs/policies/pci-cde.yaml:60:12: note: spec.rules[1].app: the kernel wall (nftables) allows tcp/5432 for rule `api-to-db` whatever the payload"),
+        "{}",
+        text(&ok)
+    );
+    assert!(text(&ok).contains("5 note(s)"), "{}", text(&ok));
+    let strict = ctl(&[
+        "policy",
+        "check",
+        "--strict",
+        "configs/policies/pci-cde.yaml",
+    ]);
+    assert_eq!(strict.status.code(), Some(0), "{}", text(&strict));
 
     let d = tempfile::tempdir().expect("tmp");
     let bad = d.path().join("bad.yaml");

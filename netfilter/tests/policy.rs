@@ -290,3 +290,26 @@ fn an_echoed_value_is_cut_to_a_short_excerpt() {
     assert!(d.message.len() < 400, "{} bytes", d.message.len());
     assert!(d.message.contains("message cut"), "{d}");
 }
+
+#[test]
+fn what_the_kernel_wall_cannot_express_is_reported_where_it_is_written() {
+    let src = format!("{HEAD}    - name: mapped\n      cidrs: [\"::ffff:10.0.0.0/104\"]\n  rules:\n    - name: web\n      from: a\n      to: b\n      protocol: tcp\n      ports: [443, \"8000-8080\"]\n      app: tls\n    - name: plain\n      from: mapped\n      to: a\n      protocol: udp\n");
+    let l = policy::load_str(&src, "p.yaml").expect("loads");
+    // The app check is netd's alone: a note where `app` is written, naming the ports.
+    assert_eq!(l.notes.len(), 1, "{:?}", l.notes);
+    let n = &l.notes[0];
+    assert_eq!(n.severity, Severity::Note);
+    assert_eq!(n.field, "spec.rules[0].app");
+    assert_eq!((n.pos.line, n.pos.col), (20, 12), "{n}");
+    assert!(n.message.contains("tcp/443,8000-8080"), "{n}");
+    assert!(
+        n.message.contains("`tls` is checked by enclave-netd alone"),
+        "{n}"
+    );
+    // An IPv4-mapped CIDR gets nothing through the kernel wall: a warning at the CIDR.
+    assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+    let w = &l.warnings[0];
+    assert_eq!(w.field, "spec.zones[2].cidrs[0]");
+    assert_eq!(w.pos.line, 13, "{w}");
+    assert!(w.message.contains("IPv4-mapped"), "{w}");
+}

@@ -499,6 +499,74 @@ fn l4_matches(p: Protocol, ports: &[PortRange]) -> Vec<Vec<Match>> {
     }
 }
 
+/// Something in a policy the kernel wall does not enforce as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// How much it matters: a warning where the wall refuses what the policy allows, a note
+    /// where netd alone enforces part of a rule.
+    pub severity: crate::policy::Severity,
+    /// The policy field, like `spec.rules[3].app`.
+    pub field: String,
+    /// What the wall does instead.
+    pub message: String,
+}
+
+/// What the nftables layer cannot express of `policy`, by field, for `policy check`.
+pub fn limits(policy: &crate::policy::Policy) -> Vec<Limit> {
+    use crate::policy::Severity;
+    let mut out = Vec::new();
+    let mapped = AddrRange::of_cidr(addrs::ipv4_mapped());
+    for (i, z) in policy.zones.iter().enumerate() {
+        for (j, c) in z.cidrs.iter().enumerate() {
+            let r = AddrRange::of_cidr(*c);
+            if mapped.contains(r.lo) && mapped.contains(r.hi) {
+                out.push(Limit {
+                    severity: Severity::Warning,
+                    field: format!("spec.zones[{i}].cidrs[{j}]"),
+                    message: format!(
+                        "`{c}` is IPv4-mapped IPv6: the kernel wall drops such addresses (never valid on the wire, a known way past IPv4 filters), so zone `{}` gets no traffic from them; write the IPv4 CIDR",
+                        z.name
+                    ),
+                });
+            }
+        }
+    }
+    for (i, r) in policy.rules.iter().enumerate() {
+        if let (Some(app), Action::Allow) = (r.app, r.action) {
+            out.push(Limit {
+                severity: Severity::Note,
+                field: format!("spec.rules[{i}].app"),
+                message: format!(
+                    "the kernel wall (nftables) allows {} for rule `{}` whatever the payload; `{app}` is checked by enclave-netd alone",
+                    ports_text(r.protocol, &r.ports),
+                    r.name,
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// `tcp/80,8000-8080`, `udp` (every port), `icmp`.
+fn ports_text(p: Protocol, ports: &[PortRange]) -> String {
+    let list: Vec<String> = ports
+        .iter()
+        .filter(|r| **r != PortRange::ALL)
+        .map(|r| {
+            if r.lo == r.hi {
+                r.lo.to_string()
+            } else {
+                format!("{}-{}", r.lo, r.hi)
+            }
+        })
+        .collect();
+    if list.is_empty() {
+        p.as_str().to_string()
+    } else {
+        format!("{}/{}", p.as_str(), list.join(","))
+    }
+}
+
 impl NftTable {
     /// Number of rules.
     pub fn rule_count(&self) -> usize {

@@ -190,9 +190,17 @@ pub fn load_str(src: &str, file: &str) -> Result<LoadedPolicy, PolicyError> {
     if cx.has_errors() {
         return Err(cx.finish_err());
     }
+    for limit in crate::nft::limits(compiled.policy()) {
+        cx.push(limit.severity, limit.field, limit.message);
+    }
+    let (notes, warnings) = cx
+        .diags
+        .into_iter()
+        .partition(|d| d.severity == Severity::Note);
     Ok(LoadedPolicy {
         compiled,
-        warnings: cx.diags,
+        warnings,
+        notes,
     })
 }
 

@@ -23,6 +23,8 @@ pub enum Severity {
     Error,
     /// The policy loads; a reviewer should look.
     Warning,
+    /// The policy loads as written; what one wall enforces alone (for the reviewer).
+    Note,
 }
 
 /// One finding about a policy file, located.
@@ -45,6 +47,7 @@ impl fmt::Display for Diagnostic {
         let sev = match self.severity {
             Severity::Error => "error",
             Severity::Warning => "warning",
+            Severity::Note => "note",
         };
         write!(
             f,
@@ -88,4 +91,6 @@ pub struct LoadedPolicy {
     pub compiled: CompiledPolicy,
     /// Findings that do not refuse the policy.
     pub warnings: Vec<Diagnostic>,
+    /// What one wall enforces alone (see [`crate::nft::limits`]); `policy check` shows them.
+    pub notes: Vec<Diagnostic>,
 }

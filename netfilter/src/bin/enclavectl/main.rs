@@ -77,7 +77,8 @@ enum PolicyCmd {
         /// Policy files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Treat warnings (unreachable rules) as errors.
+        /// Treat warnings (unreachable rules, ranges the kernel wall drops) as errors; notes (what
+        /// enclave-netd alone enforces) never are.
         #[arg(long)]
         strict: bool,
     },
@@ -249,11 +250,12 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
             for f in &files {
                 match policy::load_file(f) {
                     Ok(l) => {
-                        for w in &l.warnings {
+                        for w in l.warnings.iter().chain(&l.notes) {
                             println!("{w}");
                         }
                         let p = l.compiled.policy();
-                        let bad = strict && !l.warnings.is_empty();
+                        let (warnings, notes) = (l.warnings.len(), l.notes.len());
+                        let bad = strict && warnings > 0;
                         println!(
                             "{}: {} `{}` version {}: {} zones, {} rules, {} port intervals{}",
                             f.display(),
@@ -263,10 +265,11 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
                             p.zones.len(),
                             p.rules.len(),
                             l.compiled.interval_count(),
-                            if l.warnings.is_empty() {
-                                String::new()
-                            } else {
-                                format!(", {} warning(s)", l.warnings.len())
+                            match (warnings, notes) {
+                                (0, 0) => String::new(),
+                                (w, 0) => format!(", {w} warning(s)"),
+                                (0, n) => format!(", {n} note(s)"),
+                                (w, n) => format!(", {w} warning(s), {n} note(s)"),
                             },
                         );
                         if bad {
