@@ -314,9 +314,21 @@ pub fn reload_all(
         // Both walls hold the same policy: where the kernel refused it, netd keeps the old
         // one too (the old table is still in force: an apply is one transaction).
         let netd = match (&e.control, &nft) {
-            (_, Err(why)) if e.netns.is_some() => Err(format!(
-                "not reloaded: the nftables wall refused the policy ({why}), so both walls keep the previous one"
-            )),
+            (control, Err(why)) if e.netns.is_some() => {
+                // netd records the refusal in the pod's audit trail.
+                let line: String = format!("refused nftables wall: {why}")
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(240)
+                    .collect();
+                let recorded = control
+                    .as_ref()
+                    .is_some_and(|c| control_request(c, &line).is_ok());
+                Err(format!(
+                    "not reloaded: the nftables wall refused the policy ({why}), so both walls keep the previous one{}",
+                    if recorded { "; refusal recorded in the pod's audit log" } else { "" }
+                ))
+            }
             (Some(c), _) => control_request(c, "reload"),
             (None, _) => Err("no enclave-netd control socket registered".into()),
         };

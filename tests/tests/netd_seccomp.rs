@@ -4,7 +4,7 @@
 //! thread kills netd.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -322,4 +322,148 @@ fn reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_
         log.matches("policy reload refused").count() >= 3,
         "each refusal recorded in the audit log"
     );
+}
+
+/// `enclavectl node reload` where the kernel refuses the pod's new nftables table (here:
+/// the reload runs without CAP_NET_ADMIN, as a DaemonSet missing that capability would, and
+/// the kernel answers the netlink batch with EPERM): netd is not asked to reload, so both
+/// walls keep the old policy; netd records the refusal in the pod's audit log; the command
+/// fails and says why. A privileged reload then puts the new policy on both walls.
+#[test]
+fn a_reload_the_nftables_wall_refuses_leaves_both_walls_on_the_old_policy_and_is_recorded() {
+    use enclave_netfilter::node::{self, control_request, RegistryEntry};
+    use std::os::unix::fs::PermissionsExt;
+    let test =
+        "a_reload_the_nftables_wall_refuses_leaves_both_walls_on_the_old_policy_and_is_recorded";
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        return enclave_tests::skip_or_fail_privileged(test, "setpriv (util-linux) missing");
+    }
+    let tag = "nnft";
+    let netns = PathBuf::from(format!("/var/run/netns/enc-{tag}-{}", std::process::id()));
+    let mut files = None;
+    let Some(mut netd) = start_netd_with(test, tag, |dir| {
+        let (policies, registry) = (dir.join("policies"), dir.join("registry"));
+        for d in [dir, &policies, &registry] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::write(policies.join("policy.yaml"), policy(3, 1)).unwrap();
+        let entry = RegistryEntry {
+            name: "web".into(),
+            namespace: "shop".into(),
+            labels: Default::default(),
+            annotations: Default::default(),
+            ips: vec!["10.78.0.1".parse().unwrap()],
+            mac: "02:00:00:00:00:01".into(),
+            netns: Some(netns.clone()),
+            control: Some(dir.join("control.sock")),
+        };
+        let pod = node::register(&registry, &entry).unwrap();
+        files = Some((policies.clone(), registry.clone(), dir.join("audit.log")));
+        vec![
+            "--pod".into(),
+            pod.into_os_string(),
+            "--policy-dir".into(),
+            policies.into_os_string(),
+            "--registry".into(),
+            registry.into_os_string(),
+            "--audit-log".into(),
+            dir.join("audit.log").into_os_string(),
+            "--control".into(),
+            dir.join("control.sock").into_os_string(),
+        ]
+    }) else {
+        return;
+    };
+    let (policies, registry, audit) = files.unwrap();
+    let control = policies.parent().unwrap().join("control.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !control.exists() {
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let enclavectl = enclave_tests::workspace_root().join("target/debug/enclavectl");
+    let reload = |unprivileged: bool| {
+        let mut c = if unprivileged {
+            let mut c = Command::new("setpriv");
+            c.args(["--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"]);
+            c.arg(&enclavectl);
+            c
+        } else {
+            Command::new(&enclavectl)
+        };
+        let out = c
+            .args(["node", "reload", "--policy-dir"])
+            .arg(&policies)
+            .arg("--registry")
+            .arg(&registry)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let version = || {
+        let m = control_request(&control, "metrics").unwrap();
+        m.lines()
+            .find(|l| l.starts_with("enclave_netd_policy_info"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let table = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec"])
+            .arg(netns.file_name().unwrap())
+            .args(["nft", "list", "table", "inet", "enclave_shop_web"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+
+    let (ok, text) = reload(false);
+    assert!(ok, "{text}");
+    assert!(version().contains("version=\"1\""), "{}", version());
+    // Rule r{i} allows zone p{i} (10.100.{i}.0/24) to port 1000 + i: a set element each.
+    let r2 = "10.100.2.0/24 . tcp . 1002";
+    let r3 = "10.100.3.0/24 . tcp . 1003";
+    assert!(table().contains(r2), "{}", table());
+
+    // Version 2: one more rule. The kernel refuses the unprivileged apply.
+    std::fs::write(policies.join("policy.yaml"), policy(4, 2)).unwrap();
+    let (ok, text) = reload(true);
+    assert!(
+        !ok,
+        "an apply the kernel refused must fail the reload:\n{text}"
+    );
+    assert!(
+        text.contains("nftables FAILED") && text.contains("Operation not permitted"),
+        "{text}"
+    );
+    assert!(
+        text.contains("not reloaded") && text.contains("refusal recorded"),
+        "{text}"
+    );
+    assert!(netd.child.try_wait().unwrap().is_none(), "netd died");
+    assert!(
+        version().contains("version=\"1\""),
+        "netd left the old policy: {}",
+        version()
+    );
+    assert!(
+        table().contains(r2) && !table().contains(r3),
+        "the kernel wall left the old table:\n{}",
+        table()
+    );
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("policy reload refused") && l.contains("nftables wall"))
+        .unwrap_or_else(|| panic!("no refusal in the audit log:\n{log}"));
+    assert!(refusal.contains("Operation not permitted"), "{refusal}");
+
+    // The same policy, privileged: both walls take it.
+    let (ok, text) = reload(false);
+    assert!(ok, "{text}");
+    assert!(version().contains("version=\"2\""), "{}", version());
+    assert!(table().contains(r3), "{}", table());
 }

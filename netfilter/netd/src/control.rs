@@ -148,6 +148,25 @@ fn status(backend: &RwLock<NetBackend>) -> String {
     )
 }
 
+/// Records that the node refused a policy before asking this netd (the nftables wall did
+/// not take it), so the refusal is in the pod's audit trail and counters although netd's
+/// own policy never changed.
+fn refused(backend: &RwLock<NetBackend>, why: &str) -> String {
+    let why: String = why.chars().filter(|c| !c.is_control()).take(200).collect();
+    let mut b = match backend.write() {
+        Ok(b) => b,
+        Err(p) => p.into_inner(),
+    };
+    match b.gate.enforcing_mut() {
+        Some(e) => {
+            let _ = e.swap_in(Err(why.clone()));
+            eprintln!("enclave-netd: reload refused by the node: {why}");
+            "ok refusal recorded\n".into()
+        }
+        None => "error forward-only mode has no policy\n".into(),
+    }
+}
+
 fn serve_one(conn: UnixStream, backend: &RwLock<NetBackend>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
@@ -158,10 +177,11 @@ fn serve_one(conn: UnixStream, backend: &RwLock<NetBackend>) {
     }
     let answer = match line.trim() {
         "reload" => reload(backend, "control socket"),
+        l if l.starts_with("refused ") => refused(backend, &l["refused ".len()..]),
         "metrics" => metrics(backend),
         "status" => status(backend),
         other => format!(
-            "error unknown request {:?} (reload, metrics, status)\n",
+            "error unknown request {:?} (reload, refused WHY, metrics, status)\n",
             other.chars().take(40).collect::<String>()
         ),
     };
