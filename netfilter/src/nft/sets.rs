@@ -17,6 +17,58 @@
 use super::{Match, NftRule, NftTable, NftVerdict};
 use std::collections::BTreeMap;
 
+/// The most kernel memory one set's lookup tables may need, estimated as the pipapo
+/// backend lays them out ([`kernel_bytes`]); a group of rules that would need more stays
+/// plain rules. Ranges that are not prefixes cost the most: the kernel expands each field
+/// of each element into prefixes (an IPv6 range that carves one address out of a /16 is
+/// about 220 of them), and a pod carved out of an IPv6 CIDR zone with thousands of port
+/// rules would otherwise take hundreds of MiB.
+pub const SET_MAX_KERNEL_BYTES: u64 = 32 << 20;
+
+/// How many prefixes cover `[lo, hi]`.
+fn prefix_count(mut lo: u128, hi: u128) -> u64 {
+    let mut n = 0u64;
+    loop {
+        let span = hi - lo;
+        // The largest aligned block at `lo` that stays within `hi`.
+        let align = if lo == 0 { 128 } else { lo.trailing_zeros() };
+        let fit = match span.checked_add(1) {
+            None => 128,
+            Some(n) => 127 - n.leading_zeros(),
+        };
+        let k = align.min(fit);
+        n += 1;
+        if k >= 128 {
+            return n;
+        }
+        match lo.checked_add(1u128 << k) {
+            Some(next) if next <= hi && next != 0 => lo = next,
+            _ => return n,
+        }
+    }
+}
+
+/// The kernel memory a set of these elements needs in the pipapo backend, roughly: each
+/// field of each element expands into its prefixes (that field's "rules"); a field's lookup
+/// table holds a bit per rule for each of 16 buckets of each 4-bit group of the key (half a
+/// byte per key bit per rule), plus a 16-byte mapping entry per rule; and the backend keeps
+/// a working copy. (Measured: 20 IPv6 elements of about 200 x 1 x 30 prefixes took about
+/// 4 MiB with their element objects; this counts about 0.7 MiB of lookup tables.)
+pub fn kernel_bytes(key: &[KeyField], elements: &[Element]) -> u64 {
+    key.iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let rules: u64 = elements
+                .iter()
+                .filter_map(|e| e.get(i))
+                .map(|(lo, hi)| prefix_count(*lo, *hi))
+                .fold(0u64, u64::saturating_add);
+            rules.saturating_mul(4 * f.width() as u64 + 16)
+        })
+        .fold(0u64, u64::saturating_add)
+        .saturating_mul(2)
+}
+
 /// A run needs at least this many elements of one key shape to become a set; shorter
 /// runs stay plain rules, which read better in `nft list ruleset`.
 pub const SET_MIN_ELEMENTS: usize = 4;
@@ -167,9 +219,13 @@ pub(super) fn fold(mut t: NftTable, min: usize) -> NftTable {
                     kept.extend(members.iter().map(|(k, _)| *k));
                     continue;
                 }
-                let name = format!("{}_{}", chain.name, sets.len() + 1);
                 let boxes: Vec<&[(u128, u128)]> = members.iter().map(|(_, e)| &e[..]).collect();
                 let elements = disjoint(&boxes);
+                if kernel_bytes(&key, &elements) > SET_MAX_KERNEL_BYTES {
+                    kept.extend(members.iter().map(|(k, _)| *k));
+                    continue;
+                }
+                let name = format!("{}_{}", chain.name, sets.len() + 1);
                 let comment = summary(members.iter().map(|(k, _)| rules[*k].comment.as_str()));
                 out.push(NftRule {
                     matches: vec![Match::InSet {
@@ -349,6 +405,71 @@ mod tests {
             disjoint(&[&[(0, u128::MAX)][..], &[(3, 9)][..]]),
             vec![vec![(0, u128::MAX)]]
         );
+    }
+
+    #[test]
+    fn prefixes_cover_a_range_exactly() {
+        assert_eq!(prefix_count(0, 0), 1);
+        assert_eq!(prefix_count(0, 255), 1);
+        assert_eq!(prefix_count(1, 65534), 30);
+        assert_eq!(prefix_count(0, u128::MAX), 1);
+        assert_eq!(prefix_count(1, u128::MAX), 128);
+        assert_eq!(prefix_count(u128::MAX, u128::MAX), 1);
+        // Brute force on small ranges: the greedy cover is the minimal one.
+        for lo in 0u128..64 {
+            for hi in lo..64 {
+                let mut n = 0;
+                let mut a = lo;
+                while a <= hi {
+                    let mut k = 0;
+                    while a % (1 << (k + 1)) == 0 && a + (1 << (k + 1)) - 1 <= hi {
+                        k += 1;
+                    }
+                    a += 1 << k;
+                    n += 1;
+                }
+                assert_eq!(prefix_count(lo, hi), n, "{lo}-{hi}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_whose_set_would_cost_the_kernel_too_much_stays_plain_rules() {
+        use super::super::{AddrRange, NftChain};
+        let rule = |k: u128, ports: (u16, u16)| NftRule {
+            matches: vec![
+                // Odd IPv6 ranges: about 200 prefixes each.
+                Match::Saddr(AddrRange::from_bits(
+                    (k << 100) + 1,
+                    ((k + 1) << 100) - 2,
+                    true,
+                )),
+                Match::L4Proto(6),
+                Match::Dport(crate::policy::PortRange {
+                    lo: ports.0,
+                    hi: ports.1,
+                }),
+            ],
+            verdict: NftVerdict::Accept,
+            comment: format!("allow rule r{k}"),
+        };
+        let table = |rules: Vec<NftRule>| NftTable {
+            name: "t".into(),
+            sets: vec![],
+            chains: vec![NftChain {
+                name: "c".into(),
+                hook: None,
+                rules,
+            }],
+        };
+        // 5,000 elements of about 200 address prefixes: about 160 MiB of lookup tables.
+        let costly = fold(table((0..5000).map(|k| rule(k, (1, 65534))).collect()), 4);
+        assert!(costly.sets.is_empty());
+        assert_eq!(costly.rule_count(), 5000);
+        // 100 of them: about 3 MiB, inside the budget.
+        let cheap = fold(table((0..100).map(|k| rule(k, (1, 65534))).collect()), 4);
+        assert_eq!(cheap.sets.len(), 1);
+        assert!(kernel_bytes(&cheap.sets[0].key, &cheap.sets[0].elements) < SET_MAX_KERNEL_BYTES);
     }
 
     #[test]
