@@ -20,32 +20,16 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use enclave_agent_protocol::messages::*;
-use enclave_netfilter::node::{self, RegistryEntry};
-use enclave_shim::config::Config;
-use enclave_shim::podnet;
-use enclave_shim::vm::{GuestVm, NetBackend, NetOptions, VmOptions};
 use enclave_tests::cri::OPEN_POLICY;
-use enclave_tests::netns::{mac_of, PodPair, PEER_IP, POD_IP};
-use enclave_tests::{busybox_rootfs, spec};
+use enclave_tests::netns::POD_IP;
 
-fn container(c: &enclave_agent_protocol::Client, vm: &GuestVm, id: &str, script: &str) {
-    busybox_rootfs(&vm.shared_dir().join(id).join("rootfs")).unwrap();
-    c.call::<CreateContainer>(&CreateContainerRequest {
-        container_id: id.into(),
-        oci_spec: serde_json::to_vec(&spec(&["sh", "-c", script], false)).unwrap(),
-        rootfs: format!("{id}/rootfs"),
-    })
-    .unwrap();
-    c.call::<StartContainer>(&ContainerRequest {
-        container_id: id.into(),
-    })
-    .unwrap();
-}
+#[path = "support/pod.rs"]
+mod pod;
+use pod::{BenchPod, Datapath};
 
 /// Connects to the pod's port 8080 from the peer, retrying while the server starts.
 fn connect() -> TcpStream {
@@ -78,85 +62,25 @@ fn measure(
     mib: usize,
     requests: usize,
 ) -> Result_ {
-    let id = std::process::id();
     let tag = name
         .split_whitespace()
         .last()
         .unwrap_or("x")
         .replace(['-', ' '], "");
-    let ns = PodPair::new(&format!("b{tag}"));
-    let (peer, nspath) = (ns.peer.clone(), ns.pod_path());
-    let net = podnet::discover(&nspath).unwrap();
-    podnet::plumb(&net).unwrap();
-
-    let dir = std::env::temp_dir().join(format!("enclave-podbench-{tag}-{id}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let backend = match policy {
-        Some(p) => {
-            let mut cfg = Config::default();
-            cfg.network.policy_dir = dir.join("policies");
-            cfg.network.registry = dir.join("registry");
-            cfg.network.audit_log = dir.join("audit.log");
-            std::fs::create_dir_all(&cfg.network.policy_dir).unwrap();
-            std::fs::write(cfg.network.policy_dir.join("policy.yaml"), p).unwrap();
-            // The peer is a web pod the node knows.
-            node::register(
-                &cfg.network.registry,
-                &RegistryEntry {
-                    name: "web".into(),
-                    namespace: "storefront".into(),
-                    labels: Default::default(),
-                    annotations: [("enclave.io/zone".to_string(), "web".to_string())].into(),
-                    ips: vec![PEER_IP.parse().unwrap()],
-                    mac: mac_of(&peer, "veth-peer"),
-                    netns: None,
-                    control: None,
-                },
-            )
-            .unwrap();
-            let s = serde_json::json!({"annotations": {
-                "io.kubernetes.cri.sandbox-name": "api", "io.kubernetes.cri.sandbox-namespace": "payments",
-                "enclave.io/zone": "cde-api"}});
-            let entry = enclave_shim::enforce::registry_entry(&s, &net, &dir.join("vm/netd.ctl"));
-            let args = enclave_shim::enforce::prepare(&cfg, &entry, &dir.join("vm")).unwrap();
-            NetBackend::Netd {
-                netd: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("../target/release/enclave-netd"),
-                netns: nspath.clone(),
-                tap: podnet::TAP.into(),
-                args,
-            }
-        }
-        None => NetBackend::UnfilteredTapForBenchmark {
-            tap: Arc::new(enclave_netd::tap::open_in(&nspath, podnet::TAP).unwrap()),
+    let datapath = match policy {
+        Some(p) => Datapath::Netd {
+            policy: p,
+            zone: "cde-api",
+        },
+        None => Datapath::Tap {
             offloads: !name.contains("no offloads"),
         },
     };
-    let opts = VmOptions {
-        net: Some(NetOptions {
-            backend,
-            mac: net.mac.clone(),
-        }),
-        dir: Some(dir.join("vm")),
-        ..Default::default()
-    };
-    let vm = GuestVm::boot(tools, &opts).unwrap();
-    let c = vm.connect(Duration::from_secs(120)).unwrap();
-    c.call::<ConfigureNetwork>(&ConfigureNetworkRequest {
-        interfaces: vec![Interface {
-            mac: net.mac.clone(),
-            name: "eth0".into(),
-            mtu: net.mtu,
-            addresses: net.addresses.clone(),
-        }],
-        routes: vec![],
-        dns: None,
-    })
-    .unwrap();
+    let pod = BenchPod::start(&tag, datapath, tools);
+    let (c, ns) = (&pod.client, &pod.ns);
 
     // Throughput: a 16 MiB HTTP POST into `nc -l`.
-    container(&c, &vm, "sink", "nc -l -p 8080 > /dev/null");
+    pod.container("sink", "nc -l -p 8080 > /dev/null", &[]);
     let peer_ns = ns.peer_path();
     let pn = peer_ns.clone();
     let mib_s = std::thread::spawn(move || {
@@ -189,11 +113,10 @@ fn measure(
     );
 
     // Latency: sequential HTTP/1.0 GETs, one connection each.
-    container(
-        &c,
-        &vm,
+    pod.container(
         "web",
         "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 8080 -h /www",
+        &[],
     );
     let mut lat = std::thread::spawn(move || {
         enclave_netd::tap::enter_netns(&peer_ns).unwrap();
@@ -219,9 +142,7 @@ fn measure(
     .unwrap();
     lat.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
-    drop(c);
-    drop(vm);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(pod);
     Result_ {
         name,
         mib_s,

@@ -598,8 +598,10 @@ impl Policy {
         }
     }
 
-    /// The zone of a workload: the `enclave.io/zone` annotation when it names a zone, else
-    /// the first zone (in file order) whose selector matches, else `unknown`.
+    /// The zone of a workload: the zone its `enclave.io/zone` annotation names (`unknown`
+    /// when it names none: a mistyped annotation fails closed rather than falling into a
+    /// broader selector's zone); without the annotation, the first zone (in file order)
+    /// whose selector matches, else `unknown`.
     pub fn zone_of_workload(&self, w: &WorkloadIdentity) -> ZoneId {
         if let Some(z) = w.annotations.get(ZONE_ANNOTATION) {
             return self.zone_id(z).unwrap_or(ZoneId::UNKNOWN);
