@@ -227,6 +227,39 @@ impl Service {
         }
     }
 
+    /// True when the shim serves no container at all.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.containers).is_empty()
+    }
+
+    /// True when no process of any container runs (each has exited or never started).
+    pub fn nothing_running(&self) -> bool {
+        lock(&self.containers).values().all(|c| {
+            c.procs
+                .values()
+                .all(|p| p.exit.is_some() || p.status != Status::RUNNING)
+        })
+    }
+
+    /// Tears down what an orphaned shim still holds, as the last Delete would: the VM and
+    /// every process of it, the pod's registration, the containers' root filesystems.
+    pub fn abandon(&self) {
+        let ids: Vec<String> = lock(&self.containers).drain().map(|(id, _)| id).collect();
+        if let Some(sb) = lock(&self.sandbox).take() {
+            drop(sb.vm);
+        }
+        if let Some((entry, net)) = lock(&self.registered).take() {
+            crate::enforce::leave(&net, &entry);
+        }
+        for id in ids {
+            let dir = self.shared_dir().join(&id);
+            crate::mount::unmount(&dir.join("rootfs"));
+            let _ = std::fs::remove_dir(dir.join("rootfs"));
+            let _ = std::fs::remove_dir_all(dir.join("files"));
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
     /// The directory shared with the guest: one `<id>/rootfs` per container.
     fn shared_dir(&self) -> PathBuf {
         state_dir(&self.namespace, &self.id).join("shared")

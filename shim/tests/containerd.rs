@@ -220,6 +220,105 @@ fn killing_the_shim_or_the_vm_ends_the_task_and_leaves_nothing() {
     assert_nothing_left(&ctrd);
 }
 
+/// A shim nothing can use any more exits on its own and leaves nothing, and one whose
+/// containers still run stays. With containerd crashed (SIGKILL, not restarted):
+/// - `running` keeps its VM and its shim past the grace period (a containerd restart would
+///   reconnect to it); containerd comes back and it is removed as usual;
+/// - `orphan`'s task is deleted behind its shim's back (`containerd-shim-enclave-v2
+///   delete`, what containerd runs after losing a shim: it kills the VM and removes the
+///   state): its shim, which no one can reach, exits after the grace period, with no VM
+///   process, zombie, mount or state left.
+#[test]
+fn a_shim_that_nothing_can_use_exits_and_one_with_running_containers_stays() {
+    let test = "a_shim_that_nothing_can_use_exits_and_one_with_running_containers_stays";
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return skip_or_fail(test, "needs root (containerd, mounts)");
+    }
+    if Command::new("containerd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return skip_or_fail(
+            test,
+            "containerd not installed (apt-get install containerd runc)",
+        );
+    }
+    if let Err(e) = enclave_tests::tools() {
+        return skip_or_fail(test, &e);
+    }
+    let ns = "enclave-orphan";
+    let dir = std::env::temp_dir().join(format!("enclave-ctrd-{ns}-{}", std::process::id()));
+    let mut ctrd = Containerd::start_with_env(
+        &dir,
+        ns,
+        &shim_dir(),
+        "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        None,
+        &[("ENCLAVE_SHIM_ORPHAN_GRACE_SECS", "3".into())],
+    );
+    let image = busybox_image(&dir);
+    ctrd.ctr_ok(&["images", "import", image.to_str().unwrap()]);
+    let fifo = dir.join("fifo");
+    let fifo = fifo.to_str().unwrap();
+    ctrd.run_sleeper(fifo, "running", &[]);
+    ctrd.run_sleeper(fifo, "orphan", &[]);
+    let shim_of =
+        |id: &str| pid_of(&["containerd-shim-enclave-v2", &format!("-id {id} "), "serve"]);
+    let (running, orphan) = (
+        shim_of("running").expect("shim"),
+        shim_of("orphan").expect("shim"),
+    );
+
+    ctrd.crash();
+    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2"));
+    let out = Command::new(&shim)
+        .args([
+            "-namespace",
+            ns,
+            "-address",
+            &ctrd.sock(),
+            "-id",
+            "orphan",
+            "delete",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let alive = |pid: i32| Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(orphan) {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned shim did not exit; left: {:?}",
+            leftovers(&format!("/run/enclave/{ns}/orphan/"))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = leftovers(&format!("/run/enclave/{ns}/orphan/"));
+    assert!(
+        left.is_empty(),
+        "the orphan's processes left behind: {left:?}"
+    );
+    assert!(!Path::new(&format!("/run/enclave/{ns}/orphan")).exists());
+
+    // The other shim's container still runs: it stays, past the grace period.
+    assert!(alive(running), "a shim with a running container exited");
+    assert!(
+        pid_of(&["qemu-system", &format!("/run/enclave/{ns}/running/")]).is_some(),
+        "its VM is gone"
+    );
+    ctrd.restart();
+    kill_and_remove(&ctrd, "running");
+    assert_nothing_left(&ctrd);
+}
+
 /// The shim on our own VMM: containerd (started here) runs containers with
 /// `--runtime io.containerd.enclave.v2`, and the shim's `auto` backend picks enclave-vmm,
 /// started through enclave-jailer. Output and exit codes come back; every process of the

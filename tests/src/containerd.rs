@@ -149,6 +149,13 @@ impl Containerd {
         }
     }
 
+    /// Kills containerd (SIGKILL, as a crash or an OOM kill would) and leaves it down; its
+    /// shims go on running. [`Containerd::restart`] brings it back.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn stop(&mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

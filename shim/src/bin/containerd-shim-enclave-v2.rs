@@ -9,6 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -212,18 +213,82 @@ fn serve(f: &Flags) -> Result<(), String> {
         .register_service(v3)
         .register_service(v2);
     server.start().map_err(|e| format!("ttrpc server: {e}"))?;
+    let grace = std::env::var("ENCLAVE_SHIM_ORPHAN_GRACE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(ORPHAN_GRACE, Duration::from_secs);
     let (m, cv) = &*service.shutdown;
     let mut done = m.lock().unwrap_or_else(|p| p.into_inner());
+    let mut orphaned_since: Option<Instant> = None;
     while !*done {
-        done = cv.wait(done).unwrap_or_else(|p| p.into_inner());
+        done = cv
+            .wait_timeout(done, Duration::from_secs(1))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        if *done {
+            break;
+        }
+        match orphan_reason(f, &service) {
+            None => orphaned_since = None,
+            Some(why) => {
+                let since = *orphaned_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= grace {
+                    eprintln!(
+                        "containerd-shim-enclave-v2: exiting: {why} for {} s",
+                        grace.as_secs()
+                    );
+                    drop(done);
+                    service.abandon();
+                    break;
+                }
+            }
+        }
     }
-    drop(done);
     let state = state_dir(&f.namespace, &f.id);
     // The shared directory's own mount (made when the VM booted), before its removal.
     enclave_shim::confine::remove_shared_mount(&state.join("shared"));
     let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(socket_path(f));
+    reap_children();
     // Exit without waiting for ttrpc's connection threads: containerd closes its side.
     std::process::exit(0);
+}
+
+/// How long a shim waits, once nothing can use it any more, before it exits on its own.
+const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why nothing can use this shim any more, if that is so: it holds no container (and
+/// containerd did not ask it to shut down); or none of its processes runs and containerd
+/// is gone or its socket was removed (its tasks were deleted behind its back, as
+/// `containerd-shim-enclave-v2 delete` does after a crash). A shim whose containers still
+/// run stays, containerd or not: a containerd restart reconnects to it.
+fn orphan_reason(f: &Flags, service: &Service) -> Option<&'static str> {
+    if service.is_empty() {
+        return Some("no container left");
+    }
+    if !service.nothing_running() {
+        return None;
+    }
+    if !socket_path(f).exists() {
+        return Some("no process running and this shim's socket was removed");
+    }
+    let containerd = f.address.trim_start_matches("unix://");
+    if std::os::unix::net::UnixStream::connect(containerd).is_err() {
+        return Some("no process running and containerd is gone");
+    }
+    None
+}
+
+/// Collects every child that has ended (the VM's helpers), so none stays a zombie.
+fn reap_children() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on any child of ours, without blocking.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+    }
 }
 
 /// Cleans up after a shim that is gone: kills what it left running, unmounts the rootfs,
