@@ -13,11 +13,12 @@ step() { printf '\n==> %s\n' "$*"; }
 # the k8s-cri crate's build.rs runs), iputils-ping (the pod-IP checks), python3 and
 # ca-certificates (the image builder; cargo's registry over TLS), util-linux (nsenter),
 # bsdutils (script: the tty test), cpio/xz-utils/binutils (kernel package, strip), procps
-# (sysctl: the shim's pod network plumbing).
+# (sysctl: the shim's pod network plumbing), rsyslog (the receiver the audit export test
+# ships records and heads to).
 APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
   qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar
   containernetworking-plugins protobuf-compiler iputils-ping python3 ca-certificates
-  util-linux bsdutils binutils xz-utils procps)
+  util-linux bsdutils binutils xz-utils procps rsyslog)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()

@@ -13,6 +13,7 @@ fn open(path: &Path, max_bytes: u64) -> AuditLog {
         path: path.to_path_buf(),
         max_bytes,
         sync: SyncPolicy::Always,
+        seal_key: None,
     })
     .expect("open log")
 }
@@ -30,10 +31,17 @@ fn verify(files: &[PathBuf], head: Option<audit::Head>) -> audit::VerifyReport {
         files,
         &VerifyOptions {
             head,
-            allow_partial: false,
+            ..Default::default()
         },
     )
     .expect("verify runs")
+}
+
+fn at(p: &Path, line: usize) -> audit::At {
+    audit::At {
+        file: p.display().to_string(),
+        line,
+    }
 }
 
 fn lines(p: &Path) -> Vec<String> {
@@ -86,10 +94,18 @@ fn modified_record_breaks_the_chain_at_the_next_record() {
     assert_eq!(
         r.problems,
         vec![Problem::HashMismatch {
-            file: p.display().to_string(),
-            line: 4,
-            seq: 4
+            at: at(&p, 4),
+            seq: 4,
+            changed: at(&p, 3),
         }]
+    );
+    // The message names the record that was changed, then the one that shows it.
+    assert!(
+        r.problems[0]
+            .to_string()
+            .starts_with(&format!("{}:3: record seq 3 was modified", p.display())),
+        "{}",
+        r.problems[0]
     );
 }
 
@@ -107,8 +123,11 @@ fn modified_last_record_is_caught_by_the_head() {
         "without a head the last record cannot be checked"
     );
     assert_eq!(
-        verify(&[p], head).problems,
-        vec![Problem::HeadMismatch { seq: 4 }]
+        verify(std::slice::from_ref(&p), head).problems,
+        vec![Problem::HeadMismatch {
+            seq: 4,
+            at: Some(at(&p, 4))
+        }]
     );
 }
 
@@ -124,8 +143,8 @@ fn deleted_record_is_reported_by_sequence_number() {
     assert_eq!(
         r.problems,
         vec![Problem::Missing {
-            file: p.display().to_string(),
-            line: 3,
+            at: at(&p, 3),
+            after: Some(at(&p, 2)),
             from: 3,
             to: 3
         }]
@@ -144,8 +163,7 @@ fn inserted_and_reordered_records_are_reported() {
     let r = verify(std::slice::from_ref(&p), None);
     assert!(
         r.problems.contains(&Problem::OutOfOrder {
-            file: p.display().to_string(),
-            line: 4,
+            at: at(&p, 4),
             expected: 4,
             found: 2
         }),
@@ -153,35 +171,36 @@ fn inserted_and_reordered_records_are_reported() {
         r.problems
     );
 
+    // Two records swapped: one reordering, named by its lines, and nothing else.
     let mut l = orig.clone();
     l.swap(1, 2);
     rewrite(&p, &l);
     let r = verify(std::slice::from_ref(&p), None);
-    assert!(
-        matches!(
-            r.problems.first(),
-            Some(Problem::Missing {
-                line: 2,
-                from: 2,
-                to: 2,
-                ..
-            })
-        ),
-        "{:?}",
-        r.problems
+    assert_eq!(
+        r.problems,
+        vec![Problem::Reordered {
+            at: at(&p, 2),
+            last_line: 3,
+            found: vec![3, 2]
+        }]
     );
     assert!(
-        r.problems.iter().any(|x| matches!(
-            x,
-            Problem::OutOfOrder {
-                line: 3,
-                expected: 4,
-                found: 2,
-                ..
-            }
-        )),
-        "{:?}",
-        r.problems
+        r.problems[0].to_string().contains("reordered"),
+        "{}",
+        r.problems[0]
+    );
+    // Three records rotated.
+    let mut l = orig.clone();
+    l[1..4].rotate_left(1);
+    rewrite(&p, &l);
+    let r = verify(std::slice::from_ref(&p), None);
+    assert_eq!(
+        r.problems,
+        vec![Problem::Reordered {
+            at: at(&p, 2),
+            last_line: 4,
+            found: vec![3, 4, 2]
+        }]
     );
 }
 
@@ -217,8 +236,8 @@ fn chain_not_starting_at_genesis_is_reported_unless_partial_is_allowed() {
     let r = audit::verify(
         &[p],
         &VerifyOptions {
-            head: None,
             allow_partial: true,
+            ..Default::default()
         },
     )
     .expect("verify");
@@ -238,8 +257,7 @@ fn torn_last_line_is_reported_then_recovered_with_a_record_of_it() {
     assert_eq!(
         r.problems,
         vec![Problem::TornTail {
-            file: p.display().to_string(),
-            line: 4,
+            at: at(&p, 4),
             bytes: 23
         }]
     );
@@ -317,19 +335,19 @@ fn garbage_line_is_reported_not_fatal() {
     rewrite(&p, &l);
     let r = verify(&[p], None);
     assert!(
-        matches!(r.problems[0], Problem::Unparsable { line: 2, .. }),
+        matches!(&r.problems[0], Problem::Unparsable { at, .. } if at.line == 2),
         "{:?}",
         r.problems
     );
     assert!(
         matches!(
-            r.problems[1],
+            &r.problems[1],
             Problem::Missing {
-                line: 3,
+                at,
                 from: 2,
                 to: 2,
                 ..
-            }
+            } if at.line == 3
         ),
         "{:?}",
         r.problems
@@ -349,6 +367,7 @@ fn audit_writer_child_process() {
         path: path.into(),
         max_bytes: 0,
         sync: SyncPolicy::Never,
+        seal_key: None,
     })
     .expect("open");
     let pad = "x".repeat(3000);

@@ -11,6 +11,7 @@ fn interleaved_writers_keep_one_chain() {
         path: path.clone(),
         max_bytes: 1024,
         sync: SyncPolicy::Never,
+        seal_key: None,
     };
     let mut a = AuditLog::open_shared(cfg.clone()).expect("open a");
     let mut b = AuditLog::open_shared(cfg).expect("open b");

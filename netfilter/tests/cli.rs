@@ -271,6 +271,7 @@ spec:
         path: path.clone(),
         max_bytes: 0,
         sync: SyncPolicy::Never,
+        seal_key: None,
     })
     .expect("log");
     let mut startup = vec![0, 0, 0, 30, 0, 3, 0, 0];

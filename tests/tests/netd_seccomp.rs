@@ -221,6 +221,7 @@ fn reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_
     let test =
         "reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_serving";
     let mut files = None;
+    let key = std::cell::RefCell::new(None);
     let Some(mut netd) = start_netd_with(test, "nrel", |dir| {
         // netd reads these after dropping to 65534: world-readable, like /etc/enclave.
         let policies = dir.join("policies");
@@ -230,6 +231,15 @@ fn reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         std::fs::write(policies.join("policy.yaml"), policy(0, 1)).unwrap();
+        // A sealed node log with one-second epochs: netd closes epochs (rewriting the key
+        // file in place) under its real filter.
+        let vk = enclave_netfilter::audit::seal::SealState::create(
+            &enclave_netfilter::audit::seal::key_path(&dir.join("audit.log")),
+            enclave_netfilter::audit::now_ms(),
+            1000,
+        )
+        .unwrap();
+        *key.borrow_mut() = Some(vk);
         let pod = dir.join("pod.json");
         std::fs::write(
             &pod,
@@ -289,6 +299,8 @@ fn reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_
     );
     alive(&mut netd, "a 10,000-rule reload");
 
+    // An epoch passes before the next record: netd closes it.
+    std::thread::sleep(Duration::from_millis(1100));
     let broken = reload(b"apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nspec: [unclosed\n");
     assert!(broken.starts_with("error"), "{broken}");
     alive(&mut netd, "a broken policy");
@@ -322,6 +334,21 @@ fn reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_
         log.matches("policy reload refused").count() >= 3,
         "each refusal recorded in the audit log"
     );
+    alive(&mut netd, "closing a seal epoch");
+    let rep = enclave_netfilter::audit::verify(
+        std::slice::from_ref(&audit),
+        &enclave_netfilter::audit::VerifyOptions {
+            key: key.borrow().clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(rep.ok(), "{:?}", rep.problems);
+    assert_eq!(
+        rep.seals_checked, rep.records,
+        "every record netd wrote is sealed"
+    );
+    assert!(rep.epochs_closed >= 1, "netd closed an epoch");
 }
 
 /// `enclavectl node reload` where the kernel refuses the pod's new nftables table (here:

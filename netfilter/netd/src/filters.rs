@@ -82,11 +82,15 @@ pub const DATAPATH: &[Syscall] = &[
     any(libc::SYS_statx, "the audit log's size before an append"),
     any(
         libc::SYS_pread64,
-        "the audit log's last record when another writer appended",
+        "the audit log's last record when another writer appended; the sealing key",
+    ),
+    any(
+        libc::SYS_pwrite64,
+        "the sealing key, overwritten in place when an epoch closes",
     ),
     any(
         libc::SYS_fdatasync,
-        "audit records with --audit-sync always",
+        "audit records with --audit-sync always; the sealing key",
     ),
     any(libc::SYS_fsync, "audit log sync"),
     any(libc::SYS_sched_yield, "lock contention"),

@@ -194,12 +194,11 @@ fn run(a: Args) -> Result<(), String> {
     let gate = match &a.pod {
         Some(pod_file) if !a.forward_only => {
             let pod = RegistryEntry::load(pod_file)?;
-            let log = AuditLog::open_shared(AuditLogConfig {
-                path: a.audit_log.clone(),
-                max_bytes: 0,
-                sync: a.audit_sync,
-            })
-            .map_err(|e| format!("audit log: {e}"))?;
+            // Sealed when the node has a key (`enclavectl audit keygen`): the key file is
+            // opened here, before the filter, and rewritten in place from then on.
+            let log =
+                AuditLog::open_shared(AuditLogConfig::node(a.audit_log.clone(), a.audit_sync))
+                    .map_err(|e| format!("audit log: {e}"))?;
             gate::Gate::new_enforcing(
                 gate::Sources {
                     policy_dir: a.policy_dir.clone(),

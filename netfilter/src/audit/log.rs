@@ -7,6 +7,7 @@
 //! off, kept beside the log (`<log>.torn-<seq>`), and described by a recovery record, so it
 //! is never silently accepted nor silently lost.
 
+use super::seal::{seal_mac, SealState};
 use super::{chain_fields, hex, line_hash, AuditError, GENESIS};
 use serde_json::{json, Value};
 use std::fs::{self, File, OpenOptions};
@@ -32,6 +33,22 @@ pub struct AuditLogConfig {
     pub max_bytes: u64,
     /// Durability.
     pub sync: SyncPolicy,
+    /// The node's sealing key file (`<log>.key`, made by `enclavectl audit keygen`): when
+    /// given, every record is sealed and epochs are closed as they pass (see `seal`).
+    pub seal_key: Option<PathBuf>,
+}
+
+impl AuditLogConfig {
+    /// `path`, no rotation, the given durability, sealed when `<path>.key` exists.
+    pub fn node(path: PathBuf, sync: SyncPolicy) -> AuditLogConfig {
+        let key = super::seal::key_path(&path);
+        AuditLogConfig {
+            seal_key: key.exists().then_some(key),
+            path,
+            max_bytes: 0,
+            sync,
+        }
+    }
 }
 
 /// The last record written: what an off-node anchor should keep.
@@ -51,6 +68,7 @@ pub struct AuditLog {
     first_seq: u64,
     head: Head,
     shared: bool,
+    seal: Option<SealState>,
 }
 
 fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> AuditError {
@@ -107,6 +125,10 @@ impl AuditLog {
             Some(s) => s,
             None => head.seq + 1,
         };
+        let seal = match &cfg.seal_key {
+            Some(k) => Some(SealState::open(k).map_err(io(k, "open the sealing key"))?),
+            None => None,
+        };
         let mut log = AuditLog {
             cfg,
             file,
@@ -114,6 +136,7 @@ impl AuditLog {
             first_seq,
             head,
             shared: false,
+            seal,
         };
         if let Some(torn) = torn {
             log.recover_torn(&torn, complete_len)?;
@@ -161,7 +184,24 @@ impl AuditLog {
     /// filter does not let it reopen one. The node log grows until the writers stop.
     pub fn open_shared(mut cfg: AuditLogConfig) -> Result<AuditLog, AuditError> {
         cfg.max_bytes = 0;
+        // Under the writers' lock: another writer's record being written is not a torn
+        // tail to recover.
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        }
+        let guard = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&cfg.path)
+            .map_err(io(&cfg.path, "open"))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&guard);
+        // SAFETY: flock on a descriptor we own; released when it is closed below.
+        if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
+            return Err(io(&cfg.path, "lock")(std::io::Error::last_os_error()));
+        }
         let mut log = AuditLog::open(cfg)?;
+        drop(guard);
         log.shared = true;
         Ok(log)
     }
@@ -171,15 +211,7 @@ impl AuditLog {
         if !self.shared {
             return self.append_now(record);
         }
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
-        // SAFETY: flock on a descriptor this struct owns; no memory is involved.
-        if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
-            return Err(io(&self.cfg.path, "lock")(std::io::Error::last_os_error()));
-        }
-        let r = self.catch_up().and_then(|()| self.append_now(record));
-        // SAFETY: as above.
-        unsafe { libc::flock(fd, libc::LOCK_UN) };
-        r
+        self.locked(|log| log.catch_up().and_then(|()| log.append_now(record)))
     }
 
     /// Under the lock: if the file grew past what this writer wrote, take the head from it.
@@ -210,7 +242,82 @@ impl AuditLog {
         Ok(())
     }
 
-    fn append_now(&mut self, mut record: Value) -> Result<Head, AuditError> {
+    /// Closes every epoch that has passed: a closing record sealed with the old key, then
+    /// the next key replaces it on disk. Appends call it; a node daemon calls it too
+    /// (`enclavectl audit export`), so a quiet log does not keep an old key.
+    pub fn close_passed_epochs(&mut self) -> Result<(), AuditError> {
+        if self.seal.is_none() {
+            return Ok(());
+        }
+        if !self.shared {
+            return self.close_epochs_now();
+        }
+        self.locked(|log| log.catch_up().and_then(|()| log.close_epochs_now()))
+    }
+
+    fn close_epochs_now(&mut self) -> Result<(), AuditError> {
+        let Some(st) = self.seal.as_mut() else {
+            return Ok(());
+        };
+        let key_path = st.path().to_path_buf();
+        if self.shared {
+            st.reload().map_err(io(&key_path, "read the sealing key"))?;
+        }
+        let due = st.epochs.at(now_ms());
+        loop {
+            let Some(st) = self.seal.as_ref() else {
+                return Ok(());
+            };
+            if st.epoch >= due {
+                return Ok(());
+            }
+            let (epoch, key) = (st.epoch, *st.key());
+            let mut closing = super::base_event(
+                1,
+                "Informational",
+                &format!("audit seal: epoch {epoch} closed; its key is erased from the node"),
+                "audit-seal",
+            );
+            closing["unmapped"] = json!({"enclave": {"seal_closes_epoch": epoch}});
+            self.write_line(closing, Some((epoch, key)))?;
+            if let Some(st) = self.seal.as_mut() {
+                st.advance()
+                    .map_err(io(&key_path, "advance the sealing key"))?;
+            }
+        }
+    }
+
+    fn locked<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        // SAFETY: flock on a descriptor this struct owns; no memory is involved.
+        if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
+            return Err(io(&self.cfg.path, "lock")(std::io::Error::last_os_error()));
+        }
+        let r = f(self);
+        // SAFETY: as above.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        r
+    }
+
+    fn append_now(&mut self, record: Value) -> Result<Head, AuditError> {
+        self.close_epochs_now()?;
+        let seal = self.seal.as_ref().map(|st| (st.epoch, *st.key()));
+        let head = self.write_line(record, seal)?;
+        if self.cfg.max_bytes > 0 && self.size >= self.cfg.max_bytes {
+            self.rotate()?;
+        }
+        Ok(head)
+    }
+
+    /// Writes one record with its chain fields (and its seal, with the key given).
+    fn write_line(
+        &mut self,
+        mut record: Value,
+        seal: Option<(u64, [u8; 32])>,
+    ) -> Result<Head, AuditError> {
         let seq = self.head.seq + 1;
         if let Some(obj) = record.as_object_mut() {
             let meta = obj.entry("metadata").or_insert_with(|| json!({}));
@@ -219,7 +326,14 @@ impl AuditLog {
             }
             let un = obj.entry("unmapped").or_insert_with(|| json!({}));
             if let Some(u) = un.as_object_mut() {
-                u.insert("chain".into(), json!({"prev_sha256": self.head.sha256}));
+                let mut chain = json!({"prev_sha256": self.head.sha256});
+                if let Some((epoch, key)) = seal {
+                    chain["seal"] = json!({
+                        "epoch": epoch,
+                        "mac": seal_mac(&key, seq, epoch, &self.head.sha256),
+                    });
+                }
+                u.insert("chain".into(), chain);
             }
         }
         let mut line = serde_json::to_vec(&record).unwrap_or_default();
@@ -232,10 +346,12 @@ impl AuditLog {
         }
         self.size += line.len() as u64;
         self.head = Head { seq, sha256: hash };
-        if self.cfg.max_bytes > 0 && self.size >= self.cfg.max_bytes {
-            self.rotate()?;
-        }
         Ok(self.head.clone())
+    }
+
+    /// The current seal epoch and key, if the log is sealed (for signing exported heads).
+    pub fn seal_key(&self) -> Option<(u64, [u8; 32])> {
+        self.seal.as_ref().map(|s| (s.epoch, *s.key()))
     }
 
     /// The last record written.

@@ -9,13 +9,16 @@
 //!
 //! The format is documented in `docs/audit-log.md`.
 
+mod export;
 mod log;
 pub mod record;
+pub mod seal;
 mod verify;
 
+pub use export::{Cursor, ExportRun, Exporter};
 pub use log::{head_path, now_ms, read_head, AuditLog, AuditLogConfig, Head, SyncPolicy};
 pub use record::{base_event, AuditContext, RecordBuilder};
-pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
+pub use verify::{read_heads, verify, At, Problem, SignedHead, VerifyOptions, VerifyReport};
 
 use sha2::{Digest, Sha256};
 

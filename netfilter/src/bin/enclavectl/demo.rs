@@ -185,6 +185,7 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         path: log_path.clone(),
         max_bytes: 0,
         sync: SyncPolicy::Always,
+        seal_key: None,
     })
     .map_err(|e| fail(e.to_string()))?;
 
@@ -404,7 +405,7 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         std::slice::from_ref(&log_path),
         &VerifyOptions {
             head: head.clone(),
-            allow_partial: false,
+            ..Default::default()
         },
     )
     .map_err(|e| fail(e.to_string()))?;

@@ -163,7 +163,9 @@ enum PolicyCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Verifies the hash chain of audit log files (any order) and says where it breaks.
+    /// Verifies the hash chain of audit log files (any order) and says where it breaks;
+    /// with --key, every seal; with --heads, that the log holds every head exported off the
+    /// node.
     Verify {
         /// Log files of one chain (the active file and rotated ones).
         #[arg(required = true)]
@@ -171,9 +173,51 @@ enum AuditCmd {
         /// A head file (`<log>.head`, or a copy kept off the node): the log must reach it.
         #[arg(long)]
         head: Option<PathBuf>,
+        /// Heads exported off the node (`audit export`), as the receiver stored them (one
+        /// per line; anything before the JSON on a line is ignored).
+        #[arg(long)]
+        heads: Option<PathBuf>,
+        /// A file holding the verification key `audit keygen` printed (kept off the node).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Fail when records after the last exported head are not yet anchored.
+        #[arg(long)]
+        require_anchored: bool,
         /// Accept a chain that starts after the first record (older files archived).
         #[arg(long)]
         allow_partial: bool,
+    },
+    /// Makes the sealing key of a node's audit log: writes `<log>.key` (the node's evolving
+    /// key, mode 0600) and prints the verification key once, for the auditor to keep off
+    /// the node. Refuses to replace an existing key.
+    Keygen {
+        /// The node's audit log.
+        #[arg(long, default_value = "/var/log/enclave/audit.log")]
+        log: PathBuf,
+        /// Seconds per epoch: how long a key lives on the node before it is erased (and how
+        /// much of the newest log someone who takes the node can rewrite).
+        #[arg(long, default_value_t = 900)]
+        epoch_secs: u64,
+    },
+    /// Ships the audit log off the node to a syslog receiver (RFC 5424 over TCP): every
+    /// record, then a signed head; from a cursor kept on disk, so a receiver that is down
+    /// loses nothing. Runs every --interval seconds, or once.
+    Export {
+        /// The node's audit log.
+        #[arg(long, default_value = "/var/log/enclave/audit.log")]
+        log: PathBuf,
+        /// The receiver, HOST:PORT (TCP, octet-counted frames).
+        #[arg(long)]
+        to: String,
+        /// The cursor file (default `<log>.export`).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Seconds between runs.
+        #[arg(long, default_value_t = 10)]
+        interval: u64,
+        /// One run, then exit (status 1 when the receiver could not be reached).
+        #[arg(long)]
+        once: bool,
     },
 }
 
@@ -495,6 +539,9 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
         AuditCmd::Verify {
             files,
             head,
+            heads,
+            key_file,
+            require_anchored,
             allow_partial,
         } => {
             let head: Option<Head> = match head {
@@ -505,10 +552,29 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
                 ),
                 None => None,
             };
+            let heads = match &heads {
+                Some(p) => audit::read_heads(
+                    &std::fs::read_to_string(p)
+                        .map_err(|e| fail(format!("{}: {e}", p.display())))?,
+                ),
+                None => Vec::new(),
+            };
+            let key = match &key_file {
+                Some(p) => Some(
+                    audit::seal::VerificationKey::parse(
+                        &std::fs::read_to_string(p)
+                            .map_err(|e| fail(format!("{}: {e}", p.display())))?,
+                    )
+                    .map_err(|e| fail(format!("{}: {e}", p.display())))?,
+                ),
+                None => None,
+            };
             let rep = audit::verify(
                 &files,
                 &VerifyOptions {
                     head: head.clone(),
+                    heads: heads.clone(),
+                    key: key.clone(),
                     allow_partial,
                 },
             )
@@ -519,31 +585,112 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
             for (f, l, after) in &rep.recoveries {
                 println!("note: {f}:{l}: crash recovery recorded after seq {after} (torn record kept aside)");
             }
-            if rep.ok() {
+            if rep.sealed > 0 && key.is_none() {
+                println!("note: {} records are sealed but their seals were not checked: pass --key-file with the verification key", rep.sealed);
+            }
+            if rep.sealed > 0 && rep.unsealed_before_sealing > 0 {
                 println!(
-                    "OK: {} records, seq {}..{}, {} file(s), chain intact{}; last record sha256 {}",
+                    "note: the first {} records were written before the log had a sealing key",
+                    rep.unsealed_before_sealing
+                );
+            }
+            if let Some((a, b)) = rep.unanchored {
+                println!("{}: records seq {a}..{b} are not yet anchored by an exported head (written after the last one)", if require_anchored { "BROKEN" } else { "note" });
+            }
+            let unanchored_fails = require_anchored && rep.unanchored.is_some();
+            if rep.ok() && !unanchored_fails {
+                let mut what = vec![format!("{} file(s), chain intact", rep.files.len())];
+                if rep.seals_checked > 0 {
+                    what.push(format!(
+                        "{} seals verified, {} epochs closed",
+                        rep.seals_checked, rep.epochs_closed
+                    ));
+                }
+                if let Some(a) = rep.anchored_to {
+                    what.push(format!("anchored by heads up to seq {a}"));
+                }
+                println!(
+                    "OK: {} records, seq {}..{}, {}; last record sha256 {}",
                     rep.records,
                     rep.first_seq,
                     rep.last_seq,
-                    rep.files.len(),
-                    if head.is_some() {
-                        ", reaches the head"
-                    } else {
-                        ""
-                    },
+                    what.join(", "),
                     rep.last_hash
                 );
-                if head.is_none() {
-                    println!("note: without --head, records cut off the end cannot be told from a log that ended there; compare the last sha256 with a head kept off the node");
+                if rep.anchored_to.is_none() {
+                    println!("note: without --head or --heads, records cut off the end cannot be told from a log that ended there; compare the last sha256 with a head kept off the node");
                 }
                 Ok(0)
             } else {
                 println!(
                     "FAILED: {} problem(s) in {} records",
-                    rep.problems.len(),
+                    rep.problems.len() + usize::from(unanchored_fails),
                     rep.records
                 );
                 Ok(1)
+            }
+        }
+        AuditCmd::Keygen { log, epoch_secs } => {
+            let key = audit::seal::key_path(&log);
+            let vk = audit::seal::SealState::create(
+                &key,
+                audit::now_ms(),
+                epoch_secs.saturating_mul(1000),
+            )
+            .map_err(|e| fail(format!("{}: {e}", key.display())))?;
+            println!("Sealing key written to {} (the node's; it evolves every {epoch_secs} s and the old one is erased).", key.display());
+            println!(
+                "enclave-netd seals every record of {} from its next start.",
+                log.display()
+            );
+            println!();
+            println!(
+                "Verification key (printed once; keep it off this node, e.g. with your auditor):"
+            );
+            println!();
+            println!("{}", vk.encode());
+            println!();
+            println!(
+                "Check with: enclavectl audit verify --key-file FILE --heads EXPORTED-HEADS {}",
+                log.display()
+            );
+            Ok(0)
+        }
+        AuditCmd::Export {
+            log,
+            to,
+            state,
+            interval,
+            once,
+        } => {
+            let state = state.unwrap_or_else(|| {
+                let mut s = log.as_os_str().to_owned();
+                s.push(".export");
+                PathBuf::from(s)
+            });
+            let mut ex =
+                audit::Exporter::new(&log, &to, &state).map_err(|e| fail(e.to_string()))?;
+            loop {
+                match ex.run_once() {
+                    Ok(r) => println!(
+                        "exported {} records to {to}; head seq {}; {} bytes behind; {} in all, {} failed runs",
+                        r.records,
+                        r.head.as_ref().map_or(0, |h| h.seq),
+                        r.backlog,
+                        ex.cursor.exported,
+                        ex.cursor.failures
+                    ),
+                    Err(e) => {
+                        eprintln!("export to {to} failed (records wait in the log; retried): {e}");
+                        if once {
+                            return Ok(1);
+                        }
+                    }
+                }
+                if once {
+                    return Ok(0);
+                }
+                std::thread::sleep(std::time::Duration::from_secs(interval.max(1)));
             }
         }
     }
