@@ -218,6 +218,10 @@ enum AuditCmd {
         /// One run, then exit (status 1 when the receiver could not be reached).
         #[arg(long)]
         once: bool,
+        /// Send again from this record on (a receiver that crashed loses what it had not
+        /// written yet; `audit verify --heads` on its copy names the missing records).
+        #[arg(long)]
+        resend_from: Option<u64>,
     },
 }
 
@@ -662,6 +666,7 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
             state,
             interval,
             once,
+            resend_from,
         } => {
             let state = state.unwrap_or_else(|| {
                 let mut s = log.as_os_str().to_owned();
@@ -670,6 +675,9 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
             });
             let mut ex =
                 audit::Exporter::new(&log, &to, &state).map_err(|e| fail(e.to_string()))?;
+            if let Some(seq) = resend_from {
+                ex.rewind_to(seq).map_err(|e| fail(e.to_string()))?;
+            }
             loop {
                 match ex.run_once() {
                     Ok(r) => println!(
