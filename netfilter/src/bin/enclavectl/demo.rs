@@ -181,11 +181,17 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
 
     let _ = std::fs::remove_dir_all(&a.out);
     let log_path = a.out.join("audit").join("audit.log");
+    // The node's sealing key (as `enclavectl audit keygen` makes it); the verification key
+    // is what an auditor keeps.
+    std::fs::create_dir_all(a.out.join("audit")).map_err(|e| fail(e.to_string()))?;
+    let verification_key =
+        audit::seal::SealState::create(&audit::seal::key_path(&log_path), audit::now_ms(), 900_000)
+            .map_err(|e| fail(e.to_string()))?;
     let log = AuditLog::open(AuditLogConfig {
         path: log_path.clone(),
         max_bytes: 0,
         sync: SyncPolicy::Always,
-        seal_key: None,
+        seal_key: Some(audit::seal::key_path(&log_path)),
     })
     .map_err(|e| fail(e.to_string()))?;
 
@@ -405,6 +411,7 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         std::slice::from_ref(&log_path),
         &VerifyOptions {
             head: head.clone(),
+            key: Some(verification_key.clone()),
             ..Default::default()
         },
     )
@@ -428,8 +435,8 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         "      enclavectl audit verify: {}",
         if rep.ok() {
             format!(
-                "OK, {} records, seq {}..{}, reaches the head",
-                rep.records, rep.first_seq, rep.last_seq
+                "OK, {} records, seq {}..{}, {} seals verified with the auditor's key, reaches the head",
+                rep.records, rep.first_seq, rep.last_seq, rep.seals_checked
             )
         } else {
             "FAILED".into()
@@ -453,6 +460,38 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
     for p in &trep.problems {
         println!("      enclavectl audit verify: BROKEN: {p}");
     }
+    // The same edit with every later record re-chained (what root on the node can do to
+    // a plain hash chain): the chain alone is fooled, the seals are not.
+    let rechained = a.out.join("audit").join("rechained.log");
+    let mut prev = audit::GENESIS.to_string();
+    let mut out = String::new();
+    for l in &lines {
+        let mut v: serde_json::Value = serde_json::from_str(l).map_err(|e| fail(e.to_string()))?;
+        v["unmapped"]["chain"]["prev_sha256"] = serde_json::json!(prev);
+        let line = serde_json::to_string(&v).map_err(|e| fail(e.to_string()))?;
+        prev = audit::line_hash(line.as_bytes());
+        out += &line;
+        out.push('\n');
+    }
+    std::fs::write(&rechained, out).map_err(|e| fail(e.to_string()))?;
+    let plain = audit::verify(std::slice::from_ref(&rechained), &VerifyOptions::default())
+        .map_err(|e| fail(e.to_string()))?;
+    let keyed = audit::verify(
+        std::slice::from_ref(&rechained),
+        &VerifyOptions {
+            key: Some(verification_key.clone()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    println!(
+        "      the same edit with every later record re-chained: the hash chain alone says {}",
+        if plain.ok() { "intact" } else { "broken" }
+    );
+    for p in keyed.problems.iter().take(1) {
+        println!("      enclavectl audit verify --key-file KEY: BROKEN: {p}");
+    }
+    let rechain_caught = plain.ok() && !keyed.ok();
 
     println!("\n[6/6] the same policy for the host kernel (nftables table for payments/payments-api-0, first lines):");
     let w = inv
@@ -488,11 +527,11 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         .collect();
     std::fs::write(&svg, graph::svg(&flows, &zones)).map_err(|e| fail(e.to_string()))?;
     println!("\nwrote {} (zones and flows; denied in red)", svg.display());
-    let good = expected_ok && rep.ok() && !trep.ok();
+    let good = expected_ok && rep.ok() && !trep.ok() && rechain_caught;
     println!(
         "{}",
         if good {
-            "demo: every decision as the policy says; the log verifies; tampering is caught"
+            "demo: every decision as the policy says; the log verifies; tampering is caught, re-chained or not"
         } else {
             "demo: SOMETHING DID NOT BEHAVE AS EXPECTED (see above)"
         }
