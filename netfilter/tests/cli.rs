@@ -210,10 +210,22 @@ fn demo_runs_and_its_audit_log_verifies_while_the_tampered_copy_fails() {
     ]);
     assert_eq!(v.status.code(), Some(0), "{}", text(&v));
     assert!(
-        text(&v).contains("chain intact, reaches the head"),
+        text(&v).contains("chain intact, anchored by heads up to seq"),
         "{}",
         text(&v)
     );
+    assert!(text(&v).contains("seals were not checked"), "{}", text(&v));
+    let key = d.path().join("audit/verification.key");
+    let key = key.to_str().expect("utf8");
+    let v = ctl(&[
+        "audit",
+        "verify",
+        log.to_str().expect("utf8"),
+        "--key-file",
+        key,
+    ]);
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+    assert!(text(&v).contains("16 seals verified"), "{}", text(&v));
     let t = ctl(&[
         "audit",
         "verify",
@@ -221,9 +233,21 @@ fn demo_runs_and_its_audit_log_verifies_while_the_tampered_copy_fails() {
     ]);
     assert_eq!(t.status.code(), Some(1));
     assert!(
-        text(&t).contains("BROKEN: ") && text(&t).contains("chain broken at seq"),
+        text(&t).contains("BROKEN: ") && text(&t).contains("was modified: the next record"),
         "{}",
         text(&t)
+    );
+    // Re-chained: the bare chain is fooled, the key is not.
+    let rechained = d.path().join("audit/rechained.log");
+    let rechained = rechained.to_str().expect("utf8");
+    let plain = ctl(&["audit", "verify", rechained]);
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain));
+    let keyed = ctl(&["audit", "verify", rechained, "--key-file", key]);
+    assert_eq!(keyed.status.code(), Some(1), "{}", text(&keyed));
+    assert!(
+        text(&keyed).contains("was changed after it was sealed"),
+        "{}",
+        text(&keyed)
     );
     let svg = std::fs::read_to_string(d.path().join("flows.svg")).expect("svg written");
     assert!(svg.starts_with("<svg") && svg.contains(">cde-db<"), "{svg}");

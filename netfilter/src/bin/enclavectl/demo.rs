@@ -187,6 +187,12 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
     let verification_key =
         audit::seal::SealState::create(&audit::seal::key_path(&log_path), audit::now_ms(), 900_000)
             .map_err(|e| fail(e.to_string()))?;
+    // For `enclavectl audit verify --key-file` on the demo's files; a node never keeps it.
+    std::fs::write(
+        a.out.join("audit").join("verification.key"),
+        verification_key.encode(),
+    )
+    .map_err(|e| fail(e.to_string()))?;
     let log = AuditLog::open(AuditLogConfig {
         path: log_path.clone(),
         max_bytes: 0,
