@@ -350,3 +350,48 @@ fn at_a_rotation_boundary_the_file_that_was_changed_is_named() {
     std::fs::write(&first, original).unwrap();
     assert!(check(&files, None, &[]).ok());
 }
+
+/// The node log as the node writes it: several writers (one per pod's netd) appending to
+/// one sealed chain under the lock, across epochs, one of them restarting mid-epoch.
+#[test]
+fn several_writers_and_a_restart_keep_one_sealed_chain() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("audit.log");
+    let vk = SealState::create(&key_path(&p), audit::now_ms(), 1000).unwrap();
+    let cfg = || AuditLogConfig::node(p.clone(), SyncPolicy::Never);
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let cfg = cfg();
+            std::thread::spawn(move || {
+                let mut log = AuditLog::open_shared(cfg.clone()).unwrap();
+                for i in 0..40 {
+                    if w == 0 && i == 20 {
+                        // A restart mid-epoch: the key file says where sealing stands.
+                        drop(log);
+                        log = AuditLog::open_shared(cfg.clone()).unwrap();
+                    }
+                    log.append(
+                        json!({"class_uid": 4001, "message": format!("writer {w} record {i}")}),
+                    )
+                    .unwrap();
+                    std::thread::sleep(Duration::from_millis(60));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let r = check(std::slice::from_ref(&p), Some(&vk), &[]);
+    assert!(r.ok(), "{:?}", r.problems);
+    assert_eq!(r.records - r.epochs_closed, 120);
+    assert!(r.epochs_closed >= 1, "{} epochs closed", r.epochs_closed);
+    // Each passed epoch was closed exactly once, whichever writer got there first.
+    let closes: Vec<u64> = records(&p)
+        .iter()
+        .filter_map(|v| v["unmapped"]["enclave"]["seal_closes_epoch"].as_u64())
+        .collect();
+    let mut unique = closes.clone();
+    unique.dedup();
+    assert_eq!(closes, unique, "an epoch closed twice: {closes:?}");
+}

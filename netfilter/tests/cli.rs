@@ -419,3 +419,80 @@ fn every_command_has_help() {
         assert!(text(&o).contains("Usage:"), "{args:?}: {}", text(&o));
     }
 }
+
+/// `audit keygen` makes the node's key once and prints the auditor's; the node's records are
+/// then sealed; `audit export` to a receiver that is not there fails the run, counts it and
+/// reports the backlog in its metrics, and keeps its cursor where it was.
+#[test]
+fn keygen_seals_the_log_and_export_counts_a_run_that_found_no_receiver() {
+    use enclave_netfilter::audit::{AuditLog, AuditLogConfig, SyncPolicy};
+    let d = tempfile::tempdir().expect("tmp");
+    let log = d.path().join("audit.log");
+    let log_s = log.to_str().expect("utf8");
+    let k = ctl(&["audit", "keygen", "--log", log_s, "--epoch-secs", "60"]);
+    assert_eq!(k.status.code(), Some(0), "{}", text(&k));
+    let key_line = text(&k)
+        .lines()
+        .find(|l| l.starts_with("enclave-audit-v1:"))
+        .expect("the verification key is printed")
+        .to_string();
+    let again = ctl(&["audit", "keygen", "--log", log_s]);
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "a key is never replaced: {}",
+        text(&again)
+    );
+    {
+        let mut w = AuditLog::open_shared(AuditLogConfig::node(log.clone(), SyncPolicy::Never))
+            .expect("open");
+        for i in 0..5 {
+            w.append(serde_json::json!({"class_uid": 4001, "message": format!("flow {i}")}))
+                .expect("append");
+        }
+    }
+    let keyfile = d.path().join("vk");
+    std::fs::write(&keyfile, &key_line).expect("write key");
+    let v = ctl(&[
+        "audit",
+        "verify",
+        log_s,
+        "--key-file",
+        keyfile.to_str().expect("utf8"),
+    ]);
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+    assert!(text(&v).contains("5 seals verified"), "{}", text(&v));
+
+    // Nobody listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let metrics = d.path().join("export.prom");
+    let e = ctl(&[
+        "audit",
+        "export",
+        "--log",
+        log_s,
+        "--to",
+        &format!("127.0.0.1:{port}"),
+        "--once",
+        "--metrics",
+        metrics.to_str().expect("utf8"),
+    ]);
+    assert_eq!(e.status.code(), Some(1), "{}", text(&e));
+    assert!(text(&e).contains("records wait in the log"), "{}", text(&e));
+    let m = std::fs::read_to_string(&metrics).expect("metrics written");
+    assert!(
+        m.contains("enclave_audit_export_failed_runs_total 1"),
+        "{m}"
+    );
+    assert!(m.contains("enclave_audit_export_records_total 0"), "{m}");
+    let backlog: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("enclave_audit_export_backlog_bytes "))
+        .and_then(|v| v.parse().ok())
+        .expect("backlog");
+    assert_eq!(backlog, std::fs::metadata(&log).expect("log").len());
+}

@@ -222,6 +222,10 @@ enum AuditCmd {
         /// written yet; `audit verify --heads` on its copy names the missing records).
         #[arg(long)]
         resend_from: Option<u64>,
+        /// After every run, write the exporter's counters here (Prometheus text, for a
+        /// node exporter's textfile collector).
+        #[arg(long)]
+        metrics: Option<PathBuf>,
     },
 }
 
@@ -667,6 +671,7 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
             interval,
             once,
             resend_from,
+            metrics,
         } => {
             let state = state.unwrap_or_else(|| {
                 let mut s = log.as_os_str().to_owned();
@@ -679,7 +684,28 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
                 ex.rewind_to(seq).map_err(|e| fail(e.to_string()))?;
             }
             loop {
-                match ex.run_once() {
+                let result = ex.run_once();
+                if let Some(m) = &metrics {
+                    let backlog = result.as_ref().map_or_else(
+                        |_| {
+                            std::fs::metadata(&log)
+                                .map_or(0, |md| md.len().saturating_sub(ex.cursor.offset))
+                        },
+                        |r| r.backlog,
+                    );
+                    let text = format!(
+                        "# HELP enclave_audit_export_records_total Records sent off the node.\n# TYPE enclave_audit_export_records_total counter\nenclave_audit_export_records_total {}\n# HELP enclave_audit_export_failed_runs_total Runs that could not reach the receiver.\n# TYPE enclave_audit_export_failed_runs_total counter\nenclave_audit_export_failed_runs_total {}\n# HELP enclave_audit_export_backlog_bytes Bytes of the log not yet sent.\n# TYPE enclave_audit_export_backlog_bytes gauge\nenclave_audit_export_backlog_bytes {backlog}\n# HELP enclave_audit_export_last_seq The last record sent.\n# TYPE enclave_audit_export_last_seq gauge\nenclave_audit_export_last_seq {}\n",
+                        ex.cursor.exported, ex.cursor.failures, ex.cursor.seq
+                    );
+                    let tmp = m.with_extension("tmp");
+                    if std::fs::write(&tmp, text)
+                        .and_then(|()| std::fs::rename(&tmp, m))
+                        .is_err()
+                    {
+                        eprintln!("cannot write {}", m.display());
+                    }
+                }
+                match result {
                     Ok(r) => println!(
                         "exported {} records to {to}; head seq {}; {} bytes behind; {} in all, {} failed runs",
                         r.records,
