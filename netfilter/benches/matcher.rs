@@ -47,9 +47,10 @@ fn enforcer(c: Arc<CompiledPolicy>, fast_path: bool) -> Enforcer {
 
 /// As [`enforcer`], with a connection table of `flows` slots.
 fn enforcer_with(c: Arc<CompiledPolicy>, fast_path: bool, flows: usize) -> Enforcer {
-    let inv: Inventory =
-        serde_yaml::from_str("workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n")
-            .expect("inv");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(
+        "workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n",
+    )
+    .expect("inv");
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
     let local = inv.workloads[0].local(MAC);
     Enforcer::new(
@@ -219,9 +220,10 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("reload_10000_rules");
     let src = policy_src(10_000);
     let cp = compiled(10_000);
-    let inv: Inventory =
-        serde_yaml::from_str("workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n")
-            .expect("inv");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(
+        "workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n",
+    )
+    .expect("inv");
     let peers = Arc::new(PeerDirectory::build(cp.policy(), &inv.workloads));
     // netd's table: EnforcerConfig's default size (a reload walks every slot).
     let mut e = enforcer_with(cp.clone(), true, EnforcerConfig::default().flows);

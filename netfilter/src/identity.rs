@@ -186,18 +186,11 @@ impl Inventory {
             path: p.clone(),
             source,
         })?;
-        serde_yaml::from_str(&src).map_err(|e| {
-            let (line, col) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-            let mut message = e.to_string();
-            if let Some(i) = message.rfind(" at line ") {
-                message.truncate(i);
-            }
-            InventoryError::Parse {
-                path: p,
-                line,
-                col,
-                message,
-            }
+        crate::yaml::from_str(&src).map_err(|e| InventoryError::Parse {
+            path: p,
+            line: e.pos.line,
+            col: e.pos.col,
+            message: format!("{}: {}", e.field, e.message),
         })
     }
 

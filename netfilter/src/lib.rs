@@ -11,7 +11,8 @@
 //! - [`audit`]: OCSF records, the hash-chained log, its verifier;
 //! - [`nft`]: the same policy rendered for nftables and applied through netlink;
 //! - [`node`]: the node's policy directory, pod registry and reload;
-//! - [`learn`] and [`graph`]: rules proposed from observed flows, and pictures of flows.
+//! - [`learn`] and [`graph`]: rules proposed from observed flows, and pictures of flows;
+//! - [`yaml`]: the one YAML reader of policies and inventories (values and positions).
 
 pub mod audit;
 pub mod conntrack;
@@ -24,3 +25,4 @@ pub mod nft;
 pub mod node;
 pub mod packet;
 pub mod policy;
+pub mod yaml;

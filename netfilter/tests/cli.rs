@@ -270,7 +270,7 @@ spec:
             .expect("policy")
             .compiled,
     );
-    let inv: Inventory = serde_yaml::from_str("workloads:\n  - {name: web, namespace: shop, ips: [10.1.0.1], mac: \"02:00:00:00:00:01\"}\n  - {name: pg, namespace: data, ips: [10.1.0.2]}\n").expect("inv");
+    let inv: Inventory = enclave_netfilter::yaml::from_str("workloads:\n  - {name: web, namespace: shop, ips: [10.1.0.1], mac: \"02:00:00:00:00:01\"}\n  - {name: pg, namespace: data, ips: [10.1.0.2]}\n").expect("inv");
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
     let w = &inv.workloads[0];
     let mac = MacAddr([2, 0, 0, 0, 0, 1]);

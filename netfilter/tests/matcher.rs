@@ -66,7 +66,7 @@ fn fixture(ns: &str) -> Fx {
 
 fn fixture_with(ns: &str, src: &str, cfg: EnforcerConfig) -> Fx {
     let c = compiled(src);
-    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
     let w = inv
         .workloads
@@ -588,7 +588,7 @@ fn reload_cuts_flows_the_new_policy_denies_and_keeps_the_others() {
         "    - {name: a-b-ssh, from: a, to: b, protocol: tcp, ports: [22]}\n",
         "",
     ));
-    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
     let peers = Arc::new(PeerDirectory::build(newer.policy(), &inv.workloads));
     let events = f.e.reload(newer, peers);
     assert_eq!(events.len(), 1, "{events:?}");
@@ -775,7 +775,7 @@ fn audit_record_of_an_app_mismatch_carries_what_an_auditor_needs() {
         901,
         b"GET / HTTP/1.1\r\n\r\n",
     ));
-    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
     let rb = RecordBuilder::new(AuditContext {
         policy: f.e.policy().clone(),
         peers: f.e.peers().clone(),
@@ -893,7 +893,7 @@ fn a_zone_switched_to_learn_by_a_reload_records_new_flows() {
     let mut f = fixture("a");
     let learning = POLICY.replace("  zones:\n", "  defaultMode: learn\n  zones:\n");
     let c = compiled(&learning);
-    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
     assert!(f.e.reload(c, peers).is_empty());
     // a -> b on 2222: no rule; learn mode passes it and records it with its app.
@@ -922,7 +922,7 @@ fn rule_counters_survive_a_reload_by_rule_name() {
         "  rules:\n    - {name: new-first, from: b, to: ext, protocol: tcp, ports: [1]}\n",
     );
     let c = compiled(&src);
-    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
     f.e.reload(c, peers);
     let idx = rule_index(&f, "a-b-ssh");
@@ -935,7 +935,7 @@ fn a_reload_prepared_against_a_policy_no_longer_in_force_still_carries_counters_
     use enclave_netfilter::matcher::PreparedReload;
     let mut f = fixture("a");
     f.connect("10.0.0.2", 22);
-    let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
     let with_first = |name: &str| {
         let c = compiled(&POLICY.replace(
             "  rules:\n",

@@ -136,7 +136,7 @@ fn addresses() -> Vec<IpAddr> {
 
 #[test]
 fn folded_tables_decide_every_packet_as_their_plain_rules_do() {
-    let inv: Inventory = serde_yaml::from_str(INVENTORY).unwrap();
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).unwrap();
     let me = &inv.workloads[0];
     let ident = me.identity();
     let addrs = addresses();
@@ -218,7 +218,7 @@ fn folded_tables_decide_every_packet_as_their_plain_rules_do() {
 /// over any CIDR around it, the longest prefix over a shorter one; nothing is in two zones.
 #[test]
 fn every_address_is_in_the_zone_netd_resolves_and_in_no_other() {
-    let inv: Inventory = serde_yaml::from_str(INVENTORY).unwrap();
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).unwrap();
     let me = &inv.workloads[0];
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);
     let mut checked = 0;

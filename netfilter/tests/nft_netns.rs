@@ -211,9 +211,10 @@ fn policy_applied_through_netlink_passes_allowed_and_drops_denied_connections() 
     );
 
     let loaded = policy::load_str(POLICY, "nft-test.yaml").expect("policy");
-    let inv: Inventory =
-        serde_yaml::from_str("workloads:\n  - {name: web, namespace: shop, ips: [10.77.0.1]}\n")
-            .expect("inventory");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(
+        "workloads:\n  - {name: web, namespace: shop, ips: [10.77.0.1]}\n",
+    )
+    .expect("inventory");
     let peers = PeerDirectory::build(loaded.compiled.policy(), &inv.workloads);
     let ident = inv.workloads[0].identity();
     let ips = inv.workloads[0].ips.clone();
@@ -383,9 +384,10 @@ fn a_policy_of_ten_thousand_rules_applies_and_enforces() {
         .join()
         .expect("listeners");
 
-    let inv: Inventory =
-        serde_yaml::from_str("workloads:\n  - {name: web, namespace: shop, ips: [10.78.0.1]}\n")
-            .expect("inventory");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(
+        "workloads:\n  - {name: web, namespace: shop, ips: [10.78.0.1]}\n",
+    )
+    .expect("inventory");
     let ident = inv.workloads[0].identity();
     let ips = inv.workloads[0].ips.clone();
     let render = |src: &str| {
@@ -493,7 +495,7 @@ spec:
     - {name: out1, from: app, to: unknown, protocol: tcp, ports: [443, 8443, 9443, 10443]}
     - {name: out2, from: app, to: wide, protocol: tcp, ports: [5432]}
 "#;
-    let inv: Inventory = serde_yaml::from_str(
+    let inv: Inventory = enclave_netfilter::yaml::from_str(
         "workloads:\n  - {name: web, namespace: shop, ips: [10.1.2.5, 'fd00:1::5']}\n  - {name: p, namespace: peers, ips: [10.1.2.9, 10.7.0.1, 'fd00:1::9']}\n",
     )
     .expect("inventory");

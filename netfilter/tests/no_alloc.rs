@@ -63,7 +63,7 @@ fn deciding_frames_allocates_nothing() {
     ))
     .unwrap();
     let c = Arc::new(policy::load_str(&src, "pci-cde.yaml").unwrap().compiled);
-    let inv: Inventory = serde_yaml::from_str(&inv_src).unwrap();
+    let inv: Inventory = enclave_netfilter::yaml::from_str(&inv_src).unwrap();
     let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
     let w = &inv.workloads[1]; // payments-api-0
     let mac = w.mac.unwrap();

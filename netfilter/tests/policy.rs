@@ -38,7 +38,7 @@ fn unknown_field_is_located_and_names_expected_fields() {
     let d = errors(&src);
     assert_eq!(d.len(), 1);
     assert_eq!((d[0].pos.line, d[0].pos.col), (15, 7), "{}", d[0]);
-    assert_eq!(d[0].field, "spec.rules[0]");
+    assert_eq!(d[0].field, "spec.rules[0].protcol");
     assert!(d[0].message.contains("unknown field `protcol`"), "{}", d[0]);
     assert!(
         d[0].message.contains("`protocol`"),

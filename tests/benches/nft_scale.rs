@@ -63,7 +63,7 @@ fn tables(rules: usize) -> (NftTable, NftTable) {
     }
     .yaml();
     let loaded = policy::load_str(&src, "scale.yaml").unwrap();
-    let inv: Inventory = serde_yaml::from_str(&format!(
+    let inv: Inventory = enclave_netfilter::yaml::from_str(&format!(
         "workloads:\n  - {{name: web, namespace: shop, ips: [{POD_IP}]}}\n"
     ))
     .unwrap();

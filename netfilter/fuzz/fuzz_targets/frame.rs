@@ -21,7 +21,7 @@ fn enforcer(fast_path: bool) -> Enforcer {
     // The policy is compiled once; each input gets fresh flow state.
     let (c, peers, inv) = SHARED.get_or_init(|| {
         let c = Arc::new(policy::load_str(POLICY, "pci-cde.yaml").expect("template loads").compiled);
-        let inv: Inventory = serde_yaml::from_str(INVENTORY).expect("inventory");
+        let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
         let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
         (c, peers, inv)
     });

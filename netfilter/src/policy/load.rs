@@ -150,19 +150,22 @@ fn short(mut message: String) -> String {
 /// Loads and compiles policy text; `file` names it in diagnostics.
 pub fn load_str(src: &str, file: &str) -> Result<LoadedPolicy, PolicyError> {
     check_bounds(src, file)?;
+    let located = |e: crate::yaml::YamlError| PolicyError::Invalid {
+        diagnostics: vec![Diagnostic {
+            severity: Severity::Error,
+            file: file.to_string(),
+            pos: e.pos,
+            field: e.field,
+            message: short(e.message),
+        }],
+    };
+    // One parser, read once: the value and where each field stands.
+    let parsed = crate::yaml::parse(src).map_err(located)?;
+    let doc: PolicyDocument = crate::yaml::typed(&parsed).map_err(located)?;
     let mut cx = Ctx {
         file,
-        spans: SpanIndex::build(src),
+        spans: parsed.spans,
         diags: Vec::new(),
-    };
-    let doc: PolicyDocument = match serde_yaml::from_str(src) {
-        Ok(d) => d,
-        Err(e) => {
-            cx.serde_error(&e);
-            return Err(PolicyError::Invalid {
-                diagnostics: cx.diags,
-            });
-        }
     };
     let policy = cx.validate(doc);
     if cx.has_errors() {
@@ -242,32 +245,6 @@ impl Ctx<'_> {
         PolicyError::Invalid {
             diagnostics: self.diags,
         }
-    }
-
-    /// Turns a serde_yaml error into a located diagnostic with a readable message.
-    fn serde_error(&mut self, e: &serde_yaml::Error) {
-        let mut msg = e.to_string();
-        if let Some(i) = msg.rfind(" at line ") {
-            msg.truncate(i);
-        }
-        let (field, message) = match msg.split_once(": ") {
-            Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
-            _ => ("(document)".to_string(), msg.clone()),
-        };
-        let pos = match e.location() {
-            Some(l) => super::Pos {
-                line: l.line(),
-                col: l.column(),
-            },
-            None => self.spans.locate(&field),
-        };
-        self.diags.push(Diagnostic {
-            severity: Severity::Error,
-            file: self.file.to_string(),
-            pos,
-            field,
-            message: short(message),
-        });
     }
 
     fn validate(&mut self, doc: PolicyDocument) -> Policy {

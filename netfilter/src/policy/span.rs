@@ -5,7 +5,7 @@
 //! point at the line and column of the field they complain about.
 
 use std::collections::HashMap;
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::Marker;
 
 /// A line and column, both 1-based.
@@ -24,18 +24,28 @@ pub struct SpanIndex {
 }
 
 impl SpanIndex {
-    /// Indexes `src`. A document that does not parse yields an empty index (serde reports
-    /// the syntax error with its own location).
+    /// Indexes `src`. A document that does not parse yields what was indexed before the
+    /// error.
     pub fn build(src: &str) -> SpanIndex {
-        let mut b = Builder {
-            stack: Vec::new(),
-            index: SpanIndex::default(),
-        };
+        let mut b = SpanBuilder::default();
         let mut parser = Parser::new_from_str(src);
-        if parser.load(&mut b, false).is_err() {
-            return SpanIndex::default();
+        while let Ok((ev, m)) = parser.next_token() {
+            let end = matches!(ev, Event::StreamEnd);
+            b.on_event(&ev, m);
+            if end {
+                break;
+            }
         }
-        b.index
+        b.finish()
+    }
+
+    /// Where the key of mapping entry `path` stands (for an error about the key itself,
+    /// like an unknown field), else as [`SpanIndex::locate`].
+    pub fn locate_key(&self, path: &str) -> Pos {
+        match self.values.get(&format!("{path}#key")) {
+            Some(p) => *p,
+            None => self.locate(path),
+        }
     }
 
     /// The position of `path` (its key, for a mapping entry), or of its nearest indexed
@@ -77,12 +87,20 @@ enum Frame {
     },
 }
 
-struct Builder {
+/// Builds a [`SpanIndex`] from parser events, one at a time (the YAML reader feeds it the
+/// events it builds the value from).
+#[derive(Default)]
+pub struct SpanBuilder {
     stack: Vec<Frame>,
     index: SpanIndex,
 }
 
-impl Builder {
+impl SpanBuilder {
+    /// The index.
+    pub fn finish(self) -> SpanIndex {
+        self.index
+    }
+
     /// The path of the value about to be read, advancing the parent's cursor.
     fn child_path(&mut self) -> Option<String> {
         match self.stack.last_mut() {
@@ -112,10 +130,18 @@ impl Builder {
     }
 }
 
-impl MarkedEventReceiver for Builder {
-    fn on_event(&mut self, ev: Event, m: Marker) {
+impl SpanBuilder {
+    /// Takes the next event.
+    pub fn on_event(&mut self, ev: &Event, m: Marker) {
+        let scalar = match ev {
+            Event::Scalar(v, ..) => Some(v.clone()),
+            // An alias stands where it is used, like a scalar (as a key: its anchor's
+            // text is unknown here, so it names no path).
+            Event::Alias(_) => Some(String::from("*")),
+            _ => None,
+        };
         match ev {
-            Event::Scalar(v, ..) => match self.child_path() {
+            Event::Scalar(..) | Event::Alias(_) => match self.child_path() {
                 // A mapping key: remember it; its value comes next.
                 None => {
                     let pos = Pos {
@@ -129,6 +155,7 @@ impl MarkedEventReceiver for Builder {
                             *located = true;
                             self.index.values.entry(path.clone()).or_insert(pos);
                         }
+                        let v = scalar.unwrap_or_default();
                         let full = if path.is_empty() {
                             v.clone()
                         } else {
