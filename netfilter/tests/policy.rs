@@ -313,3 +313,13 @@ fn what_the_kernel_wall_cannot_express_is_reported_where_it_is_written() {
     assert_eq!(w.pos.line, 13, "{w}");
     assert!(w.message.contains("IPv4-mapped"), "{w}");
 }
+
+#[test]
+fn a_type_error_through_an_alias_is_located_where_the_alias_is_used() {
+    let src = format!("{HEAD}  rules:\n    - {{name: r1, from: a, to: b, protocol: tcp, ports: &p [80]}}\n    - name: r2\n      from: *p\n      to: b\n");
+    let d = errors(&src);
+    assert_eq!(d.len(), 1, "{d:?}");
+    // Line 15 is the use (`from: *p`), line 13 the anchor.
+    assert_eq!((d[0].pos.line, d[0].pos.col), (15, 13), "{}", d[0]);
+    assert!(d[0].field.starts_with("spec.rules[1].from"), "{}", d[0]);
+}
