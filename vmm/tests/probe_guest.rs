@@ -538,3 +538,85 @@ fn configure_and_start_over_the_api() {
     assert!(serial.contains("PROBE DONE 0x0"), "{serial}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A guest that floods the vsock device: 20,000 connection requests to a host port nobody
+/// listens on, from CPL3, with no receive buffer posted, so every refusal (a RST) would have
+/// to wait in the VMM. The VMM keeps at most `MAX_RX_CONTROL` of them, drops and counts the
+/// rest, its peak RSS stays within 4 MiB of the same guest's without the flood (run side
+/// by side), and the device then still serves a host connection.
+#[test]
+fn a_guest_flooding_vsock_requests_leaves_the_vmm_bounded_and_serving() {
+    let Some(probe) = ready("a_guest_flooding_vsock_requests_leaves_the_vmm_bounded_and_serving")
+    else {
+        return;
+    };
+    let run = |name: &str, flood: bool| -> (u64, serde_json::Value, String) {
+        let dir = VmmRun::dir(name);
+        let extra = if flood {
+            " probe.vsock_flood=20000"
+        } else {
+            ""
+        };
+        let cfg = base_config(&probe, &dir, &format!("probe.vsock_listen=5000{extra}"));
+        let mut vm = start_listening_with_api(&dir, &cfg);
+        let kib = |k: &str| -> u64 {
+            status_field(
+                std::path::Path::new(&format!("/proc/{}/status", vm.child.id())),
+                k,
+            )
+            .first()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+        };
+        let peak = kib("VmHWM:");
+        let metrics = vm.api(r#"{"action":"metrics"}"#).unwrap()["result"].clone();
+        // The device still serves: a host connection is accepted and echoed.
+        let mut s = hybrid_connect(&vm.path("vsock.sock"), 5000);
+        s.write_all(b"still there?\n").unwrap();
+        let mut echo = [0u8; 13];
+        s.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"STILL THERE?\n", "{name}");
+        drop(s);
+        let st = vm.wait(Duration::from_secs(30)).unwrap();
+        let serial = vm.serial();
+        assert!(st.success(), "{name}: exit {st}; serial:\n{serial}");
+        (peak, metrics, serial)
+    };
+    let (base_kib, _, _) = run("flood-base", false);
+    let (flood_kib, metrics, serial) = run("flood", true);
+    let results = checks(&serial);
+    for want in [
+        "vsock.flood_sent",
+        "vsock.flood_answered",
+        "vsock.accept",
+        "vsock.echo",
+    ] {
+        assert!(
+            results.iter().any(|(n, ok, _)| n == want && *ok),
+            "{want} failed or missing:\n{serial}"
+        );
+    }
+    let dropped = metrics["vsock_control_dropped"].as_u64().unwrap_or(0);
+    let drained = serial
+        .lines()
+        .find_map(|l| l.strip_prefix("INFO vsock flood drained="))
+        .and_then(|v| {
+            u64::from_str_radix(v.split_whitespace().next()?.trim_start_matches("0x"), 16).ok()
+        })
+        .unwrap_or(0);
+    eprintln!(
+        "peak RSS without the flood {base_kib} KiB, with it {flood_kib} KiB; {drained} answers kept and delivered, {dropped} dropped"
+    );
+    assert!(
+        drained <= enclave_vmm::devices::virtio::vsock::MAX_RX_CONTROL as u64 + 16,
+        "the device kept {drained} answers"
+    );
+    assert!(
+        dropped + drained >= 20_000,
+        "every request answered or counted: {dropped} dropped, {drained} delivered; {metrics}"
+    );
+    assert!(
+        flood_kib < base_kib + 4096,
+        "peak RSS {flood_kib} KiB with the flood against {base_kib} KiB without"
+    );
+}

@@ -166,10 +166,16 @@ pub fn run(dev: &Device, line: &[u8]) {
     let _ = ev.add(&[(buf(TX_DATA) as u64 + 2048, 8, true)]);
     check("vsock.driver_ok", dev.driver_ok(), "device flagged DEVICE_NEEDS_RESET");
     let mut v = Vsock { cid, rx, tx, rx_slot: [0; QSIZE], fwd_cnt: 0 };
+    if let Some(n) = param(line, "probe.vsock_flood").and_then(parse_u64) {
+        flood(&mut v, n);
+    }
     for slot in 0..RX_BUFS {
         v.post_rx(slot);
     }
     v.rx.kick();
+    if param(line, "probe.vsock_flood").is_some() {
+        drain(&mut v);
+    }
 
     let mut data = [0u8; 256];
     if let Some(port) = param(line, "probe.vsock_port").and_then(parse_u64) {
@@ -257,4 +263,52 @@ pub fn run(dev: &Device, line: &[u8]) {
             _ => check("vsock.accept", false, "no REQUEST from the host"),
         }
     }
+}
+
+/// A hostile guest: `n` connection requests, each from a new local port, to a host port
+/// nobody listens on, with no receive buffer posted, so every answer (a RST) must wait in
+/// the device. What the VMM keeps for them must stay bounded.
+fn flood(v: &mut Vsock, n: u64) {
+    let mut sent = 0u64;
+    for i in 0..n {
+        let req = Hdr { src_port: 50_000u32.wrapping_add(i as u32), dst_port: 7, op: OP_REQUEST, ..Default::default() };
+        if !v.send(req, &[]) {
+            break;
+        }
+        sent += 1;
+    }
+    print("INFO vsock flood sent=");
+    print_hex(sent);
+    println("");
+    check("vsock.flood_sent", sent == n, "the device stopped taking transmit buffers");
+}
+
+/// Reads what the device kept for the flood, until it has nothing more.
+fn drain(v: &mut Vsock) {
+    let mut got = 0u64;
+    let mut rsts = 0u64;
+    loop {
+        let mut used = None;
+        if !wait_for(1, || {
+            used = v.rx.used();
+            used.is_some()
+        }) {
+            break;
+        }
+        let Some((head, _)) = used else { break };
+        let slot = v.rx_slot[head as usize % QSIZE];
+        let h = Hdr::read(buf(slot));
+        got += 1;
+        if h.op == OP_RST && h.src_port == 7 {
+            rsts += 1;
+        }
+        v.post_rx(slot);
+        v.rx.kick();
+    }
+    print("INFO vsock flood drained=");
+    print_hex(got);
+    print(" rst=");
+    print_hex(rsts);
+    println("");
+    check("vsock.flood_answered", rsts > 0, "no RST for the refused requests");
 }
