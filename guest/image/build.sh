@@ -4,7 +4,7 @@
 set -euo pipefail
 usage() {
     cat <<'HELP'
-Usage: guest/image/build.sh [--out DIR] [--kernel-package NAME]
+Usage: guest/image/build.sh [--out DIR] [--kernel-package NAME | --kernel VMLINUX]
 
 Builds the Enclave guest image into DIR (default: target/guest):
   vmlinux            the guest kernel (ELF, PVH entry)
@@ -16,16 +16,20 @@ Builds the Enclave guest image into DIR (default: target/guest):
 The kernel comes from Debian's cloud kernel package (the one linux-image-cloud-amd64
 depends on, or --kernel-package), fetched with apt-get download and cached under
 ${ENCLAVE_CACHE:-~/.cache/enclave}/kernel/. With nothing changed a rebuild takes seconds.
-For the purpose-built production kernel see guest/kernel/ and docs/guest.md.
+--kernel VMLINUX uses a kernel built elsewhere instead, such as the purpose-built one
+(bash guest/kernel/build.sh, then --kernel target/guest-kernel/vmlinux): its drivers are
+built in, so the initramfs carries no modules. See guest/kernel/ and docs/guest.md.
 HELP
 }
 OUT=target/guest
 PKG=
+KERNEL=
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --out) OUT=$2; shift 2 ;;
         --kernel-package) PKG=$2; shift 2 ;;
+        --kernel) KERNEL=$(realpath "$2"); shift 2 ;;
         *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -46,6 +50,24 @@ AGENT=$ROOT/target/x86_64-unknown-linux-gnu/release/enclave-agent
 if ldd "$AGENT" 2>/dev/null | grep -q '=>'; then echo "build.sh: $AGENT is not static" >&2; exit 1; fi
 if command -v strip >/dev/null; then
     strip -o "$AGENT.stripped" "$AGENT" && AGENT=$AGENT.stripped
+fi
+
+if [ -n "$KERNEL" ]; then
+    [ -f "$KERNEL" ] || { echo "build.sh: --kernel $KERNEL: no such file" >&2; exit 1; }
+    mkdir -p "$OUT"
+    KSUM=$(sha256sum "$KERNEL" | cut -d' ' -f1)
+    KEY=$( (sha256sum "$AGENT" guest/image/mkimage.py guest/image/build.sh; echo "custom $KSUM") | sha256sum | cut -c1-16)
+    if [ -f "$OUT/manifest" ] && grep -q "^key $KEY$" "$OUT/manifest" && [ -f "$OUT/initramfs.cpio" ] && [ -f "$OUT/vmlinux" ]; then
+        step "image: up to date ($OUT, key $KEY)"
+        exit 0
+    fi
+    step "initramfs (no modules: the kernel's drivers are built in)"
+    python3 guest/image/mkimage.py initramfs --agent "$AGENT" --out "$OUT/initramfs.cpio"
+    cp "$KERNEL" "$OUT/vmlinux.tmp" && mv "$OUT/vmlinux.tmp" "$OUT/vmlinux"
+    echo "console=ttyS0 reboot=t panic=-1 quiet" > "$OUT/cmdline"
+    printf 'key %s\nkernel custom %s\nagent %s\nmodules\n' "$KEY" "$KSUM" "$(sha256sum "$AGENT" | cut -d' ' -f1)" > "$OUT/manifest"
+    step "image ready in $OUT (kernel $KERNEL)"
+    exit 0
 fi
 
 if [ -z "$PKG" ]; then

@@ -88,7 +88,9 @@ def cpio_entry(out, name, mode, data=b"", rdev=(0, 0), ino=[1]):
 
 
 def initramfs(args):
-    order = module_order(args.modules_dir, args.module)
+    if args.module and not args.modules_dir:
+        die("--module needs --modules-dir")
+    order = module_order(args.modules_dir, args.module) if args.modules_dir else []
     init = open(args.init, "rb").read()
     if not (init[:4] == b"\x7fELF" or init[:2] == b"#!"):
         die(f"{args.init}: neither an ELF binary nor a script")
@@ -141,7 +143,7 @@ def main():
                    help="what runs as /init: the static enclave-agent, or a script")
     i.add_argument("--file", action="append", default=[], metavar="DEST=SOURCE",
                    help="another file, at DEST (relative to the root), with SOURCE's permissions")
-    i.add_argument("--modules-dir", required=True, help="lib/modules/<version> of the kernel package")
+    i.add_argument("--modules-dir", help="lib/modules/<version> of the kernel package (none: a kernel with its drivers built in)")
     i.add_argument("--module", action="append", default=[], help="module to include (with its dependencies)")
     i.add_argument("--out", required=True)
     i.set_defaults(func=initramfs)

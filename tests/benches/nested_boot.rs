@@ -8,7 +8,8 @@
 //!   mapping's RSS.
 //!
 //! Everything in the box is emulated: only the ratios carry over to hardware.
-//! `cargo bench -p enclave-tests --bench nested_boot` (ENCLAVE_BENCH_RUNS=N, default 5).
+//! `cargo bench -p enclave-tests --bench nested_boot` (ENCLAVE_BENCH_RUNS=N, default 5;
+//! ENCLAVE_BENCH_KERNEL=PATH boots another kernel, such as the purpose-built one).
 //! On a host with hardware KVM it measures directly, without a box.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -85,7 +86,10 @@ fn main() {
     let run = nb
         .run(
             &format!(
-                "export ENCLAVE_BENCH_RUNS={runs}\n{} --bench",
+                "export ENCLAVE_BENCH_RUNS={runs}\n{}{} --bench",
+                std::env::var("ENCLAVE_BENCH_KERNEL")
+                    .map(|k| format!("export ENCLAVE_BENCH_KERNEL={}\n", nestbox::shell_quote(&k)))
+                    .unwrap_or_default(),
                 nestbox::shell_quote(&exe.to_string_lossy())
             ),
             Duration::from_secs(900),
@@ -163,7 +167,9 @@ fn rss(pid: u32, name: &str) -> (u64, u64) {
 }
 
 fn one(which: Vmm, root: &Path, work: &Path, n: usize) -> Sample {
-    let kernel = root.join("target/guest/vmlinux");
+    // ENCLAVE_BENCH_KERNEL: another kernel (the purpose-built one, target/guest-kernel/vmlinux).
+    let kernel = std::env::var_os("ENCLAVE_BENCH_KERNEL")
+        .map_or_else(|| root.join("target/guest/vmlinux"), PathBuf::from);
     let initrd = work.join("init.cpio");
     let serial = std::env::temp_dir().join(format!("nested-boot-{n}.log"));
     let _ = std::fs::remove_file(&serial);
@@ -267,7 +273,11 @@ fn measure(root: &Path, work: &Path) {
     } else {
         "hardware KVM"
     };
-    println!("BENCH Debian cloud kernel, busybox /init, {MEM_MIB} MiB, 1 vCPU; {runs} interleaved runs; {why}");
+    let kernel =
+        std::env::var("ENCLAVE_BENCH_KERNEL").unwrap_or_else(|_| "Debian cloud kernel".into());
+    println!(
+        "BENCH {kernel}, busybox /init, {MEM_MIB} MiB, 1 vCPU; {runs} interleaved runs; {why}"
+    );
     println!(
         "BENCH {:<44}{:>12}{:>12}{:>9}",
         "measurement (median)", "enclave-vmm", "qemu kvm", "ratio"

@@ -106,7 +106,11 @@ impl Containerd {
             cmd.arg("--config")
                 .arg(&config_path)
                 .env("PATH", &path)
-                .env("ENCLAVE_GUEST_IMAGE", workspace_root().join("target/guest"))
+                .env(
+                    "ENCLAVE_GUEST_IMAGE",
+                    std::env::var_os("ENCLAVE_GUEST_IMAGE")
+                        .map_or_else(|| workspace_root().join("target/guest"), PathBuf::from),
+                )
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)

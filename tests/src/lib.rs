@@ -31,6 +31,29 @@ pub fn tools() -> Result<Tools, String> {
     Tools::find(workspace_root().join("target/guest"))
 }
 
+/// Asserts that `uname -r` output from a container is the guest's kernel: the release of
+/// the image's kernel package (Debian's cloud kernel), or for a kernel built here (the
+/// purpose-built one, `guest/image/build.sh --kernel`) any release but the host's.
+pub fn assert_guest_kernel(uname: &str) {
+    let image = std::env::var_os("ENCLAVE_GUEST_IMAGE")
+        .map_or_else(|| workspace_root().join("target/guest"), PathBuf::from);
+    let manifest = std::fs::read_to_string(image.join("manifest")).unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let got = uname.trim();
+    match manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel linux-image-"))
+        .and_then(|l| l.split_whitespace().next())
+    {
+        Some(release) => assert_eq!(got, release, "the guest's kernel expected"),
+        None => assert!(
+            !got.is_empty() && got != host.trim(),
+            "the guest's kernel expected, got {got:?} (host {})",
+            host.trim()
+        ),
+    }
+}
+
 /// Writes a minimal busybox root filesystem (from the host's static busybox) at `dir`.
 pub fn busybox_rootfs(dir: &Path) -> Result<(), String> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]

@@ -404,9 +404,13 @@ pub fn run_test_in_box(test: &str, timeout: Duration) {
         Err(e) => panic!("{test}: the test binary's path: {e}"),
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    // A guest image chosen for the run (the purpose-built kernel's, say) goes in too.
+    let image = std::env::var("ENCLAVE_GUEST_IMAGE")
+        .map(|i| format!("export ENCLAVE_GUEST_IMAGE={}\n", shell_quote(&i)))
+        .unwrap_or_default();
     let script = format!(
         "cd {cwd}\nexport ENCLAVE_REQUIRE_VM=1 ENCLAVE_REQUIRE_PRIVILEGED=1 RUST_BACKTRACE=1\n\
-         {exe} --exact {test} --nocapture --test-threads 1\n",
+         {image}{exe} --exact {test} --nocapture --test-threads 1\n",
         cwd = shell_quote(&cwd.to_string_lossy()),
         exe = shell_quote(&exe.to_string_lossy()),
         test = shell_quote(test),

@@ -278,11 +278,15 @@ fn linux_guest_on_enclave_vmm_talks_to_the_agent() {
         return;
     }
     let root = enclave_tests::workspace_root();
-    let image = root.join("target/guest");
+    let image = std::env::var_os("ENCLAVE_GUEST_IMAGE")
+        .map_or_else(|| root.join("target/guest"), std::path::PathBuf::from);
     if !image.join("vmlinux").exists() {
         skip_or_fail(
             test,
-            "no guest image in target/guest (run guest/image/build.sh)",
+            &format!(
+                "no guest image in {} (run guest/image/build.sh)",
+                image.display()
+            ),
         );
         return;
     }
