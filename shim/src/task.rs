@@ -72,6 +72,24 @@ pub struct Service {
     publisher: Publisher,
     /// Asked to exit (Shutdown).
     pub shutdown: Arc<(Mutex<bool>, Condvar)>,
+    /// Create calls running.
+    creating: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a call in flight for as long as it lives.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a std::sync::atomic::AtomicUsize) -> InFlight<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 fn err(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -224,12 +242,19 @@ impl Service {
             exited: Condvar::new(),
             publisher,
             shutdown: Arc::new((Mutex::new(false), Condvar::new())),
+            creating: Default::default(),
         }
     }
 
-    /// True when the shim serves no container at all.
+    /// True when the shim serves no container and none is being created.
     pub fn is_empty(&self) -> bool {
-        lock(&self.containers).is_empty()
+        self.creating.load(std::sync::atomic::Ordering::Acquire) == 0
+            && lock(&self.containers).is_empty()
+    }
+
+    /// True when a Create is running.
+    pub fn creating(&self) -> bool {
+        self.creating.load(std::sync::atomic::Ordering::Acquire) > 0
     }
 
     /// True when no process of any container runs (each has exited or never started).
@@ -548,6 +573,8 @@ impl Task for TaskService {
         req: api::CreateTaskRequest,
     ) -> ttrpc::Result<api::CreateTaskResponse> {
         let s = &self.0;
+        // While a Create runs (a VM boot can take tens of seconds) the shim is in use.
+        let _busy = InFlight::enter(&s.creating);
         let t0 = std::time::Instant::now();
         let bundle = PathBuf::from(&req.bundle);
         // Every container of the VM under one shared directory: <shared>/<id>/rootfs.

@@ -13,16 +13,41 @@ use enclave_agent_protocol::{connect_hybrid_vsock, Client, AGENT_VSOCK_PORT};
 /// Host vsock port the agent announces its readiness on.
 pub const READY_PORT: u32 = 1025;
 
-/// The directory of the VM's vsock sockets, owned by the vsock backend's unprivileged uid.
+/// `<vm dir>/vsock`: a link to the VM's vsock home ([`vsock_home`]), owned by the vsock
+/// backend's unprivileged uid.
 const VSOCK_DIR: &str = "vsock";
-/// The hybrid vsock socket (host side of the guest's vsock), under [`VSOCK_DIR`].
-const VSOCK_UDS: &str = "vsock/vm.vsock";
-/// vhost-device-vsock's vhost-user socket, which QEMU connects to.
-const VSOCK_BACKEND: &str = "vsock/backend.sock";
+/// The hybrid vsock socket (host side of the guest's vsock), in the vsock home.
+const VSOCK_UDS: &str = "vm.vsock";
+/// vhost-device-vsock's vhost-user socket, which QEMU connects to, in the vsock home.
+const VSOCK_BACKEND: &str = "backend.sock";
+/// Where vsock homes live.
+pub const VSOCK_ROOT: &str = "/run/enclave/vsock";
+
+/// The directory of a VM's vsock sockets (and enclave-vmm's console log): short, because a
+/// Unix socket path holds at most 107 bytes and the guest's connections to host port P
+/// arrive on `<vm.vsock>_P`, while a CRI sandbox's VM directory alone is 90 bytes
+/// (`/run/enclave/k8s.io/<64 hex digits>/vm`). `<vm dir>/vsock` links to it.
+/// A shim's VM (`/run/enclave/<ns>/<id>/vm`) gets `/run/enclave/<ns>/vsock-<16 hex>`, beside
+/// the pods of its namespace (so what a pod leaves behind shows in its namespace's
+/// directory); any other VM directory `/run/enclave/vsock/<16 hex>`.
+pub fn vsock_home(vm_dir: &Path) -> PathBuf {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(vm_dir.as_os_str().as_encoded_bytes());
+    let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let root = Path::new(crate::task::STATE_ROOT);
+    match vm_dir
+        .strip_prefix(root)
+        .ok()
+        .and_then(|rest| rest.components().next())
+    {
+        Some(ns) if vm_dir.ends_with("vm") => root.join(ns).join(format!("vsock-{hex}")),
+        _ => Path::new(VSOCK_ROOT).join(hex),
+    }
+}
 /// The empty directory QEMU chroots into once the guest is set up.
 const QEMU_JAIL: &str = "jail";
 /// enclave-vmm's console log, in the directory shared into its jail.
-const VMM_CONSOLE: &str = "vsock/console.log";
+const VMM_CONSOLE: &str = "console.log";
 /// Where enclave-jailer builds enclave-vmm's jail (`<dir>/vmm-jail/<id>/root`).
 const VMM_JAIL_BASE: &str = "vmm-jail";
 
@@ -204,7 +229,10 @@ fn qemu_command(
         .args(["-append", cmdline])
         .args([
             "-chardev",
-            &format!("socket,id=vsock,path={}", d(VSOCK_BACKEND).display()),
+            &format!(
+                "socket,id=vsock,path={}",
+                vsock_home(dir).join(VSOCK_BACKEND).display()
+            ),
         ])
         .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
         .args([
@@ -276,8 +304,8 @@ pub fn enclave_vmm_config(
         // interrupt only for a device the DSDT describes, so a device declared on the
         // command line alone gets none (seen with the purpose-built kernel).
         "device_discovery": "acpi",
-        "serial": {"path": d(VMM_CONSOLE)},
-        "vsock": {"cid": 3, "uds_path": d(VSOCK_UDS)},
+        "serial": {"path": vsock_home(dir).join(VMM_CONSOLE)},
+        "vsock": {"cid": 3, "uds_path": vsock_home(dir).join(VSOCK_UDS)},
         "fs": [{"socket": d("fs.sock"), "tag": "shared"}],
         "net": opts.net.iter().filter(|n| matches!(n.backend, NetBackend::Netd { .. })).map(|n| serde_json::json!({"socket": d("net.sock"), "mac": n.mac})).collect::<Vec<_>>(),
     })
@@ -309,7 +337,7 @@ fn jailed_vmm(binary: &Path, dir: &Path, n: u32) -> Result<Command, String> {
         .arg("--base")
         .arg(dir.join(VMM_JAIL_BASE))
         .arg("--share")
-        .arg(dir.join(VSOCK_DIR))
+        .arg(vsock_home(dir))
         .args(["--netns", "new", "--cleanup"]);
     Ok(c)
 }
@@ -484,13 +512,18 @@ impl GuestVm {
         let d = |f: &str| dir.join(f);
         let qemu = matches!(opts.backend, Backend::Qemu { .. });
         let confine = crate::confine::can_confine();
-        for sub in [VSOCK_DIR, QEMU_JAIL] {
-            std::fs::create_dir_all(d(sub)).map_err(|e| format!("{}: {e}", d(sub).display()))?;
-        }
+        std::fs::create_dir_all(d(QEMU_JAIL))
+            .map_err(|e| format!("{}: {e}", d(QEMU_JAIL).display()))?;
+        let home = vsock_home(&dir);
+        let _ = std::fs::remove_dir_all(&home);
+        std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
+        let _ = std::fs::remove_file(d(VSOCK_DIR));
+        std::os::unix::fs::symlink(&home, d(VSOCK_DIR))
+            .map_err(|e| format!("{}: {e}", d(VSOCK_DIR).display()))?;
         if confine && !qemu {
             // The jailed enclave-vmm (nobody) creates its vsock socket and console log in
             // the directory shared into its jail.
-            crate::confine::chown(&d(VSOCK_DIR), crate::confine::HELPER_ID)?;
+            crate::confine::chown(&home, crate::confine::HELPER_ID)?;
         }
         if qemu {
             // enclave-vmm has its own vsock device; QEMU gets it from a vhost-user backend,
@@ -498,11 +531,11 @@ impl GuestVm {
             let mut c = Command::new(&tools.vsock);
             c.arg("--guest-cid=3")
                 .arg("--socket")
-                .arg(d(VSOCK_BACKEND))
+                .arg(home.join(VSOCK_BACKEND))
                 .arg("--uds-path")
-                .arg(d(VSOCK_UDS));
+                .arg(home.join(VSOCK_UDS));
             if confine {
-                crate::confine::chown(&d(VSOCK_DIR), crate::confine::HELPER_ID)?;
+                crate::confine::chown(&home, crate::confine::HELPER_ID)?;
                 crate::confine::own_namespaces(&mut c, crate::confine::HELPER_NAMESPACES);
                 crate::confine::drop_to(&mut c, crate::confine::HELPER_ID);
                 crate::confine::seccomp_before_exec(
@@ -573,7 +606,7 @@ impl GuestVm {
             wait_for_socket(&d("net.sock"), Duration::from_secs(10))?;
         }
         if qemu {
-            wait_for_socket(&d(VSOCK_BACKEND), Duration::from_secs(10))?;
+            wait_for_socket(&home.join(VSOCK_BACKEND), Duration::from_secs(10))?;
         }
         wait_for_socket(&d("fs.sock"), Duration::from_secs(10))?;
         if confine && !qemu {
@@ -589,7 +622,7 @@ impl GuestVm {
         // The agent announces itself on this host port (guest -> host vsock arrives on
         // `<uds-path>_<port>`); connecting only then avoids queueing connection requests
         // before the guest's vsock driver is up, which can wedge vhost-device-vsock.
-        let ready_path = d(&format!("{VSOCK_UDS}_{READY_PORT}"));
+        let ready_path = home.join(format!("{VSOCK_UDS}_{READY_PORT}"));
         let ready = std::os::unix::net::UnixListener::bind(&ready_path)
             .map_err(|e| format!("ready listener: {e}"))?;
         if confine {
@@ -638,8 +671,12 @@ impl GuestVm {
     pub fn connect(&self, timeout: Duration) -> Result<Client, String> {
         let deadline = Instant::now() + timeout;
         self.wait_ready(deadline)?;
-        let stream = connect_hybrid_vsock(&self.dir.join(VSOCK_UDS), AGENT_VSOCK_PORT, deadline)
-            .map_err(|e| format!("{e}\n{}", self.logs()))?;
+        let stream = connect_hybrid_vsock(
+            &vsock_home(&self.dir).join(VSOCK_UDS),
+            AGENT_VSOCK_PORT,
+            deadline,
+        )
+        .map_err(|e| format!("{e}\n{}", self.logs()))?;
         let client = Client::new(stream).map_err(|e| e.to_string())?;
         client
             .handshake()
@@ -676,7 +713,7 @@ impl GuestVm {
     /// A raw connection to the agent's port (for sending garbage).
     pub fn connect_raw(&self, timeout: Duration) -> Result<std::os::unix::net::UnixStream, String> {
         connect_hybrid_vsock(
-            &self.dir.join(VSOCK_UDS),
+            &vsock_home(&self.dir).join(VSOCK_UDS),
             AGENT_VSOCK_PORT,
             Instant::now() + timeout,
         )
@@ -721,7 +758,7 @@ impl GuestVm {
         let mut s = String::new();
         for f in [
             "console.log",
-            VMM_CONSOLE,
+            "vsock/console.log",
             "qemu.log",
             "vmm.log",
             "vsock.log",
@@ -753,6 +790,7 @@ impl Drop for GuestVm {
             .filter(|v| !v.is_empty())
             .is_none()
         {
+            let _ = std::fs::remove_dir_all(vsock_home(&self.dir));
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

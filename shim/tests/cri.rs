@@ -27,7 +27,35 @@ fn shim_dir() -> PathBuf {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_pod_through_cri_runs_in_one_microvm() {
-    let test = "a_pod_through_cri_runs_in_one_microvm";
+    pod_through_cri("a_pod_through_cri_runs_in_one_microvm").await;
+}
+
+/// The same pod flow with the `auto` backend where KVM has hardware virtualization: the pod
+/// runs on enclave-vmm (jailed). On this PVM host it runs inside the nested KVM box, which
+/// takes about 50 s and where the box's own kernel (KVM under TCG's emulated SVM) crashed
+/// in about one run in three: so it is opt-in here (`cargo test -p enclave-shim --test cri
+/// -- --ignored a_pod_through_cri_runs_on_enclave_vmm`), and the ctr test on enclave-vmm is
+/// the one CI runs in the box.
+#[test]
+#[ignore = "opt-in: the CRI pod flow inside the nested KVM box (about 50 s; the box crashes under TCG in about one run in three)"]
+fn a_pod_through_cri_runs_on_enclave_vmm() {
+    let test = "a_pod_through_cri_runs_on_enclave_vmm";
+    if !enclave_tests::nestbox::on_hardware_kvm_or_in_box(test, Duration::from_secs(900)) {
+        return;
+    }
+    let t = Instant::now();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(pod_through_cri(test));
+    println!(
+        "BOX-REPORT CRI pod flow on enclave-vmm: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+async fn pod_through_cri(test: &str) {
     if let Err(e) = enclave_tests::cri::prerequisites(&[("gcc", "/usr/bin/gcc")]) {
         return skip_or_fail(test, &e);
     }
@@ -95,13 +123,37 @@ async fn a_pod_through_cri_runs_in_one_microvm() {
     assert!(!exec(ids[1].clone(), vec!["cat", "/etc/hosts"])
         .await
         .is_empty());
-    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
-    assert_ne!(kernel, host.trim(), "the container sees the guest's kernel");
-    let vms = leftovers("/run/enclave/k8s.io/")
-        .iter()
-        .filter(|c| c.contains("qemu-system") || c.contains("enclave-vmm --config"))
-        .count();
-    assert_eq!(vms, 1, "one VM for the pod");
+    enclave_tests::assert_guest_kernel(&kernel);
+    // Another kernel than the node's (in the nested box both may be the same release).
+    let node_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_ne!(
+        a.trim(),
+        node_boot.trim(),
+        "the container runs on the guest's kernel"
+    );
+    let vms: Vec<String> = enclave_tests::procfs::processes()
+        .into_iter()
+        .map(|(_, c)| c)
+        // QEMU names the pod's directory; a jailed enclave-vmm sees only its jail, so its
+        // enclave-jailer stands for it.
+        .filter(|c| {
+            c.contains("/run/enclave/k8s.io/")
+                && (c.contains("qemu-system") || c.contains("enclave-jailer"))
+        })
+        .collect();
+    assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    let backend = if vms[0].contains("qemu-system") {
+        "QEMU"
+    } else {
+        "enclave-vmm"
+    };
+    eprintln!("{test}: the pod's VM is {backend}");
+    if enclave_tests::nestbox::inside() {
+        assert_eq!(
+            backend, "enclave-vmm",
+            "auto picks enclave-vmm on hardware KVM"
+        );
+    }
 
     // The pod answers on its pod IP, from the node's side of the pod network.
     let ip = pod_ip(&mut cri, &sandbox).await;

@@ -112,15 +112,20 @@ pub fn check(marker: &str, expect: &[Expect]) -> (Vec<String>, Vec<String>) {
             .unwrap_or_default()
             .to_string()
     };
+    // The pod's vsock home (a short directory outside the VM's, for socket paths) names
+    // the pod as well.
+    let home = enclave_shim::vm::vsock_home(&std::path::Path::new(marker).join("vm"));
+    let home = home.to_string_lossy().to_string();
+    let ours = |cmd: &str| cmd.contains(marker) || cmd.contains(&home);
     let jailers: Vec<i32> = all
         .iter()
-        .filter(|(_, cmd)| cmd.contains(marker) && prog(cmd).ends_with("enclave-jailer"))
+        .filter(|(_, cmd)| ours(cmd) && prog(cmd).ends_with("enclave-jailer"))
         .map(|(pid, _)| *pid)
         .collect();
     let procs: Vec<(i32, String)> = all
         .into_iter()
         .filter(|(pid, cmd)| {
-            cmd.contains(marker)
+            ours(cmd)
                 || pid_status(pid, "PPid:")
                     .first()
                     .and_then(|p| p.parse::<i32>().ok())

@@ -115,10 +115,18 @@ impl CriNode {
         );
         std::fs::create_dir_all(&policy_dir).unwrap();
         std::fs::write(policy_dir.join("policy.yaml"), policy).unwrap();
+        // `auto` picks the workspace's enclave-vmm where KVM has hardware virtualization
+        // (QEMU on a PVM host like this one's).
+        let vmm = shim_dir.join("enclave-vmm");
+        let paths = if vmm.exists() {
+            format!("[paths]\nenclave_vmm = {:?}\n", vmm)
+        } else {
+            String::new()
+        };
         std::fs::write(
             &config,
             format!(
-                "[network]\npolicy_dir = {:?}\nregistry = {:?}\naudit_log = {:?}\n",
+                "[network]\npolicy_dir = {:?}\nregistry = {:?}\naudit_log = {:?}\n{paths}",
                 policy_dir, registry, audit_log
             ),
         )

@@ -410,7 +410,7 @@ pub fn run_test_in_box(test: &str, timeout: Duration) {
         .unwrap_or_default();
     let script = format!(
         "cd {cwd}\nexport ENCLAVE_REQUIRE_VM=1 ENCLAVE_REQUIRE_PRIVILEGED=1 RUST_BACKTRACE=1\n\
-         {image}{exe} --exact {test} --nocapture --test-threads 1\n",
+         {image}{exe} --exact {test} --include-ignored --nocapture --test-threads 1\n",
         cwd = shell_quote(&cwd.to_string_lossy()),
         exe = shell_quote(&exe.to_string_lossy()),
         test = shell_quote(test),

@@ -266,7 +266,7 @@ fn orphan_reason(f: &Flags, service: &Service) -> Option<&'static str> {
     if service.is_empty() {
         return Some("no container left");
     }
-    if !service.nothing_running() {
+    if service.creating() || !service.nothing_running() {
         return None;
     }
     if !socket_path(f).exists() {
@@ -304,6 +304,8 @@ fn delete(f: &Flags) -> Result<Vec<u8>, String> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+    // The VM's vsock home, outside the state directory (a short path for its sockets).
+    let _ = std::fs::remove_dir_all(enclave_shim::vm::vsock_home(&state.join("vm")));
     // The container's rootfs in whichever shim's shared directory it was.
     if let Ok(shims) =
         std::fs::read_dir(std::path::Path::new(enclave_shim::task::STATE_ROOT).join(&f.namespace))
