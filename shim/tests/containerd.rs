@@ -48,6 +48,26 @@ fn setup(test: &str, ns: &'static str) -> Option<(Containerd, PathBuf)> {
     Some((ctrd, dir.join("fifo")))
 }
 
+/// A private containerd (namespace `ns`, CRI off) whose shims read `config` (the shim's
+/// runtime config, written beside `dir`), with the busybox image imported; and its fifo
+/// directory.
+fn start_with_config(dir: &Path, ns: &'static str, config: &str) -> (Containerd, PathBuf) {
+    // Beside containerd's directory, which Containerd::start empties.
+    let path = dir.with_extension("toml");
+    std::fs::write(&path, config).unwrap();
+    let ctrd = Containerd::start_with_env(
+        dir,
+        ns,
+        &shim_dir(),
+        "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        None,
+        &[("ENCLAVE_CONFIG", path.into())],
+    );
+    let image = busybox_image(dir);
+    ctrd.ctr_ok(&["images", "import", image.to_str().unwrap()]);
+    (ctrd, dir.join("fifo"))
+}
+
 /// Asserts nothing of the test's namespace is left: VM processes, shim state, rootfs mounts.
 fn assert_nothing_left(ctrd: &Containerd) {
     std::thread::sleep(Duration::from_millis(500));
@@ -342,27 +362,14 @@ fn ctr_runs_containers_on_enclave_vmm() {
         );
     }
     let dir = std::env::temp_dir().join(format!("enclave-ctrd-ev-{}", std::process::id()));
-    // Beside containerd's directory, which Containerd::start empties.
-    let config = dir.with_extension("toml");
-    std::fs::write(
-        &config,
-        format!(
+    let (ctrd, fifo) = start_with_config(
+        &dir,
+        "enclave-ev",
+        &format!(
             "[vm]\nbackend = \"auto\"\n[paths]\nenclave_vmm = \"{}\"\n",
             vmm.display()
         ),
-    )
-    .unwrap();
-    let ctrd = Containerd::start_with_env(
-        &dir,
-        "enclave-ev",
-        &shim_dir(),
-        "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
-        None,
-        &[("ENCLAVE_CONFIG", config.clone().into())],
     );
-    let image = busybox_image(&dir);
-    ctrd.ctr_ok(&["images", "import", image.to_str().unwrap()]);
-    let fifo = dir.join("fifo");
     let fifo = fifo.to_str().unwrap();
 
     let t = Instant::now();
@@ -389,7 +396,7 @@ fn ctr_runs_containers_on_enclave_vmm() {
     assert!(wrong.is_empty(), "{wrong:#?}\n{seen:#?}");
     assert_eq!(seen.len(), 2, "enclave-vmm and virtiofsd: {seen:#?}");
     assert_nothing_left(&ctrd);
-    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(dir.with_extension("toml"));
     println!(
         "BOX-REPORT ctr run on enclave-vmm: first container's output after {:.2} s, all checks in {:.2} s",
         first.as_secs_f64(),
@@ -587,7 +594,6 @@ fn a_container_through_the_shim_on_each_backend() {
     for (backend, samples) in &mut times {
         let dir =
             std::env::temp_dir().join(format!("enclave-ctrd-{backend}-{}", std::process::id()));
-        let config = dir.with_extension("toml");
         let vm = if *backend == "qemu" {
             "[vm]\nbackend = \"qemu\"\naccel = \"kvm\"\n".to_string()
         } else {
@@ -596,18 +602,7 @@ fn a_container_through_the_shim_on_each_backend() {
                 vmm.display()
             )
         };
-        std::fs::write(&config, vm).unwrap();
-        let ctrd = Containerd::start_with_env(
-            &dir,
-            "enclave-each",
-            &shim_dir(),
-            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
-            None,
-            &[("ENCLAVE_CONFIG", config.clone().into())],
-        );
-        let image = busybox_image(&dir);
-        ctrd.ctr_ok(&["images", "import", image.to_str().unwrap()]);
-        let fifo = dir.join("fifo");
+        let (ctrd, fifo) = start_with_config(&dir, "enclave-each", &vm);
         for i in 0..3 {
             let t = Instant::now();
             let out = ctrd.ctr_ok(&run_args(
@@ -620,7 +615,7 @@ fn a_container_through_the_shim_on_each_backend() {
             enclave_tests::assert_guest_kernel(&out);
         }
         assert_nothing_left(&ctrd);
-        let _ = std::fs::remove_file(&config);
+        let _ = std::fs::remove_file(dir.with_extension("toml"));
     }
     for (backend, s) in &mut times {
         s.sort_by(f64::total_cmp);

@@ -174,29 +174,12 @@ fn run(name: &'static str, tag: &str, policy: &str, zone: &str, setup: &Setup<'_
 }
 
 fn main() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        println!("SKIPPED pod_load: needs root (network namespaces, taps, nftables)");
-        return;
-    }
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let tools = match enclave_tests::tools() {
-        Ok(t) => t,
-        Err(e) => {
-            println!("SKIPPED pod_load: {e}");
-            return;
-        }
-    };
-    let netd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/enclave-netd");
-    if !netd.exists() {
-        println!(
-            "SKIPPED pod_load: {} not built (cargo build --release -p enclave-netd)",
-            netd.display()
-        );
+    let Some(tools) = pod::ready("pod_load") else {
         return;
-    }
+    };
     let work = tempfile::tempdir().unwrap();
     let acceptor = match build_acceptor(work.path()) {
         Ok(a) => a,

@@ -152,26 +152,9 @@ fn measure(
 }
 
 fn main() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        println!("SKIPPED pod_net: needs root (network namespaces, taps, nftables)");
+    let Some(tools) = pod::ready("pod_net") else {
         return;
-    }
-    let tools = match enclave_tests::tools() {
-        Ok(t) => t,
-        Err(e) => {
-            println!("SKIPPED pod_net: {e}");
-            return;
-        }
     };
-    let netd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/enclave-netd");
-    if !netd.exists() {
-        println!(
-            "SKIPPED pod_net: {} not built (cargo build --release -p enclave-netd)",
-            netd.display()
-        );
-        return;
-    }
     let env = |k: &str, d: usize| {
         std::env::var(k)
             .ok()

@@ -200,6 +200,19 @@ fn a_forbidden_syscall_from_the_frame_thread_kills_netd() {
     );
 }
 
+/// The node's policy directory (holding `policy`) and registry under `dir`, readable by
+/// netd after it drops to 65534, like /etc/enclave.
+fn node_dirs(dir: &Path, policy: &str) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let (policies, registry) = (dir.join("policies"), dir.join("registry"));
+    for d in [dir, &policies, &registry] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(policies.join("policy.yaml"), policy).unwrap();
+    (policies, registry)
+}
+
 /// A policy for pod `shop/web` (zone `app`) of `n` rules into it, version `version`.
 fn policy(n: usize, version: u32) -> String {
     enclave_netfilter::policy::generate::ManyRules {
@@ -217,20 +230,13 @@ fn policy(n: usize, version: u32) -> String {
 #[test]
 fn reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_serving() {
     use enclave_netfilter::node::control_request;
-    use std::os::unix::fs::PermissionsExt;
     let test =
         "reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_serving";
     let mut files = None;
     let key = std::cell::RefCell::new(None);
     let Some(mut netd) = start_netd_with(test, "nrel", |dir| {
         // netd reads these after dropping to 65534: world-readable, like /etc/enclave.
-        let policies = dir.join("policies");
-        let registry = dir.join("registry");
-        for d in [dir, &policies, &registry] {
-            std::fs::create_dir_all(d).unwrap();
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        std::fs::write(policies.join("policy.yaml"), policy(0, 1)).unwrap();
+        let (policies, registry) = node_dirs(dir, &policy(0, 1));
         // A sealed node log with one-second epochs: netd closes epochs (rewriting the key
         // file in place) under its real filter.
         let vk = enclave_netfilter::audit::seal::SealState::create(
@@ -359,7 +365,6 @@ fn reloads_of_large_broken_and_hostile_policies_under_the_real_filter_keep_netd_
 #[test]
 fn a_reload_the_nftables_wall_refuses_leaves_both_walls_on_the_old_policy_and_is_recorded() {
     use enclave_netfilter::node::{self, control_request, RegistryEntry};
-    use std::os::unix::fs::PermissionsExt;
     let test =
         "a_reload_the_nftables_wall_refuses_leaves_both_walls_on_the_old_policy_and_is_recorded";
     if Command::new("setpriv").arg("--version").output().is_err() {
@@ -369,12 +374,7 @@ fn a_reload_the_nftables_wall_refuses_leaves_both_walls_on_the_old_policy_and_is
     let netns = PathBuf::from(format!("/var/run/netns/enc-{tag}-{}", std::process::id()));
     let mut files = None;
     let Some(mut netd) = start_netd_with(test, tag, |dir| {
-        let (policies, registry) = (dir.join("policies"), dir.join("registry"));
-        for d in [dir, &policies, &registry] {
-            std::fs::create_dir_all(d).unwrap();
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        std::fs::write(policies.join("policy.yaml"), policy(3, 1)).unwrap();
+        let (policies, registry) = node_dirs(dir, &policy(3, 1));
         let entry = RegistryEntry {
             name: "web".into(),
             namespace: "shop".into(),

@@ -108,21 +108,36 @@ pub(super) struct SetDecl(RawSet);
 /// One NEWSETELEM message: up to [`ELEMENTS_PER_MESSAGE`] elements of a set.
 pub(super) struct SetElems(RawSet);
 
+/// Writes the header of message `kind` for the set, then its payload (`elements`: the
+/// set's elements rather than the set itself).
+///
+/// # Safety
+///
+/// `buf` must have room for the message (what `NlMsg::write` promises its caller).
+unsafe fn write_set_msg(set: &RawSet, buf: *mut c_void, seq: u32, kind: i32, elements: bool) {
+    // SAFETY: `buf` has room for a message (this function's contract); the set is live.
+    unsafe {
+        let h = sys::nftnl_nlmsg_build_hdr(
+            buf.cast::<c_char>(),
+            kind as u16,
+            libc::NFPROTO_INET as u16,
+            (libc::NLM_F_CREATE | libc::NLM_F_ACK) as u16,
+            seq,
+        );
+        if elements {
+            sys::nftnl_set_elems_nlmsg_build_payload(h, set.0.as_ptr());
+        } else {
+            sys::nftnl_set_nlmsg_build_payload(h, set.0.as_ptr());
+        }
+    }
+}
+
 // SAFETY: `write` writes one message no larger than the buffer `Batch` guarantees
 // (`nft_nlmsg_maxsize`): a set declaration is a few hundred bytes.
 unsafe impl NlMsg for SetDecl {
     unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
-        // SAFETY: `buf` has room for a message (the trait's contract); the set is live.
-        unsafe {
-            let h = sys::nftnl_nlmsg_build_hdr(
-                buf.cast::<c_char>(),
-                libc::NFT_MSG_NEWSET as u16,
-                libc::NFPROTO_INET as u16,
-                (libc::NLM_F_CREATE | libc::NLM_F_ACK) as u16,
-                seq,
-            );
-            sys::nftnl_set_nlmsg_build_payload(h, self.0 .0.as_ptr());
-        }
+        // SAFETY: the trait's contract is the helper's.
+        unsafe { write_set_msg(&self.0, buf, seq, libc::NFT_MSG_NEWSET, false) }
     }
 }
 
@@ -130,17 +145,8 @@ unsafe impl NlMsg for SetDecl {
 // most 80 bytes each, well inside the buffer.
 unsafe impl NlMsg for SetElems {
     unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
-        // SAFETY: `buf` has room for a message (the trait's contract); the set is live.
-        unsafe {
-            let h = sys::nftnl_nlmsg_build_hdr(
-                buf.cast::<c_char>(),
-                libc::NFT_MSG_NEWSETELEM as u16,
-                libc::NFPROTO_INET as u16,
-                (libc::NLM_F_CREATE | libc::NLM_F_ACK) as u16,
-                seq,
-            );
-            sys::nftnl_set_elems_nlmsg_build_payload(h, self.0 .0.as_ptr());
-        }
+        // SAFETY: the trait's contract is the helper's.
+        unsafe { write_set_msg(&self.0, buf, seq, libc::NFT_MSG_NEWSETELEM, true) }
     }
 }
 

@@ -16,6 +16,32 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What a pod bench needs: root, the tools and guest image, a release enclave-netd; or it
+/// says `SKIPPED <bench>: why` and gives `None`.
+pub fn ready(bench: &str) -> Option<Tools> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        println!("SKIPPED {bench}: needs root (network namespaces, taps, nftables)");
+        return None;
+    }
+    let tools = match enclave_tests::tools() {
+        Ok(t) => t,
+        Err(e) => {
+            println!("SKIPPED {bench}: {e}");
+            return None;
+        }
+    };
+    let netd = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/enclave-netd");
+    if !netd.exists() {
+        println!(
+            "SKIPPED {bench}: {} not built (cargo build --release -p enclave-netd)",
+            netd.display()
+        );
+        return None;
+    }
+    Some(tools)
+}
+
 /// What carries the pod's frames.
 pub enum Datapath<'a> {
     /// enclave-netd (release build) with this policy, and the pod's nftables table; the
