@@ -579,8 +579,8 @@ fn a_start_that_fails_ends_the_task_and_kill_and_delete_never_hang() {
 }
 
 /// A container through containerd and the shim on each backend, in the same nested box,
-/// alternating: `ctr run --rm uname -r` on enclave-vmm (jailed) and on QEMU microvm with
-/// `-accel kvm`, three times each; the time to the container's output. Opt-in (`-- --ignored`):
+/// one backend after the other: `ctr run --rm uname -r` on enclave-vmm (jailed) and on
+/// QEMU microvm with `-accel kvm`, three times each; the time to the container's output. Opt-in (`-- --ignored`):
 /// QEMU's KVM guests have wedged the box now and then (docs/nestbox.md).
 #[test]
 #[ignore = "opt-in: both backends in the nested KVM box (QEMU's KVM guests wedge the box now and then)"]
