@@ -395,3 +395,33 @@ fn several_writers_and_a_restart_keep_one_sealed_chain() {
     unique.dedup();
     assert_eq!(closes, unique, "an epoch closed twice: {closes:?}");
 }
+
+/// A closing record removed (with the chain and sequence numbers recomputed, as root could
+/// do without any key): the epoch shows as never closed, and the next seal breaks.
+#[test]
+fn an_epochs_closing_record_removed_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let (p, vk) = sealed_log(d.path(), 20);
+    let mut recs = records(&p);
+    let k = recs
+        .iter()
+        .position(|r| r["unmapped"]["enclave"]["seal_closes_epoch"] == json!(0))
+        .expect("epoch 0 closed");
+    recs.remove(k);
+    for (i, r) in recs.iter_mut().enumerate() {
+        r["metadata"]["sequence"] = json!(i as u64 + 1);
+    }
+    rechain(&p, recs, |_| None);
+    let r = check(std::slice::from_ref(&p), Some(&vk), &[]);
+    assert!(
+        r.problems
+            .iter()
+            .any(|x| matches!(x, Problem::EpochNotClosed { epoch: 0, .. })),
+        "{:?}",
+        r.problems
+    );
+    assert!(r
+        .problems
+        .iter()
+        .any(|x| matches!(x, Problem::SealBroken { .. })));
+}
