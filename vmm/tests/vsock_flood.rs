@@ -225,3 +225,35 @@ fn connections_past_the_per_vm_limit_are_refused_and_counted() {
     );
     assert_eq!(held.join().unwrap().len(), MAX_CONNECTIONS);
 }
+
+/// A host service that never accepts, with a backlog of one: the guest's connection
+/// requests past what the backlog holds are refused at once (RST), and the device's event
+/// loop never waits in `connect` (before 2026-11-26 the second request blocked the VMM's
+/// whole event loop, serial and every device with it, until the service accepted).
+#[test]
+fn a_host_service_that_never_accepts_does_not_block_the_device() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut g = Guest::new();
+        let listener = UnixListener::bind(format!("{}_6000", g.path.display())).unwrap();
+        // SAFETY: listen() again on our own socket, to shrink its backlog to one.
+        let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 1) };
+        assert_eq!(rc, 0);
+        let rx_bufs: Vec<(u64, u32, bool)> = (0..QSIZE)
+            .map(|j| (0x40000 + 0x1000 * u64::from(j), 0x1000, true))
+            .collect();
+        g.offer(RXQ, &rx_bufs);
+        g.flood_requests(30_000, 8, 6000);
+        let (conns, pending, _) = g.vsock.backlog();
+        tx.send((conns, pending, g.used(TXQ))).unwrap();
+        drop(listener);
+    });
+    let (conns, pending, used) = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the device blocked on a host service that never accepts");
+    assert_eq!(used, 8, "every request was consumed");
+    assert!(
+        conns + pending < 8,
+        "requests past the backlog are refused, not held: {conns} connections"
+    );
+}

@@ -585,7 +585,7 @@ impl VsockState {
             }
             let dst_port = h.dst_port;
             let path = format!("{}_{}", self.uds_path.display(), dst_port);
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            match connect_nonblocking(&path) {
                 Ok(stream) => {
                     let Some(mut c) = self.watch(stream, ConnState::Established, key.0, key.1)
                     else {
@@ -843,6 +843,50 @@ impl VsockState {
             a.interrupt.raise(INT_VRING);
         }
     }
+}
+
+/// Connects to a host service's socket without waiting: a Unix stream socket made
+/// non-blocking before `connect` fails at once with `EAGAIN` when the listener's backlog is
+/// full, where a blocking one would wait (the whole event loop with it) until the service
+/// accepts. The stream is returned non-blocking.
+fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: sockaddr_un is plain old data; all zeros is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: socket() with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: connect on our own descriptor with a valid sockaddr_un of `len` bytes.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(sock))
 }
 
 #[cfg(test)]
