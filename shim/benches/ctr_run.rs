@@ -46,10 +46,7 @@ fn main() {
         println!("SKIPPED ctr_run: {e}");
         return;
     }
-    let runs: usize = std::env::var("ENCLAVE_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs: usize = enclave_tests::bench_setting("ENCLAVE_BENCH_RUNS", 5);
     let shim_dir = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2"))
         .parent()
         .unwrap()

@@ -38,10 +38,7 @@ fn main() {
             return;
         }
     };
-    let boots: usize = std::env::var("ENCLAVE_BENCH_BOOTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let boots: usize = enclave_tests::bench_setting("ENCLAVE_BENCH_BOOTS", 5);
     let (accel, why) = enclave_tests::accel();
     println!("accelerator: {accel} ({why}); {boots} boots, 10 containers per boot");
     let (mut ready, mut guest_up, mut rtt) = (Vec::new(), Vec::new(), Vec::new());

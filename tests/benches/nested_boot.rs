@@ -252,10 +252,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn measure(root: &Path, work: &Path) {
-    let runs: usize = std::env::var("ENCLAVE_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let runs: usize = enclave_tests::bench_setting("ENCLAVE_BENCH_RUNS", 5);
     let mut e = Vec::new();
     let mut q = Vec::new();
     for i in 0..runs {

@@ -17,7 +17,7 @@
 use enclave_netfilter::identity::{Inventory, PeerDirectory};
 use enclave_netfilter::nft::{self, NftTable, NftWorkload, Placement};
 use enclave_netfilter::policy::{self, generate::ManyRules};
-use enclave_tests::netns::{PodPair, PEER_IP, POD_IP};
+use enclave_tests::netns::{PodPair, POD_IP};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -133,11 +133,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let connections: usize = std::env::var("ENCLAVE_BENCH_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let _ = PEER_IP;
+    let connections: usize = enclave_tests::bench_setting("ENCLAVE_BENCH_CONNECTIONS", 2000);
     println!(
         "{:>7} {:<7} {:>6} {:>9} {:>10} {:>12} {:>10}",
         "rules", "form", "nft", "set elts", "apply ms", "kernel KiB", "conn/s"

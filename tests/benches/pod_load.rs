@@ -188,12 +188,7 @@ fn main() {
             return;
         }
     };
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
+    let env = enclave_tests::bench_setting::<usize>;
     let (rate, seconds) = (
         env("ENCLAVE_BENCH_RATE", 1000),
         env("ENCLAVE_BENCH_SECONDS", 10),

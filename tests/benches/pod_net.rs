@@ -155,12 +155,7 @@ fn main() {
     let Some(tools) = pod::ready("pod_net") else {
         return;
     };
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
+    let env = enclave_tests::bench_setting::<usize>;
     let (mib, requests) = (
         env("ENCLAVE_BENCH_MIB", 16),
         env("ENCLAVE_BENCH_REQUESTS", 50),

@@ -31,6 +31,15 @@ pub fn tools() -> Result<Tools, String> {
     Tools::find(workspace_root().join("target/guest"))
 }
 
+/// A bench's setting from the environment (`ENCLAVE_BENCH_RUNS=3`, say), or `default`
+/// when it is unset or not a `T`.
+pub fn bench_setting<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Asserts that `uname -r` output from a container is the guest's kernel: the release of
 /// the image's kernel package (Debian's cloud kernel), or for a kernel built here (the
 /// purpose-built one, `guest/image/build.sh --kernel`) any release but the host's.

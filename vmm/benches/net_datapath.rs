@@ -127,14 +127,8 @@ fn main() {
         return;
     }
     let probe = probe_guest().unwrap();
-    let frames: u64 = std::env::var("ENCLAVE_BENCH_FRAMES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400_000);
-    let runs: usize = std::env::var("ENCLAVE_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let frames: u64 = enclave_tests::bench_setting("ENCLAVE_BENCH_FRAMES", 400_000);
+    let runs: usize = enclave_tests::bench_setting("ENCLAVE_BENCH_RUNS", 3);
     let short = 2_000;
 
     let dir = std::env::temp_dir().join(format!("enclave-netbench-{}", std::process::id()));

@@ -181,10 +181,7 @@ fn main() {
         println!("SKIPPED vmm_boot: QEMU not found (scripts/setup.sh installs it)");
         return;
     };
-    let runs: usize = std::env::var("ENCLAVE_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let runs: usize = enclave_tests::bench_setting("ENCLAVE_BENCH_RUNS", 20);
     let dir = std::env::temp_dir().join(format!("enclave-vmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let s = Setup {

@@ -201,13 +201,13 @@ impl Load {
 
 impl Expression for Load {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let (kind, attrs): (&std::ffi::CStr, [(u32, u32); 3]) = match self.field {
+        // `meta l4proto`, or a payload load: (base, offset, length).
+        let (kind, attrs): (&std::ffi::CStr, Vec<(u32, u32)>) = match self.field {
             KeyField::L4Proto => (
                 c"meta",
-                [
+                vec![
                     (sys::NFTNL_EXPR_META_KEY, libc::NFT_META_L4PROTO as u32),
                     (sys::NFTNL_EXPR_META_DREG, self.dreg),
-                    (u32::MAX, 0),
                 ],
             ),
             f => {
@@ -218,10 +218,11 @@ impl Expression for Load {
                 };
                 (
                     c"payload",
-                    [
+                    vec![
                         (sys::NFTNL_EXPR_PAYLOAD_BASE, base),
                         (sys::NFTNL_EXPR_PAYLOAD_OFFSET, offset),
                         (sys::NFTNL_EXPR_PAYLOAD_LEN, f.width() as u32),
+                        (sys::NFTNL_EXPR_PAYLOAD_DREG, self.dreg),
                     ],
                 )
             }
@@ -230,11 +231,8 @@ impl Expression for Load {
         // the rule then owns.
         unsafe {
             let e = alloc(sys::nftnl_expr_alloc(kind.as_ptr()));
-            for (attr, v) in attrs.iter().filter(|(a, _)| *a != u32::MAX) {
-                sys::nftnl_expr_set_u32(e.as_ptr(), *attr as u16, *v);
-            }
-            if kind == c"payload" {
-                sys::nftnl_expr_set_u32(e.as_ptr(), sys::NFTNL_EXPR_PAYLOAD_DREG as u16, self.dreg);
+            for (attr, v) in attrs {
+                sys::nftnl_expr_set_u32(e.as_ptr(), attr as u16, v);
             }
             e
         }
