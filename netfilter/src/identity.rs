@@ -94,6 +94,9 @@ pub struct InventoryWorkload {
     /// Annotations (`enclave.io/zone` among them).
     #[serde(default)]
     pub annotations: std::collections::BTreeMap<String, String>,
+    /// Labels of the pod's namespace.
+    #[serde(default)]
+    pub namespace_labels: std::collections::BTreeMap<String, String>,
     /// Pod IPs.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
@@ -110,6 +113,7 @@ impl InventoryWorkload {
             namespace: self.namespace.clone(),
             labels: self.labels.clone(),
             annotations: self.annotations.clone(),
+            namespace_labels: self.namespace_labels.clone(),
         }
     }
 

@@ -66,6 +66,7 @@ impl RegistryEntry {
             namespace: self.namespace.clone(),
             labels: self.labels.clone(),
             annotations: self.annotations.clone(),
+            namespace_labels: Default::default(),
             ips: self.ips.clone(),
             mac: self.mac.parse::<MacAddr>().ok(),
         }

@@ -323,3 +323,77 @@ fn a_type_error_through_an_alias_is_located_where_the_alias_is_used() {
     assert_eq!((d[0].pos.line, d[0].pos.col), (15, 13), "{}", d[0]);
     assert!(d[0].field.starts_with("spec.rules[1].from"), "{}", d[0]);
 }
+
+const SELECTORS: &str = r#"apiVersion: enclave.io/v1alpha1
+kind: ZonePolicy
+metadata: {name: sel, version: "1"}
+spec:
+  zones:
+    - name: cde-db
+      selector:
+        namespaceSelector: {matchLabels: {pci: cde}}
+        matchLabels: {app: db}
+    - name: databases
+      selector:
+        matchExpressions: [{key: app, operator: In, values: [db, cache]}]
+    - name: web
+      selector:
+        matchExpressions: [{key: app, operator: NotIn, values: [db, cache]}, {key: app, operator: Exists}]
+  rules:
+    - {name: web-to-db, from: web, to: databases, protocol: tcp, ports: [5432]}
+"#;
+
+#[test]
+fn label_selected_zones_decide_by_namespace_labels_and_expressions() {
+    let l = policy::load_str(SELECTORS, "p.yaml").expect("loads");
+    let p = l.compiled.policy();
+    let w = |labels: &[(&str, &str)], ns_labels: &[(&str, &str)]| policy::WorkloadIdentity {
+        name: "p".into(),
+        namespace: "payments".into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        namespace_labels: ns_labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    let zone = |x: &policy::WorkloadIdentity| p.zone_name(p.zone_of_workload(x)).to_string();
+    assert_eq!(zone(&w(&[("app", "db")], &[("pci", "cde")])), "cde-db");
+    assert_eq!(zone(&w(&[("app", "db")], &[])), "databases");
+    assert_eq!(zone(&w(&[("app", "api")], &[])), "web");
+    assert_eq!(zone(&w(&[], &[])), "unknown");
+    // The label override, and the annotation over the label.
+    let mut o = w(&[("app", "db"), ("enclave.io/zone", "web")], &[("pci", "cde")]);
+    assert_eq!(zone(&o), "web");
+    o.annotations.insert("enclave.io/zone".into(), "databases".into());
+    assert_eq!(zone(&o), "databases");
+    // Overlap: cde-db and databases can both hold a pod; web and databases cannot.
+    let notes: Vec<String> = l.notes.iter().map(|d| d.to_string()).collect();
+    let overlap: Vec<&String> = notes.iter().filter(|n| n.contains("both select")).collect();
+    assert_eq!(overlap.len(), 1, "{notes:#?}");
+    assert!(
+        overlap[0].starts_with("p.yaml:12:")
+            && overlap[0].contains("zones `cde-db` and `databases`")
+            && overlap[0].contains("pci=cde")
+            && overlap[0].contains("it is in `cde-db`"),
+        "{}",
+        overlap[0]
+    );
+}
+
+#[test]
+fn a_bad_selector_expression_is_located() {
+    let bad_op = SELECTORS.replace("operator: In,", "operator: Within,");
+    let d = errors(&bad_op);
+    assert!(
+        d[0].to_string().starts_with("p.yaml:12:")
+            && d[0].message.contains("Within")
+            && d[0].message.contains("In, NotIn, Exists, DoesNotExist")
+            || d[0].message.contains("`In`"),
+        "{d:#?}"
+    );
+    let no_values = SELECTORS.replace("operator: In, values: [db, cache]", "operator: In");
+    let d = errors(&no_values);
+    assert_eq!(d[0].field, "spec.zones[1].selector.matchExpressions[0]", "{d:#?}");
+    assert!(d[0].message.contains("at least one value"), "{d:#?}");
+    let values_on_exists = SELECTORS.replace("operator: Exists}", "operator: Exists, values: [x]}");
+    let d = errors(&values_on_exists);
+    assert!(d[0].message.contains("take no `values`"), "{d:#?}");
+}

@@ -236,6 +236,46 @@ impl Ctx<'_> {
     fn warn(&mut self, field: impl Into<String>, msg: impl Into<String>) {
         self.push(Severity::Warning, field.into(), msg.into());
     }
+    fn note(&mut self, field: impl Into<String>, msg: impl Into<String>) {
+        self.push(Severity::Note, field.into(), msg.into());
+    }
+    /// A note for each pair of zones whose selectors can both hold one pod, with an example
+    /// pod and the rule that decides which zone it is in.
+    fn overlaps(&mut self, zones: &[Zone]) {
+        for (j, b) in zones.iter().enumerate() {
+            for a in &zones[..j] {
+                let (Some(sa), Some(sb)) = (&a.selector, &b.selector) else {
+                    continue;
+                };
+                if let Some(w) = sa.common_witness(sb) {
+                    let show = |m: &std::collections::BTreeMap<String, String>| {
+                        m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+                    };
+                    let mut pod = if w.namespace.is_empty() {
+                        "any namespace".to_string()
+                    } else {
+                        format!("namespace {}", w.namespace)
+                    };
+                    if !w.namespace_labels.is_empty() {
+                        pod.push_str(&format!(" (labelled {})", show(&w.namespace_labels)));
+                    }
+                    if !w.labels.is_empty() {
+                        pod.push_str(&format!(", labels {}", show(&w.labels)));
+                    }
+                    if !w.annotations.is_empty() {
+                        pod.push_str(&format!(", annotations {}", show(&w.annotations)));
+                    }
+                    self.note(
+                        format!("spec.zones[{j}].selector"),
+                        format!(
+                            "zones `{}` and `{}` both select a pod in {pod}; it is in `{}`, first in file order (set `{ZONE_ANNOTATION}` to choose)",
+                            a.name, b.name, a.name
+                        ),
+                    );
+                }
+            }
+        }
+    }
     fn has_errors(&self) -> bool {
         self.diags.iter().any(|d| d.severity == Severity::Error)
     }
@@ -298,7 +338,26 @@ impl Ctx<'_> {
             }
             if let Some(s) = &z.selector {
                 if s.is_empty() {
-                    self.err(format!("{at}.selector"), "an empty selector would select every workload; give namespaces, labels or annotations");
+                    self.err(format!("{at}.selector"), "an empty selector would select every workload; give namespaces, a namespaceSelector, matchLabels, matchExpressions or annotations");
+                }
+                let ns = s.namespace_selector.as_ref();
+                let exprs = s
+                    .match_expressions
+                    .iter()
+                    .enumerate()
+                    .map(|(k, e)| (format!("{at}.selector.matchExpressions[{k}]"), e))
+                    .chain(ns.into_iter().flat_map(|n| {
+                        n.match_expressions.iter().enumerate().map(|(k, e)| {
+                            (
+                                format!("{at}.selector.namespaceSelector.matchExpressions[{k}]"),
+                                e,
+                            )
+                        })
+                    }));
+                for (field, e) in exprs {
+                    if let Some(why) = e.problem() {
+                        self.err(field, why);
+                    }
                 }
             }
             if z.selector.is_none() && z.cidrs.is_empty() {
@@ -333,6 +392,7 @@ impl Ctx<'_> {
             });
         }
 
+        self.overlaps(&zones);
         let zone_ids: HashMap<&str, ZoneId> = std::iter::once((UNKNOWN_ZONE, ZoneId::UNKNOWN))
             .chain(
                 zones

@@ -7,11 +7,13 @@ mod compile;
 pub mod generate;
 mod load;
 mod model;
+mod selector;
 pub(crate) mod span;
 
 pub use compile::{ClassKey, CompiledPolicy, Lookup, ProtoClass, Verdicts};
 pub use load::{load_file, load_str, MAX_MESSAGE_CHARS, MAX_NESTING, MAX_POLICY_BYTES};
 pub use model::*;
+pub use selector::{LabelExpr, LabelSelector, Operator};
 pub use span::{Pos, SpanIndex};
 
 use std::fmt;

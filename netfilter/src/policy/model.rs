@@ -1,6 +1,7 @@
 //! The zone policy as written (serde) and as validated (plain data, no I/O).
 
 use serde::Deserialize;
+pub use super::selector::Selector;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -97,38 +98,6 @@ pub struct ZoneDoc {
     /// Addresses outside the cluster that belong to the zone.
     #[serde(default)]
     pub cidrs: Vec<String>,
-}
-
-/// Chooses workloads by identity. All given criteria must match.
-#[derive(Debug, Deserialize, Clone, Default, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Selector {
-    /// The workload's namespace is one of these.
-    #[serde(default)]
-    pub namespaces: Vec<String>,
-    /// Every label listed is present with this value.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Every annotation listed is present with this value.
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-}
-
-impl Selector {
-    /// True when no criterion is given (which would select everything: refused).
-    pub fn is_empty(&self) -> bool {
-        self.namespaces.is_empty() && self.labels.is_empty() && self.annotations.is_empty()
-    }
-
-    /// True when `w` satisfies every criterion.
-    pub fn matches(&self, w: &WorkloadIdentity) -> bool {
-        (self.namespaces.is_empty() || self.namespaces.contains(&w.namespace))
-            && self.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-            && self
-                .annotations
-                .iter()
-                .all(|(k, v)| w.annotations.get(k) == Some(v))
-    }
 }
 
 /// A rule as written.
@@ -598,12 +567,16 @@ impl Policy {
         }
     }
 
-    /// The zone of a workload: the zone its `enclave.io/zone` annotation names (`unknown`
-    /// when it names none: a mistyped annotation fails closed rather than falling into a
-    /// broader selector's zone); without the annotation, the first zone (in file order)
-    /// whose selector matches, else `unknown`.
+    /// The zone of a workload: the zone its `enclave.io/zone` annotation (or, without one, its
+    /// `enclave.io/zone` label) names (`unknown` when it names none: a mistyped name fails
+    /// closed rather than falling into a broader selector's zone); without either, the first
+    /// zone (in file order) whose selector matches, else `unknown`.
     pub fn zone_of_workload(&self, w: &WorkloadIdentity) -> ZoneId {
-        if let Some(z) = w.annotations.get(ZONE_ANNOTATION) {
+        if let Some(z) = w
+            .annotations
+            .get(ZONE_ANNOTATION)
+            .or_else(|| w.labels.get(ZONE_ANNOTATION))
+        {
             return self.zone_id(z).unwrap_or(ZoneId::UNKNOWN);
         }
         self.zones
@@ -634,4 +607,7 @@ pub struct WorkloadIdentity {
     /// Pod annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// Labels of the pod's namespace (known from the Kubernetes API; empty otherwise).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_labels: BTreeMap<String, String>,
 }
