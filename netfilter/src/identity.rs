@@ -1,13 +1,15 @@
 //! Who is at the other end: peer addresses mapped to workloads and zones.
 //!
 //! A frame carries addresses, not identities. The directory maps the addresses of
-//! workloads the node knows (the shims' registry) to their identity and zone; anything
-//! else falls to the policy's CIDR zones, and then to `unknown`.
+//! workloads the node knows to their identity and zone: the pods of this node (the shims'
+//! registry) and, when `enclave-node` runs, every pod of the cluster (the [`ClusterMap`] it
+//! publishes in the node's peer directory). Anything else falls to the policy's CIDR zones,
+//! and then to `unknown`.
 
 use crate::packet::MacAddr;
 use crate::policy::{CompiledPolicy, Policy, WorkloadIdentity, ZoneId};
 use ahash::RandomState;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -49,6 +51,70 @@ impl PeerDirectory {
             }
         }
         PeerDirectory { by_ip }
+    }
+
+    /// The directory of a node: the cluster's pods (`cluster`, when enclave-node publishes
+    /// them) and this node's own (`local`, from the registry). For an address both name, the
+    /// node's own registry decides: the shim wrote it when the pod started here, while the
+    /// cluster map may still lag behind an address's reuse.
+    pub fn build_node<'a>(
+        policy: &Policy,
+        local: impl IntoIterator<Item = &'a InventoryWorkload>,
+        cluster: Option<&ClusterMap>,
+    ) -> Self {
+        let mut dir = PeerDirectory::default();
+        if let Some(m) = cluster {
+            for p in &m.pods {
+                let identity = Arc::new(p.identity());
+                let zone = policy.zone_of_workload(&identity);
+                for ip in &p.ips {
+                    dir.by_ip.insert(
+                        *ip,
+                        Peer {
+                            identity: identity.clone(),
+                            zone,
+                        },
+                    );
+                }
+            }
+        }
+        for w in local {
+            let mut identity = w.identity();
+            // The cluster's view of this same pod adds what the runtime does not know (its
+            // labels, its namespace's labels); the runtime's `enclave.io/*` annotations stay.
+            let same = w.ips.iter().find_map(|ip| {
+                dir.by_ip
+                    .get(ip)
+                    .filter(|p| p.identity.namespace == w.namespace && p.identity.name == w.name)
+            });
+            if let Some(p) = same {
+                let mut merged = (*p.identity).clone();
+                merged.annotations.append(&mut identity.annotations);
+                identity = merged;
+            }
+            let identity = Arc::new(identity);
+            let zone = policy.zone_of_workload(&identity);
+            for ip in &w.ips {
+                dir.by_ip.insert(
+                    *ip,
+                    Peer {
+                        identity: identity.clone(),
+                        zone,
+                    },
+                );
+            }
+        }
+        dir
+    }
+
+    /// Number of addresses known.
+    pub fn len(&self) -> usize {
+        self.by_ip.len()
+    }
+
+    /// True when no address is known.
+    pub fn is_empty(&self) -> bool {
+        self.by_ip.is_empty()
     }
 
     /// The known workload at `ip`.
@@ -201,5 +267,134 @@ impl Inventory {
     /// Finds `namespace/name`.
     pub fn find(&self, reference: &str) -> Option<&InventoryWorkload> {
         self.workloads.iter().find(|w| w.reference() == reference)
+    }
+}
+
+/// The file enclave-node writes in the node's peer directory.
+pub const CLUSTER_MAP_FILE: &str = "cluster.json";
+/// The format version of [`ClusterMap`] this build reads and writes.
+pub const CLUSTER_MAP_FORMAT: u32 = 1;
+/// A cluster map larger than this is refused unread (10,000 pods take about 5 MB).
+pub const MAX_CLUSTER_MAP_BYTES: u64 = 256 << 20;
+
+/// Every pod of the cluster with an address, as `enclave-node` saw it through the Kubernetes
+/// API. Written whole and renamed into place, so a reader never sees half of one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMap {
+    /// [`CLUSTER_MAP_FORMAT`].
+    pub format: u32,
+    /// Increases with every write by one enclave-node.
+    pub generation: u64,
+    /// When it was written (milliseconds since the Unix epoch).
+    pub written_unix_ms: u64,
+    /// Set while enclave-node cannot reach the API server: this is the last map it knew.
+    #[serde(default)]
+    pub stale: bool,
+    /// The pods. An address appears under one pod at most.
+    pub pods: Vec<ClusterPod>,
+}
+
+/// One pod of a [`ClusterMap`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterPod {
+    /// The pod's uid (a new pod at an old address has a new one).
+    pub uid: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// The node it runs on.
+    #[serde(default)]
+    pub node: String,
+    /// Its addresses (status.podIPs).
+    pub ips: Vec<IpAddr>,
+    /// Pod labels.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Pod annotations (only `enclave.io/*` ones are kept).
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Labels of its namespace.
+    #[serde(default)]
+    pub namespace_labels: std::collections::BTreeMap<String, String>,
+}
+
+impl ClusterPod {
+    /// The identity zones select.
+    pub fn identity(&self) -> WorkloadIdentity {
+        WorkloadIdentity {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            annotations: self.annotations.clone(),
+            namespace_labels: self.namespace_labels.clone(),
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn reference(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl ClusterMap {
+    /// Reads the map of a peer directory: `Ok(None)` when there is none (no enclave-node on
+    /// this node), an error naming the file, line and column when it is not a map.
+    pub fn load_dir(dir: &Path) -> Result<Option<ClusterMap>, String> {
+        let path = dir.join(CLUSTER_MAP_FILE);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len > MAX_CLUSTER_MAP_BYTES {
+            return Err(format!(
+                "{}: {len} bytes, more than the {MAX_CLUSTER_MAP_BYTES} a cluster map may have",
+                path.display()
+            ));
+        }
+        let mut text = Vec::with_capacity(len as usize);
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, MAX_CLUSTER_MAP_BYTES + 1),
+            &mut text,
+        )
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text).map(Some).map_err(|e| format!("{}:{e}", path.display()))
+    }
+
+    /// Parses a map; the error starts with `line:column:`.
+    pub fn parse(text: &[u8]) -> Result<ClusterMap, String> {
+        let m: ClusterMap = serde_json::from_slice(text)
+            .map_err(|e| format!("{}:{}: {e}", e.line(), e.column()))?;
+        if m.format != CLUSTER_MAP_FORMAT {
+            return Err(format!(
+                "1:1: format {} is not the {CLUSTER_MAP_FORMAT} this build reads",
+                m.format
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Finds `namespace/name`.
+    pub fn find(&self, reference: &str) -> Option<&ClusterPod> {
+        self.pods.iter().find(|p| p.reference() == reference)
+    }
+
+    /// Writes the map into `dir` atomically (a temporary file, fsync, rename).
+    pub fn write_dir(&self, dir: &Path) -> Result<(), String> {
+        use std::io::Write;
+        let path = dir.join(CLUSTER_MAP_FILE);
+        let tmp = dir.join(format!(".{CLUSTER_MAP_FILE}.tmp"));
+        let body = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        let mut f = std::fs::File::create(&tmp)
+            .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        f.write_all(&body)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| format!("installing {}: {e}", path.display()))
     }
 }

@@ -312,6 +312,27 @@ impl PreparedReload {
     }
 }
 
+/// The guarded workload's identity as the peer directory knows it: the runtime knows a pod's
+/// name, namespace and `enclave.io/*` annotations (CRI passes no labels), while the cluster
+/// map knows its labels and its namespace's labels. The directory's entry for one of the
+/// workload's own addresses is adopted when it names the same pod.
+fn adopt_identity(local: &mut LocalWorkload, peers: &PeerDirectory) {
+    let own = local
+        .ipv4
+        .iter()
+        .map(|a| IpAddr::V4(*a))
+        .chain(local.ipv6.iter().map(|a| IpAddr::V6(*a)));
+    for ip in own {
+        if let Some(p) = peers.get(ip) {
+            let (a, b) = (&p.identity, &local.identity);
+            if a.namespace == b.namespace && a.name == b.name && a != b {
+                local.identity = p.identity.clone();
+                return;
+            }
+        }
+    }
+}
+
 impl Enforcer {
     /// An enforcer for `local` under `policy`, resolving peers through `peers`.
     pub fn new(
@@ -320,6 +341,8 @@ impl Enforcer {
         local: LocalWorkload,
         cfg: EnforcerConfig,
     ) -> Self {
+        let mut local = local;
+        adopt_identity(&mut local, &peers);
         let zone = policy.policy().zone_of_workload(&local.identity);
         let mode = policy.policy().zone_mode(zone);
         let rules = policy.policy().rules.len();
@@ -1070,6 +1093,7 @@ impl Enforcer {
             // Prepared against another policy (a reload raced this one): map again.
             return self.reload(policy, peers);
         }
+        adopt_identity(&mut self.local, &peers);
         self.zone = policy.policy().zone_of_workload(&self.local.identity);
         self.mode = policy.policy().zone_mode(self.zone);
         // Counters are monotonic (Prometheus): a rule keeps its count across a reload when

@@ -11,7 +11,7 @@
 //! - [`reload_all`] re-reads both and, for every registered pod, re-applies its nftables
 //!   table in its network namespace and asks its enclave-netd to reload.
 
-use crate::identity::{InventoryWorkload, PeerDirectory};
+use crate::identity::{ClusterMap, InventoryWorkload, PeerDirectory};
 use crate::nft::{self, NftWorkload, Placement};
 use crate::packet::MacAddr;
 use crate::policy::{self, CompiledPolicy, LoadedPolicy};
@@ -28,6 +28,8 @@ use std::time::Duration;
 pub const POLICY_DIR: &str = "/etc/enclave/policies";
 /// Default registry directory.
 pub const REGISTRY_DIR: &str = "/run/enclave/workloads";
+/// Default peer directory: where enclave-node publishes the cluster's pods.
+pub const PEER_DIR: &str = "/run/enclave/peers";
 /// Default node audit log.
 pub const AUDIT_LOG: &str = "/var/log/enclave/audit.log";
 
@@ -214,7 +216,13 @@ pub fn apply_nft(
     peers: &PeerDirectory,
     entry: &RegistryEntry,
 ) -> Result<usize, String> {
-    let identity = entry.workload().identity();
+    // The cluster map knows the pod's labels (CRI does not pass them to the runtime).
+    let identity = entry
+        .ips
+        .iter()
+        .find_map(|ip| peers.get(*ip))
+        .filter(|p| p.identity.namespace == entry.namespace && p.identity.name == entry.name)
+        .map_or_else(|| entry.workload().identity(), |p| (*p.identity).clone());
     let table = nft::render(
         policy,
         peers,
@@ -254,9 +262,9 @@ pub fn control_request(socket: &Path, request: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// The node as enforcement sees it at one moment: its policy and the pods registered on it.
-/// The shim (at pod start), every enclave-netd (at start and reload) and [`reload_all`] read
-/// it the same way.
+/// The node as enforcement sees it at one moment: its policy, the pods registered on it and
+/// the cluster's pods enclave-node publishes. The shim (at pod start), every enclave-netd (at
+/// start, reload and when the peers change) and [`reload_all`] read it the same way.
 pub struct NodeView {
     /// The policy file read.
     pub policy_file: PathBuf,
@@ -268,21 +276,73 @@ pub struct NodeView {
     pub peers: Arc<PeerDirectory>,
     /// A message per registry file that is not an entry.
     pub problems: Vec<String>,
+    /// The cluster map in use: the one on disk, or the last good one when that is broken.
+    pub cluster: Option<Arc<ClusterMap>>,
+    /// Why the cluster map on disk is not the one in use.
+    pub cluster_problem: Option<String>,
 }
 
 impl NodeView {
-    /// Reads the policy directory and the registry; a policy that does not load is an error.
-    pub fn load(policy_dir: &Path, registry: &Path) -> Result<NodeView, String> {
+    /// Reads the policy directory, the registry and the peer directory (`peer_dir`); a
+    /// policy that does not load is an error. A cluster map that does not read leaves
+    /// `last_cluster` (the caller's last good one) in use, with the reason in
+    /// `cluster_problem`.
+    pub fn load(
+        policy_dir: &Path,
+        registry: &Path,
+        peer_dir: Option<&Path>,
+        last_cluster: Option<&Arc<ClusterMap>>,
+    ) -> Result<NodeView, String> {
         let (policy_file, loaded) = load_policy_dir(policy_dir)?;
-        let (entries, problems) = read_registry(registry);
-        let peers = Arc::new(peers(loaded.compiled.policy(), &entries));
-        Ok(NodeView {
+        Ok(Self::with_policy(
             policy_file,
-            policy: Arc::new(loaded.compiled),
+            Arc::new(loaded.compiled),
+            registry,
+            peer_dir,
+            last_cluster,
+        ))
+    }
+
+    /// As [`NodeView::load`] with a policy already compiled (a change of peers alone does not
+    /// recompile it).
+    pub fn with_policy(
+        policy_file: PathBuf,
+        policy: Arc<CompiledPolicy>,
+        registry: &Path,
+        peer_dir: Option<&Path>,
+        last_cluster: Option<&Arc<ClusterMap>>,
+    ) -> NodeView {
+        let (entries, problems) = read_registry(registry);
+        let (cluster, cluster_problem) = match peer_dir.map(ClusterMap::load_dir) {
+            None | Some(Ok(None)) => (None, None),
+            Some(Ok(Some(m))) => (Some(Arc::new(m)), None),
+            Some(Err(e)) => (
+                last_cluster.cloned(),
+                Some(format!(
+                    "{e} ({})",
+                    if last_cluster.is_some() {
+                        "the last good cluster map stays in use"
+                    } else {
+                        "no cluster map in use"
+                    }
+                )),
+            ),
+        };
+        let workloads: Vec<InventoryWorkload> = entries.iter().map(|e| e.workload()).collect();
+        let peers = Arc::new(PeerDirectory::build_node(
+            policy.policy(),
+            &workloads,
+            cluster.as_deref(),
+        ));
+        NodeView {
+            policy_file,
+            policy,
             entries,
             peers,
             problems,
-        })
+            cluster,
+            cluster_problem,
+        }
     }
 }
 
@@ -303,8 +363,9 @@ pub struct PodReload {
 pub fn reload_all(
     policy_dir: &Path,
     registry: &Path,
+    peer_dir: Option<&Path>,
 ) -> Result<(PathBuf, Vec<PodReload>, Vec<String>), String> {
-    let view = NodeView::load(policy_dir, registry)?;
+    let view = NodeView::load(policy_dir, registry, peer_dir, None)?;
     let mut out = Vec::new();
     for e in &view.entries {
         let nft = if e.netns.is_some() {
@@ -339,7 +400,9 @@ pub fn reload_all(
             netd,
         });
     }
-    Ok((view.policy_file, out, view.problems))
+    let mut problems = view.problems;
+    problems.extend(view.cluster_problem);
+    Ok((view.policy_file, out, problems))
 }
 
 #[cfg(test)]

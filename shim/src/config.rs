@@ -70,6 +70,8 @@ pub struct NetworkSection {
     pub policy_dir: PathBuf,
     /// The node's pod registry (peers' identities and zones).
     pub registry: PathBuf,
+    /// The node's peer directory: the cluster's pods, as enclave-node publishes them.
+    pub peer_dir: PathBuf,
     /// The node's audit log.
     pub audit_log: PathBuf,
     /// `always` or `never`: fdatasync every audit record.
@@ -83,6 +85,7 @@ impl Default for NetworkSection {
         NetworkSection {
             policy_dir: enclave_netfilter::node::POLICY_DIR.into(),
             registry: enclave_netfilter::node::REGISTRY_DIR.into(),
+            peer_dir: enclave_netfilter::node::PEER_DIR.into(),
             audit_log: enclave_netfilter::node::AUDIT_LOG.into(),
             audit_sync: "never".into(),
             netd_user: "65534:65534".into(),

@@ -5,7 +5,10 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use enclave_netfilter::policy::CompiledPolicy;
 
 use enclave_netfilter::node::{self, RegistryEntry};
 
@@ -61,7 +64,7 @@ pub fn prepare(
     let net = &cfg.network;
     // The view is read before the pod registers (its own entry is never its own peer), so a
     // policy that does not load fails the pod before it touches the registry.
-    let view = node::NodeView::load(&net.policy_dir, &net.registry)
+    let view = node::NodeView::load(&net.policy_dir, &net.registry, Some(&net.peer_dir), None)
         .map_err(|e| format!("the pod network needs a zone policy: {e}"))?;
     for p in &view.problems {
         eprintln!("enclave-shim: registry: {p} (entry ignored)");
@@ -106,6 +109,7 @@ pub fn prepare(
     push("--pod", &pod_file);
     push("--policy-dir", &net.policy_dir);
     push("--registry", &net.registry);
+    push("--peer-dir", &net.peer_dir);
     push("--audit-log", &net.audit_log);
     if let Some(c) = &entry.control {
         push("--control", c);
@@ -117,7 +121,7 @@ pub fn prepare(
 
 /// Tells every registered pod (nftables tables and netds) that the registry changed.
 pub fn peers_changed(net: &NetworkSection) {
-    match node::reload_all(&net.policy_dir, &net.registry) {
+    match node::reload_all(&net.policy_dir, &net.registry, Some(&net.peer_dir)) {
         Ok((_, pods, problems)) => {
             for p in problems {
                 eprintln!("enclave-shim: registry: {p}");
@@ -154,6 +158,101 @@ pub fn leave_from_state(state: &Path) {
         .and_then(|b| serde_json::from_slice::<NetworkSection>(&b).ok());
     if let (Some(entry), Some(net)) = (entry, net) {
         leave(&net, &entry);
+    }
+}
+
+/// Follows the cluster map enclave-node publishes in the peer directory: on each new map,
+/// this pod's nftables table is rendered again with the peers it names and the pod's
+/// enclave-netd is asked to re-read its peers (`peers`: the policy stays compiled; flows
+/// whose peer changed zone or left are re-decided). Each shim follows for its own pod only,
+/// so one new map costs each pod one table and one peer swap, never a node-wide reload.
+/// Returns at once; the thread lives as long as the shim.
+pub fn follow_cluster(net: NetworkSection, entry: RegistryEntry) {
+    let dir = net.peer_dir.clone();
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!(
+            "enclave-shim: peer directory {}: {e}; cluster peers not followed",
+            dir.display()
+        );
+        return;
+    }
+    let watch = match crate::inotify::DirWatch::new(&dir) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!(
+                "enclave-shim: watching {}: {e}; cluster peers not followed",
+                dir.display()
+            );
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        let mut policy: Option<(PolicyStamp, Arc<CompiledPolicy>, PathBuf)> = None;
+        loop {
+            match watch.wait_for(enclave_netfilter::identity::CLUSTER_MAP_FILE) {
+                Ok(()) => {}
+                Err(e) => {
+                    eprintln!("enclave-shim: watching {}: {e}; stopped", dir.display());
+                    return;
+                }
+            }
+            // A burst of writes (enclave-node coalesces them, but a relist is several) is
+            // followed once.
+            std::thread::sleep(Duration::from_millis(20));
+            watch.drain();
+            cluster_changed(&net, &entry, &mut policy);
+        }
+    });
+}
+
+/// What identifies a policy file's version without reading it.
+type PolicyStamp = (PathBuf, std::time::SystemTime, u64);
+
+fn cluster_changed(
+    net: &NetworkSection,
+    entry: &RegistryEntry,
+    cache: &mut Option<(PolicyStamp, Arc<CompiledPolicy>, PathBuf)>,
+) {
+    let stamp = node::policy_file(&net.policy_dir).and_then(|f| {
+        let m = std::fs::metadata(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+        Ok((f, m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+    });
+    let stamp = match stamp {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("enclave-shim: peers changed, but {e}");
+            return;
+        }
+    };
+    let compiled = match cache {
+        Some((s, c, _)) if *s == stamp => c.clone(),
+        _ => match node::load_policy_dir(&net.policy_dir) {
+            Ok((file, l)) => {
+                let c = Arc::new(l.compiled);
+                *cache = Some((stamp, c.clone(), file));
+                c
+            }
+            Err(e) => {
+                eprintln!("enclave-shim: peers changed, but the policy does not load: {e}");
+                return;
+            }
+        },
+    };
+    let file = cache.as_ref().map(|c| c.2.clone()).unwrap_or_default();
+    let view = node::NodeView::with_policy(file, compiled, &net.registry, Some(&net.peer_dir), None);
+    match &view.cluster_problem {
+        // The table in force was built from the last good map: keep it.
+        Some(p) => eprintln!("enclave-shim: peers: {p}; the nftables table stays as it was"),
+        None => {
+            if let Err(e) = node::apply_nft(&view.policy, &view.peers, entry) {
+                eprintln!("enclave-shim: peers changed: {e}");
+            }
+        }
+    }
+    if let Some(c) = &entry.control {
+        if let Err(e) = node::control_request(c, "peers") {
+            eprintln!("enclave-shim: peers changed: enclave-netd: {e}");
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod config;
 pub mod confine;
 pub mod enforce;
 pub mod events;
+pub mod inotify;
 pub mod mount;
 pub mod podnet;
 pub mod task;

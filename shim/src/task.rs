@@ -417,6 +417,9 @@ impl Service {
             // Every pod, this one included: a pod that registered while this pod's netd was
             // starting could not reach its control socket yet.
             crate::enforce::peers_changed(&cfg.network);
+            if let Some((entry, net)) = lock(&self.registered).clone() {
+                crate::enforce::follow_cluster(net, entry);
+            }
         }
         *lock(&self.sandbox) = Some(Sandbox {
             vm,

@@ -38,7 +38,10 @@ pub fn hup_signalfd() -> std::io::Result<OwnedFd> {
 /// Reads and compiles the node's policy and registry, and prepares the swap, without the
 /// datapath lock (a policy of 10,000 rules takes hundreds of milliseconds to compile; frames
 /// must not wait for it), then takes the lock only to swap it in and re-decide live flows.
-fn reload(backend: &RwLock<NetBackend>, why: &str) -> String {
+/// `peers_only` keeps the compiled policy in force and re-reads only who the peers are (the
+/// registry and the cluster map), which is what the shim asks for when enclave-node
+/// publishes a new map.
+fn reload(backend: &RwLock<NetBackend>, why: &str, peers_only: bool) -> String {
     let sources = {
         let b = match backend.read() {
             Ok(b) => b,
@@ -48,10 +51,26 @@ fn reload(backend: &RwLock<NetBackend>, why: &str) -> String {
             .enforcing()
             .map(|e| (e.sources(), e.current_policy()))
     };
-    let Some(((policy_dir, registry), current)) = sources else {
+    let Some((src, current)) = sources else {
         return "error forward-only mode has no policy\n".into();
     };
-    let view = NodeView::load(&policy_dir, &registry).map(|v| {
+    let view = if peers_only {
+        Ok(NodeView::with_policy(
+            src.policy_file.clone(),
+            current.clone(),
+            &src.registry,
+            src.peer_dir.as_deref(),
+            src.cluster.as_ref(),
+        ))
+    } else {
+        NodeView::load(
+            &src.policy_dir,
+            &src.registry,
+            src.peer_dir.as_deref(),
+            src.cluster.as_ref(),
+        )
+    };
+    let view = view.map(|v| {
         let prepared = enclave_netfilter::matcher::PreparedReload::new(
             &current,
             v.policy.clone(),
@@ -63,18 +82,22 @@ fn reload(backend: &RwLock<NetBackend>, why: &str) -> String {
         Ok(b) => b,
         Err(p) => p.into_inner(),
     };
-    match b.gate.enforcing_mut() {
-        Some(e) => match e.swap_in(view) {
-            Ok(s) => {
-                eprintln!("enclave-netd: reload ({why}): {s}");
-                format!("ok {s}\n")
-            }
-            Err(err) => {
-                eprintln!("enclave-netd: reload ({why}) refused: {err}");
-                format!("error {err}\n")
-            }
-        },
-        None => "error forward-only mode has no policy\n".into(),
+    let Some(e) = b.gate.enforcing_mut() else {
+        return "error forward-only mode has no policy\n".into();
+    };
+    let result = match view {
+        Ok(v) if peers_only => e.swap_in_peers(v),
+        v => e.swap_in(v),
+    };
+    match result {
+        Ok(s) => {
+            eprintln!("enclave-netd: reload ({why}): {s}");
+            format!("ok {s}\n")
+        }
+        Err(err) => {
+            eprintln!("enclave-netd: reload ({why}) refused: {err}");
+            format!("error {err}\n")
+        }
     }
 }
 
@@ -176,12 +199,13 @@ fn serve_one(conn: UnixStream, backend: &RwLock<NetBackend>) {
         return;
     }
     let answer = match line.trim() {
-        "reload" => reload(backend, "control socket"),
+        "reload" => reload(backend, "control socket", false),
+        "peers" => reload(backend, "peers changed", true),
         l if l.starts_with("refused ") => refused(backend, &l["refused ".len()..]),
         "metrics" => metrics(backend),
         "status" => status(backend),
         other => format!(
-            "error unknown request {:?} (reload, refused WHY, metrics, status)\n",
+            "error unknown request {:?} (reload, peers, refused WHY, metrics, status)\n",
             other.chars().take(40).collect::<String>()
         ),
     };
@@ -226,7 +250,7 @@ pub fn run(
             // SAFETY: reads at most `info.len()` bytes into `info`.
             let n = unsafe { libc::read(hup.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
             if n > 0 {
-                reload(&backend, "SIGHUP");
+                reload(&backend, "SIGHUP", false);
             }
         }
         if let (Some(l), Some(p)) = (&listener, fds.get(1)) {

@@ -9,6 +9,7 @@ use enclave_netfilter::audit::{base_event, now_ms, AuditContext, AuditLog, Recor
 use enclave_netfilter::matcher::{
     Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, Verdict,
 };
+use enclave_netfilter::identity::ClusterMap;
 use enclave_netfilter::node::{NodeView, RegistryEntry};
 use serde_json::json;
 
@@ -46,10 +47,26 @@ pub struct Sources {
     pub policy_dir: PathBuf,
     /// The node's pod registry.
     pub registry: PathBuf,
+    /// The node's peer directory (the cluster's pods, from enclave-node), if any.
+    pub peer_dir: Option<PathBuf>,
     /// This pod.
     pub pod: RegistryEntry,
     /// Node name for records.
     pub node: String,
+}
+
+/// What the control thread reads a new view from.
+pub struct ReloadSources {
+    /// The node's policy directory.
+    pub policy_dir: PathBuf,
+    /// The node's pod registry.
+    pub registry: PathBuf,
+    /// The node's peer directory.
+    pub peer_dir: Option<PathBuf>,
+    /// The cluster map in use.
+    pub cluster: Option<std::sync::Arc<ClusterMap>>,
+    /// The policy file in force.
+    pub policy_file: PathBuf,
 }
 
 /// Audit counters.
@@ -65,6 +82,10 @@ pub struct AuditStats {
     pub reloads: u64,
     /// Policy reloads refused (the old policy stayed).
     pub reload_errors: u64,
+    /// Changes of peers put in force (without a policy reload).
+    pub peer_updates: u64,
+    /// Cluster maps that could not be read (the last good one stayed in use).
+    pub peer_map_errors: u64,
 }
 
 /// The enforcing part.
@@ -76,6 +97,8 @@ pub struct Enforcing {
     pending_suppressed: u64,
     sources: Sources,
     policy_file: PathBuf,
+    /// The cluster map in use (the last good one).
+    cluster: Option<std::sync::Arc<ClusterMap>>,
     /// Audit counters.
     pub audit: AuditStats,
 }
@@ -97,25 +120,41 @@ impl Gate {
 
     /// An enforcing gate for `sources.pod`, with its policy and peers read now.
     pub fn new_enforcing(sources: Sources, log: AuditLog) -> Result<Gate, String> {
-        let view = NodeView::load(&sources.policy_dir, &sources.registry)?;
+        let view = NodeView::load(
+            &sources.policy_dir,
+            &sources.registry,
+            sources.peer_dir.as_deref(),
+            None,
+        )?;
         for p in &view.problems {
             eprintln!("enclave-netd: registry: {p} (entry ignored)");
         }
-        let (policy, peers, policy_file) = (view.policy, view.peers, view.policy_file);
+        let mut audit = AuditStats::default();
+        if let Some(p) = &view.cluster_problem {
+            eprintln!("enclave-netd: peers: {p}");
+            audit.peer_map_errors += 1;
+        }
+        let (policy, peers, policy_file, cluster) =
+            (view.policy, view.peers, view.policy_file, view.cluster);
         let w = sources.pod.workload();
         let mac = w
             .mac
             .ok_or_else(|| format!("pod {}: no valid MAC", sources.pod.reference()))?;
         let local = w.local(mac);
+        let enforcer = Enforcer::new(
+            policy.clone(),
+            peers.clone(),
+            local,
+            EnforcerConfig::default(),
+        );
         let builder = RecordBuilder::new(AuditContext {
-            policy: policy.clone(),
-            peers: peers.clone(),
-            local: local.identity.clone(),
+            policy,
+            peers,
+            local: enforcer.local().identity.clone(),
             local_ips: sources.pod.ips.clone(),
             node: sources.node.clone(),
             component: "enclave-netd".into(),
         });
-        let enforcer = Enforcer::new(policy, peers, local, EnforcerConfig::default());
         let mut e = Enforcing {
             enforcer,
             builder,
@@ -127,7 +166,8 @@ impl Gate {
             pending_suppressed: 0,
             sources,
             policy_file,
-            audit: AuditStats::default(),
+            cluster,
+            audit,
         };
         e.note(&format!(
             "enclave-netd started for pod {} (zone {}, mode {}) under policy {} version {} from {}",
@@ -245,14 +285,18 @@ impl Enforcing {
         self.enforcer.policy().clone()
     }
 
-    /// Where a reload reads from: the policy directory and the registry. The control thread
+    /// Where a reload reads from: the policy directory, the registry and the peer directory
+    /// (with the cluster map in use, kept if the one on disk is broken). The control thread
     /// reads and compiles the node's view from them without holding the datapath lock, then
     /// hands it to [`Enforcing::swap_in`] under the lock.
-    pub fn sources(&self) -> (PathBuf, PathBuf) {
-        (
-            self.sources.policy_dir.clone(),
-            self.sources.registry.clone(),
-        )
+    pub fn sources(&self) -> ReloadSources {
+        ReloadSources {
+            policy_dir: self.sources.policy_dir.clone(),
+            registry: self.sources.registry.clone(),
+            peer_dir: self.sources.peer_dir.clone(),
+            cluster: self.cluster.clone(),
+            policy_file: self.policy_file.clone(),
+        }
     }
 
     /// Puts a view read by [`NodeView::load`] in force, with its swap prepared against the
@@ -262,6 +306,24 @@ impl Enforcing {
     pub fn swap_in(
         &mut self,
         view: Result<(NodeView, enclave_netfilter::matcher::PreparedReload), String>,
+    ) -> Result<String, String> {
+        self.swap(view, false)
+    }
+
+    /// Puts a view with new peers (and the policy in force) in force: flows whose peer
+    /// changed zone, or left, are re-decided as a reload does. Recorded when it cuts flows or
+    /// the cluster map could not be read.
+    pub fn swap_in_peers(
+        &mut self,
+        view: (NodeView, enclave_netfilter::matcher::PreparedReload),
+    ) -> Result<String, String> {
+        self.swap(Ok(view), true)
+    }
+
+    fn swap(
+        &mut self,
+        view: Result<(NodeView, enclave_netfilter::matcher::PreparedReload), String>,
+        peers_only: bool,
     ) -> Result<String, String> {
         let (view, prepared) = match view {
             Ok(v) => v,
@@ -279,12 +341,33 @@ impl Enforcing {
         self.builder = RecordBuilder::new(AuditContext {
             policy: policy.clone(),
             peers,
+            local: self.enforcer.local().identity.clone(),
             ..cx
         });
         self.policy_file = view.policy_file;
-        self.audit.reloads += 1;
+        if let Some(p) = &view.cluster_problem {
+            self.audit.peer_map_errors += 1;
+            eprintln!("enclave-netd: peers: {p}");
+        }
+        self.cluster = view.cluster;
+        let cluster = match &self.cluster {
+            Some(m) => format!(
+                "; {} cluster pods (map generation {}{})",
+                m.pods.len(),
+                m.generation,
+                if m.stale { ", stale: enclave-node cannot reach the API server" } else { "" }
+            ),
+            None => String::new(),
+        };
+        let problems = view
+            .problems
+            .iter()
+            .map(|p| format!("registry: {p}"))
+            .chain(view.cluster_problem.iter().map(|p| format!("peers: {p}")))
+            .collect::<Vec<_>>();
         let summary = format!(
-            "policy {} version {} from {} in force for pod {} (zone {}, mode {}); {} known pods; {} flows cut{}",
+            "{} {} version {} from {} in force for pod {} (zone {}, mode {}); {} known pods{cluster}; {} flows cut{}",
+            if peers_only { "peers changed; policy" } else { "policy" },
             policy.policy().name,
             policy.policy().version,
             self.policy_file.display(),
@@ -293,13 +376,21 @@ impl Enforcing {
             self.enforcer.mode().as_str(),
             view.entries.len(),
             cut.len(),
-            if view.problems.is_empty() {
+            if problems.is_empty() {
                 String::new()
             } else {
-                format!("; registry problems: {}", view.problems.join("; "))
+                format!("; {}", problems.join("; "))
             }
         );
-        self.note(&summary)?;
+        if peers_only {
+            self.audit.peer_updates += 1;
+            if !cut.is_empty() || !problems.is_empty() {
+                self.note(&summary)?;
+            }
+        } else {
+            self.audit.reloads += 1;
+            self.note(&summary)?;
+        }
         for ev in &cut {
             self.write(ev);
         }
@@ -417,6 +508,30 @@ impl Enforcing {
                 "Policy reloads refused.",
                 "counter",
                 a.reload_errors,
+            ),
+            (
+                "enclave_netd_peer_updates_total",
+                "Changes of peers (the registry or the cluster map) put in force.",
+                "counter",
+                a.peer_updates,
+            ),
+            (
+                "enclave_netd_peer_map_errors_total",
+                "Cluster maps that could not be read; the last good one stayed in use.",
+                "counter",
+                a.peer_map_errors,
+            ),
+            (
+                "enclave_netd_peer_map_stale",
+                "1 while the cluster map in use is marked stale (enclave-node cannot reach the API server).",
+                "gauge",
+                u64::from(self.cluster.as_ref().is_some_and(|m| m.stale)),
+            ),
+            (
+                "enclave_netd_peer_map_generation",
+                "Generation of the cluster map in use (0: none).",
+                "gauge",
+                self.cluster.as_ref().map_or(0, |m| m.generation),
             ),
             (
                 "enclave_netd_flows",

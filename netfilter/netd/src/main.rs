@@ -35,10 +35,13 @@ OPTIONS:
                        mac), as the shim writes it
     --policy-dir DIR   the node's policy directory [/etc/enclave/policies]
     --registry DIR     the node's pod registry, for peers' zones [/run/enclave/workloads]
+    --peer-dir DIR     the node's peer directory: the cluster's pods, as enclave-node
+                       publishes them (cluster.json; none is fine) [/run/enclave/peers]
     --audit-log PATH   the node's audit log, shared by every netd [/var/log/enclave/audit.log]
     --audit-sync MODE  never (default): records survive netd being killed; always:
                        fdatasync each record, survives power loss
-    --control PATH     control socket: `reload`, `metrics` (Prometheus text), `status`
+    --control PATH     control socket: `reload`, `peers` (re-read who the peers are, keep
+                       the policy), `metrics` (Prometheus text), `status`
     --user UID:GID     drop to this uid/gid once the tap and sockets are open
                        [65534:65534 when started as root]
     --node NAME        node name in audit records [the hostname]
@@ -59,6 +62,7 @@ struct Args {
     pod: Option<PathBuf>,
     policy_dir: PathBuf,
     registry: PathBuf,
+    peer_dir: PathBuf,
     audit_log: PathBuf,
     audit_sync: SyncPolicy,
     control: Option<PathBuf>,
@@ -78,6 +82,7 @@ fn parse() -> Result<Option<Args>, String> {
         pod: None,
         policy_dir: node::POLICY_DIR.into(),
         registry: node::REGISTRY_DIR.into(),
+        peer_dir: node::PEER_DIR.into(),
         audit_log: node::AUDIT_LOG.into(),
         audit_sync: SyncPolicy::Never,
         control: None,
@@ -97,6 +102,7 @@ fn parse() -> Result<Option<Args>, String> {
             "--pod" => a.pod = Some(val()?.into()),
             "--policy-dir" => a.policy_dir = val()?.into(),
             "--registry" => a.registry = val()?.into(),
+            "--peer-dir" => a.peer_dir = val()?.into(),
             "--audit-log" => a.audit_log = val()?.into(),
             "--audit-sync" => {
                 a.audit_sync = match val()?.as_str() {
@@ -203,6 +209,7 @@ fn run(a: Args) -> Result<(), String> {
                 gate::Sources {
                     policy_dir: a.policy_dir.clone(),
                     registry: a.registry.clone(),
+                    peer_dir: Some(a.peer_dir.clone()),
                     pod,
                     node: node_name,
                 },

@@ -54,6 +54,9 @@ enum NodeCmd {
         /// The node's pod registry.
         #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
         registry: PathBuf,
+        /// The node's peer directory (the cluster's pods, from enclave-node).
+        #[arg(long, default_value = enclave_netfilter::node::PEER_DIR)]
+        peer_dir: PathBuf,
     },
     /// Lists the registered pods and their enclave-netd's frame counts.
     Status {
@@ -736,11 +739,13 @@ fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
         NodeCmd::Reload {
             policy_dir,
             registry,
+            peer_dir,
         } => {
-            let (file, pods, problems) = node::reload_all(&policy_dir, &registry).map_err(fail)?;
+            let (file, pods, problems) =
+                node::reload_all(&policy_dir, &registry, Some(&peer_dir)).map_err(fail)?;
             println!("policy {}: {} pods", file.display(), pods.len());
             for p in &problems {
-                println!("  registry: {p}");
+                println!("  peers: {p}");
             }
             let mut code = 0;
             for p in &pods {
