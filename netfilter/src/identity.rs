@@ -362,7 +362,9 @@ impl ClusterMap {
             &mut text,
         )
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Self::parse(&text).map(Some).map_err(|e| format!("{}:{e}", path.display()))
+        Self::parse(&text)
+            .map(Some)
+            .map_err(|e| format!("{}:{e}", path.display()))
     }
 
     /// Parses a map; the error starts with `line:column:`.
@@ -389,12 +391,11 @@ impl ClusterMap {
         let path = dir.join(CLUSTER_MAP_FILE);
         let tmp = dir.join(format!(".{CLUSTER_MAP_FILE}.tmp"));
         let body = serde_json::to_vec(self).map_err(|e| e.to_string())?;
-        let mut f = std::fs::File::create(&tmp)
-            .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
         f.write_all(&body)
             .and_then(|()| f.sync_data())
             .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| format!("installing {}: {e}", path.display()))
+        std::fs::rename(&tmp, &path).map_err(|e| format!("installing {}: {e}", path.display()))
     }
 }

@@ -350,8 +350,14 @@ fn label_selected_zones_decide_by_namespace_labels_and_expressions() {
     let w = |labels: &[(&str, &str)], ns_labels: &[(&str, &str)]| policy::WorkloadIdentity {
         name: "p".into(),
         namespace: "payments".into(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        namespace_labels: ns_labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        namespace_labels: ns_labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     };
     let zone = |x: &policy::WorkloadIdentity| p.zone_name(p.zone_of_workload(x)).to_string();
@@ -360,9 +366,13 @@ fn label_selected_zones_decide_by_namespace_labels_and_expressions() {
     assert_eq!(zone(&w(&[("app", "api")], &[])), "web");
     assert_eq!(zone(&w(&[], &[])), "unknown");
     // The label override, and the annotation over the label.
-    let mut o = w(&[("app", "db"), ("enclave.io/zone", "web")], &[("pci", "cde")]);
+    let mut o = w(
+        &[("app", "db"), ("enclave.io/zone", "web")],
+        &[("pci", "cde")],
+    );
     assert_eq!(zone(&o), "web");
-    o.annotations.insert("enclave.io/zone".into(), "databases".into());
+    o.annotations
+        .insert("enclave.io/zone".into(), "databases".into());
     assert_eq!(zone(&o), "databases");
     // Overlap: cde-db and databases can both hold a pod; web and databases cannot.
     let notes: Vec<String> = l.notes.iter().map(|d| d.to_string()).collect();
@@ -391,7 +401,10 @@ fn a_bad_selector_expression_is_located() {
     );
     let no_values = SELECTORS.replace("operator: In, values: [db, cache]", "operator: In");
     let d = errors(&no_values);
-    assert_eq!(d[0].field, "spec.zones[1].selector.matchExpressions[0]", "{d:#?}");
+    assert_eq!(
+        d[0].field, "spec.zones[1].selector.matchExpressions[0]",
+        "{d:#?}"
+    );
     assert!(d[0].message.contains("at least one value"), "{d:#?}");
     let values_on_exists = SELECTORS.replace("operator: Exists}", "operator: Exists, values: [x]}");
     let d = errors(&values_on_exists);

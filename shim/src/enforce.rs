@@ -239,7 +239,8 @@ fn cluster_changed(
         },
     };
     let file = cache.as_ref().map(|c| c.2.clone()).unwrap_or_default();
-    let view = node::NodeView::with_policy(file, compiled, &net.registry, Some(&net.peer_dir), None);
+    let view =
+        node::NodeView::with_policy(file, compiled, &net.registry, Some(&net.peer_dir), None);
     match &view.cluster_problem {
         // The table in force was built from the last good map: keep it.
         Some(p) => eprintln!("enclave-shim: peers: {p}; the nftables table stays as it was"),

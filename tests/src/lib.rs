@@ -5,6 +5,7 @@
 pub mod confinement;
 pub mod containerd;
 pub mod cri;
+pub mod kubeapi;
 pub mod nestbox;
 pub mod netns;
 pub mod procfs;

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use enclave_netfilter::audit::{base_event, now_ms, AuditContext, AuditLog, RecordBuilder};
+use enclave_netfilter::identity::ClusterMap;
 use enclave_netfilter::matcher::{
     Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, Verdict,
 };
-use enclave_netfilter::identity::ClusterMap;
 use enclave_netfilter::node::{NodeView, RegistryEntry};
 use serde_json::json;
 
@@ -355,7 +355,11 @@ impl Enforcing {
                 "; {} cluster pods (map generation {}{})",
                 m.pods.len(),
                 m.generation,
-                if m.stale { ", stale: enclave-node cannot reach the API server" } else { "" }
+                if m.stale {
+                    ", stale: enclave-node cannot reach the API server"
+                } else {
+                    ""
+                }
             ),
             None => String::new(),
         };

@@ -58,7 +58,10 @@ fn parse_args() -> Result<Option<Args>, String> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        let mut val = || it.next().ok_or_else(|| format!("{k} needs a value (see --help)"));
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| format!("{k} needs a value (see --help)"))
+        };
         let num = |v: String, what: &str| -> Result<u64, String> {
             v.parse::<u64>()
                 .map_err(|_| format!("{what}: `{v}` is not a whole number"))
@@ -91,7 +94,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("enclave-node: {e}");
@@ -118,15 +124,17 @@ enum Ev {
     Namespaces(Result<Event<DynamicObject>, watcher::Error>),
 }
 
-fn watches(
-    client: &kube::Client,
-) -> futures::stream::BoxStream<'static, Ev> {
+fn watches(client: &kube::Client) -> futures::stream::BoxStream<'static, Ev> {
     let pods: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<Pod>(&()));
     let nss: Api<DynamicObject> =
         Api::all_with(client.clone(), &ApiResource::erase::<Namespace>(&()));
     let cfg = watcher::Config::default();
-    let p = watcher::watcher(pods, cfg.clone()).default_backoff().map(Ev::Pods);
-    let n = watcher::watcher(nss, cfg).default_backoff().map(Ev::Namespaces);
+    let p = watcher::watcher(pods, cfg.clone())
+        .default_backoff()
+        .map(Ev::Pods);
+    let n = watcher::watcher(nss, cfg)
+        .default_backoff()
+        .map(Ev::Namespaces);
     futures::stream::select(p, n).boxed()
 }
 
@@ -146,12 +154,10 @@ async fn run(a: Args) -> Result<(), String> {
             .await
             .map_err(|e| format!("no Kubernetes API to talk to: {e}"))?,
     };
-    let client =
-        kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))?;
+    let client = kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))?;
     let m = Arc::new(Metrics::default());
     if let Some(addr) = &a.metrics {
-        let l = std::net::TcpListener::bind(addr)
-            .map_err(|e| format!("--metrics {addr}: {e}"))?;
+        let l = std::net::TcpListener::bind(addr).map_err(|e| format!("--metrics {addr}: {e}"))?;
         metrics::serve(l, m.clone());
     }
     eprintln!(
@@ -182,7 +188,10 @@ async fn run(a: Args) -> Result<(), String> {
                     Ev::Namespaces(Ok(e)) => on_namespace(&mut store, &m, e, &mut ns_listed),
                     Ev::Pods(Err(e)) | Ev::Namespaces(Err(e)) => {
                         m.watch_errors.fetch_add(1, Ordering::Relaxed);
-                        if !stale {
+                        if matches!(&e, watcher::Error::WatchError(s) if s.code == 410) {
+                            // Expired: the watcher relists by itself; the API server is fine.
+                            eprintln!("enclave-node: watch expired (410 Gone); relisting");
+                        } else if !stale {
                             eprintln!("enclave-node: the API server cannot be reached ({e}); the last map stays in force, marked stale");
                             stale = true;
                             last_probe = Instant::now();
@@ -193,7 +202,12 @@ async fn run(a: Args) -> Result<(), String> {
             _ = tick.tick() => {
                 if stale && last_probe.elapsed() >= a.probe {
                     last_probe = Instant::now();
-                    if ns_api.list(&ListParams::default().limit(1)).await.is_ok() {
+                    let probe = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        ns_api.list_metadata(&ListParams::default().limit(1)),
+                    )
+                    .await;
+                    if matches!(probe, Ok(Ok(_))) {
                         // Back: both watches start over with a full list; the map stays
                         // stale until both are complete.
                         eprintln!("enclave-node: the API server answers again; relisting");

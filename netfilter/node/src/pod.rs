@@ -171,10 +171,19 @@ mod tests {
     fn a_running_pod_is_read_with_its_addresses_labels_and_enclave_annotations() {
         let r = pod_from_json(pod(json!("10.88.77.5"))).unwrap_or_else(|e| panic!("{e}"));
         let r = r.unwrap_or_else(|| panic!("no record"));
-        assert_eq!(r.pod.ips, vec!["10.88.77.5".parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"))]);
+        assert_eq!(
+            r.pod.ips,
+            vec!["10.88.77.5"
+                .parse::<IpAddr>()
+                .unwrap_or_else(|e| panic!("{e}"))]
+        );
         assert_eq!(r.pod.node, "node-a");
         assert_eq!(r.pod.labels.get("app").map(String::as_str), Some("api"));
-        assert_eq!(r.pod.annotations.len(), 1, "only enclave.io/* annotations are kept");
+        assert_eq!(
+            r.pod.annotations.len(),
+            1,
+            "only enclave.io/* annotations are kept"
+        );
         assert!(r.created.starts_with("2026-11-26"));
     }
 
@@ -193,18 +202,29 @@ mod tests {
 
     #[test]
     fn malformed_objects_are_refused_naming_the_field() {
-        let e = pod_from_json(pod(json!("10.88.77.999"))).err().map(|e| e.to_string());
+        let e = pod_from_json(pod(json!("10.88.77.999")))
+            .err()
+            .map(|e| e.to_string());
         assert_eq!(
             e.as_deref(),
             Some("pod payments/api-0: status.podIPs[0].ip: `10.88.77.999` is not an IP address")
         );
         let mut p = pod(json!("10.88.77.5"));
         p["metadata"]["labels"] = json!({"app": 7});
-        let e = pod_from_json(p).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.starts_with("pod payments/api-0: metadata.labels.app: invalid type"), "{e}");
+        let e = pod_from_json(p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("pod payments/api-0: metadata.labels.app: invalid type"),
+            "{e}"
+        );
         let mut p = pod(json!("10.88.77.5"));
         p["metadata"].as_object_mut().map(|m| m.remove("uid"));
-        let e = pod_from_json(p).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = pod_from_json(p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("needs a name, a namespace and a uid"), "{e}");
         assert!(pod_from_json(json!([1, 2])).is_err());
         assert!(namespace_from_json(json!({"metadata": {"labels": {"a": "b"}}})).is_err());

@@ -195,10 +195,28 @@ mod tests {
     #[test]
     fn a_reused_address_belongs_to_the_new_pod_only() {
         let mut s = Store::default();
-        s.apply_pod("u1", Some(rec("u1", "old-api", "10.0.0.5", "2026-11-26T05:00:00Z", "api")));
+        s.apply_pod(
+            "u1",
+            Some(rec(
+                "u1",
+                "old-api",
+                "10.0.0.5",
+                "2026-11-26T05:00:00Z",
+                "api",
+            )),
+        );
         assert_eq!(at(&s.map(1, 0, false), "10.0.0.5"), ["old-api"]);
         // The new pod shows up before the old one's deletion arrives.
-        s.apply_pod("u2", Some(rec("u2", "new-web", "10.0.0.5", "2026-11-26T05:01:00Z", "web")));
+        s.apply_pod(
+            "u2",
+            Some(rec(
+                "u2",
+                "new-web",
+                "10.0.0.5",
+                "2026-11-26T05:01:00Z",
+                "web",
+            )),
+        );
         assert_eq!(at(&s.map(2, 0, false), "10.0.0.5"), ["new-web"]);
         // An old pod still terminating loses even to an older... and to a newer one.
         let mut old = rec("u1", "old-api", "10.0.0.5", "2026-11-26T05:02:00Z", "api");
@@ -225,18 +243,31 @@ mod tests {
         s.pods_relist_done();
         assert!(s.dirty);
         let m = s.map(2, 0, false);
-        assert_eq!(m.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["b"], "u1 was deleted while the watch was down");
+        assert_eq!(
+            m.pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["b"],
+            "u1 was deleted while the watch was down"
+        );
     }
 
     #[test]
     fn namespace_labels_follow_their_namespace() {
         let mut s = Store::default();
         s.apply_pod("u1", Some(rec("u1", "db", "10.0.0.1", "t1", "db")));
-        s.apply_namespace("payments".into(), [("pci".to_string(), "cde".to_string())].into());
+        s.apply_namespace(
+            "payments".into(),
+            [("pci".to_string(), "cde".to_string())].into(),
+        );
         let m = s.map(1, 0, false);
-        assert_eq!(m.pods[0].namespace_labels.get("pci").map(String::as_str), Some("cde"));
+        assert_eq!(
+            m.pods[0].namespace_labels.get("pci").map(String::as_str),
+            Some("cde")
+        );
         s.dirty = false;
-        s.apply_namespace("payments".into(), [("pci".to_string(), "cde".to_string())].into());
+        s.apply_namespace(
+            "payments".into(),
+            [("pci".to_string(), "cde".to_string())].into(),
+        );
         assert!(!s.dirty, "an unchanged namespace is not a change");
         s.delete_namespace("payments");
         assert!(s.map(2, 0, false).pods[0].namespace_labels.is_empty());

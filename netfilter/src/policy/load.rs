@@ -249,7 +249,10 @@ impl Ctx<'_> {
                 };
                 if let Some(w) = sa.common_witness(sb) {
                     let show = |m: &std::collections::BTreeMap<String, String>| {
-                        m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
                     };
                     let mut pod = if w.namespace.is_empty() {
                         "any namespace".to_string()

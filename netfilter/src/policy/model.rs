@@ -1,7 +1,7 @@
 //! The zone policy as written (serde) and as validated (plain data, no I/O).
 
-use serde::Deserialize;
 pub use super::selector::Selector;
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;

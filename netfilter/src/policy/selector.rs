@@ -113,7 +113,10 @@ impl Selector {
     /// True when no criterion is given (which would select everything: refused).
     pub fn is_empty(&self) -> bool {
         self.namespaces.is_empty()
-            && self.namespace_selector.as_ref().map_or(true, |s| s.is_empty())
+            && self
+                .namespace_selector
+                .as_ref()
+                .map_or(true, |s| s.is_empty())
             && self.labels.is_empty()
             && self.match_expressions.is_empty()
             && self.annotations.is_empty()
@@ -241,7 +244,11 @@ mod tests {
     }
 
     fn pod(labels: &[(&str, &str)], ns: &str, ns_labels: &[(&str, &str)]) -> WorkloadIdentity {
-        let m = |l: &[(&str, &str)]| l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m = |l: &[(&str, &str)]| {
+            l.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
         WorkloadIdentity {
             name: "p".into(),
             namespace: ns.into(),
@@ -255,11 +262,32 @@ mod tests {
     fn every_operator_matches_as_kubernetes_defines_it() {
         let s = sel("matchExpressions: [{key: tier, operator: In, values: [db, cache]}, {key: env, operator: NotIn, values: [dev]}, {key: app, operator: Exists}, {key: debug, operator: DoesNotExist}]");
         assert!(s.matches(&pod(&[("tier", "db"), ("app", "x")], "a", &[])));
-        assert!(s.matches(&pod(&[("tier", "db"), ("app", "x"), ("env", "prod")], "a", &[])));
-        assert!(!s.matches(&pod(&[("tier", "web"), ("app", "x")], "a", &[])), "In");
-        assert!(!s.matches(&pod(&[("tier", "db"), ("app", "x"), ("env", "dev")], "a", &[])), "NotIn");
+        assert!(s.matches(&pod(
+            &[("tier", "db"), ("app", "x"), ("env", "prod")],
+            "a",
+            &[]
+        )));
+        assert!(
+            !s.matches(&pod(&[("tier", "web"), ("app", "x")], "a", &[])),
+            "In"
+        );
+        assert!(
+            !s.matches(&pod(
+                &[("tier", "db"), ("app", "x"), ("env", "dev")],
+                "a",
+                &[]
+            )),
+            "NotIn"
+        );
         assert!(!s.matches(&pod(&[("tier", "db")], "a", &[])), "Exists");
-        assert!(!s.matches(&pod(&[("tier", "db"), ("app", "x"), ("debug", "1")], "a", &[])), "DoesNotExist");
+        assert!(
+            !s.matches(&pod(
+                &[("tier", "db"), ("app", "x"), ("debug", "1")],
+                "a",
+                &[]
+            )),
+            "DoesNotExist"
+        );
     }
 
     #[test]
@@ -278,7 +306,10 @@ mod tests {
             .err()
             .map(|e| format!("{}: {}", e.field, e.message))
             .unwrap_or_default();
-        assert!(e.contains("matchExpressions[0].operator") && e.contains("Has"), "{e}");
+        assert!(
+            e.contains("matchExpressions[0].operator") && e.contains("Has"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -294,8 +325,12 @@ mod tests {
         let e = sel("{namespaces: [shop], matchLabels: {app: db}}");
         assert_eq!(b.common_witness(&e), None, "different namespaces");
         let f = sel("{matchExpressions: [{key: app, operator: In, values: [db, api]}, {key: app, operator: NotIn, values: [db]}]}");
-        let w = a.common_witness(&sel("{matchExpressions: [{key: app, operator: In, values: [api]}]}"));
+        let w = a.common_witness(&sel(
+            "{matchExpressions: [{key: app, operator: In, values: [api]}]}",
+        ));
         assert_eq!(w, None, "db vs api");
-        assert!(f.common_witness(&f).is_some_and(|w| w.labels.get("app").map(String::as_str) == Some("api")));
+        assert!(f
+            .common_witness(&f)
+            .is_some_and(|w| w.labels.get("app").map(String::as_str) == Some("api")));
     }
 }
