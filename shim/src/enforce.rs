@@ -188,6 +188,13 @@ pub fn follow_cluster(net: NetworkSection, entry: RegistryEntry) {
     };
     std::thread::spawn(move || {
         let mut policy: Option<(PolicyStamp, Arc<CompiledPolicy>, PathBuf)> = None;
+        // A map written between the pod's start and the watch is followed too.
+        if dir
+            .join(enclave_netfilter::identity::CLUSTER_MAP_FILE)
+            .exists()
+        {
+            cluster_changed(&net, &entry, &mut policy);
+        }
         loop {
             match watch.wait_for(enclave_netfilter::identity::CLUSTER_MAP_FILE) {
                 Ok(()) => {}

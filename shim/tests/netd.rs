@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use enclave_tests::containerd::leftovers;
 use enclave_tests::cri::{
-    container_config, cri_client, exec_sync, pod_ip, sandbox_config, CriNode,
+    container_config, cri_client, exec_sync, pod_ip, reason, records, sandbox_config, wait_record,
+    CriNode,
 };
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -98,65 +99,6 @@ async fn cat(cri: &RuntimeServiceClient<Channel>, p: &Pod, file: &str) -> String
     sh(&mut c, p, &format!("cat {file} 2>/dev/null; true"))
         .await
         .1
-}
-
-/// The audit records (JSON lines) of the node log.
-fn records(log: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// Records about a flow from `src` to `dst:port`.
-fn about<'a>(
-    recs: &'a [serde_json::Value],
-    src: &str,
-    dst: &str,
-    port: u16,
-) -> Vec<&'a serde_json::Value> {
-    recs.iter()
-        .filter(|r| {
-            r["src_endpoint"]["ip"] == src
-                && r["dst_endpoint"]["ip"] == dst
-                && r["dst_endpoint"]["port"] == port
-        })
-        .collect()
-}
-
-/// Waits (bounded) until a record about the flow satisfies `ok`, then returns it.
-async fn wait_record(
-    log: &Path,
-    (src, dst, port): (&str, &str, u16),
-    what: &str,
-    ok: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let recs = records(log);
-        if let Some(r) = about(&recs, src, dst, port).into_iter().find(|r| ok(r)) {
-            return r.clone();
-        }
-        if Instant::now() > deadline {
-            let near: Vec<String> = about(&recs, src, dst, port)
-                .iter()
-                .map(|r| r.to_string())
-                .collect();
-            let last: Vec<String> = recs
-                .iter()
-                .rev()
-                .take(8)
-                .map(|r| r["message"].to_string())
-                .collect();
-            panic!("no audit record: {what} ({src} -> {dst}:{port}); records of that flow:\n{near:#?}\nlast records (newest first):\n{last:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn reason(r: &serde_json::Value) -> &str {
-    r["unmapped"]["enclave"]["reason"].as_str().unwrap_or("")
 }
 
 fn enclavectl(args: &[&str]) -> (bool, String) {

@@ -59,6 +59,8 @@ pub struct CriNode {
     pub audit_log: std::path::PathBuf,
     /// The shim's runtime config (ENCLAVE_CONFIG).
     pub config: std::path::PathBuf,
+    /// The node's peer directory (where enclave-node would publish the cluster map).
+    pub peer_dir: std::path::PathBuf,
 }
 
 impl CriNode {
@@ -70,6 +72,18 @@ impl CriNode {
 
     /// As [`CriNode::start`], with `policy` in the node's policy directory.
     pub fn start_with_policy(dir: &Path, shim_dir: &Path, netns: &str, policy: &str) -> CriNode {
+        Self::start_on(dir, shim_dir, netns, policy, POD_SUBNET)
+    }
+
+    /// As [`CriNode::start_with_policy`], with pods in `subnet` (an IPv4 /24; CNI hands out
+    /// .2 to .199, leaving the rest for workloads a test places itself).
+    pub fn start_on(
+        dir: &Path,
+        shim_dir: &Path,
+        netns: &str,
+        policy: &str,
+        subnet: &str,
+    ) -> CriNode {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("cni")).unwrap();
         let ns = Netns {
@@ -84,9 +98,13 @@ impl CriNode {
         let _ = Command::new("ip")
             .args(["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"])
             .status();
+        let range_end = format!(
+            "{}.199",
+            subnet.rsplit_once('.').map_or(subnet, |(net, _)| net)
+        );
         let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "enclave-test", "plugins": [
-            {"type": "bridge", "bridge": "enctest0", "isGateway": true, "ipMasq": false,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]], "dataDir": dir.join("cni-ipam")}},
+            {"type": "bridge", "bridge": "enctest0", "isGateway": true, "isDefaultGateway": true, "ipMasq": false,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet, "rangeEnd": range_end}]], "dataDir": dir.join("cni-ipam")}},
             {"type": "loopback"}]});
         std::fs::write(dir.join("cni/10-enclave-test.conflist"), conf.to_string()).unwrap();
         let extra = format!(
@@ -107,11 +125,12 @@ impl CriNode {
 "#,
             cni = dir.join("cni").display()
         );
-        let (policy_dir, registry, audit_log, config) = (
+        let (policy_dir, registry, audit_log, config, peer_dir) = (
             dir.join("policies"),
             dir.join("registry"),
             dir.join("audit.log"),
             dir.join("enclave.toml"),
+            dir.join("peers"),
         );
         std::fs::create_dir_all(&policy_dir).unwrap();
         std::fs::write(policy_dir.join("policy.yaml"), policy).unwrap();
@@ -126,8 +145,8 @@ impl CriNode {
         std::fs::write(
             &config,
             format!(
-                "[network]\npolicy_dir = {:?}\nregistry = {:?}\naudit_log = {:?}\n{paths}",
-                policy_dir, registry, audit_log
+                "[network]\npolicy_dir = {:?}\nregistry = {:?}\naudit_log = {:?}\npeer_dir = {:?}\n{paths}",
+                policy_dir, registry, audit_log, peer_dir
             ),
         )
         .unwrap();
@@ -161,7 +180,42 @@ impl CriNode {
             registry,
             audit_log,
             config,
+            peer_dir,
         }
+    }
+}
+
+impl CriNode {
+    /// Lets this node run ordinary runc pods too: `ip netns exec` gave containerd a fresh
+    /// /sys without the host's cgroup hierarchies, which runc needs; they are mounted again
+    /// in containerd's mount namespace (the same hierarchies, so the host sees the pods'
+    /// cgroups as usual). Enclave pods do not need this.
+    pub fn enable_runc(&self) {
+        let script = r#"set -e
+grep -q ' /sys/fs/cgroup ' /proc/self/mountinfo && exit 0
+mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+awk '$8 == "cgroup" { o = $NF; sub(/^rw,/, "", o); print $5, o }' /proc/1/mountinfo | while read -r mp o; do
+  mkdir -p "$mp"; mount -t cgroup -o "$o" cgroup "$mp"
+done
+awk '$8 == "cgroup2" { print $5 }' /proc/1/mountinfo | while read -r mp; do
+  mkdir -p "$mp"; mount -t cgroup2 cgroup2 "$mp"
+done"#;
+        let out = Command::new("nsenter")
+            .args([
+                "-t",
+                &self.containerd.pid().to_string(),
+                "-m",
+                "sh",
+                "-c",
+                script,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting cgroups for runc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -245,6 +299,16 @@ pub async fn run_sandbox(
     ctrd: &Containerd,
     config: &k8s_cri::v1::PodSandboxConfig,
 ) -> String {
+    run_sandbox_on(cri, ctrd, config, "enclave").await
+}
+
+/// [`run_sandbox`] with another runtime handler (`runc` for an ordinary pod).
+pub async fn run_sandbox_on(
+    cri: &mut RuntimeServiceClient<Channel>,
+    ctrd: &Containerd,
+    config: &k8s_cri::v1::PodSandboxConfig,
+    handler: &str,
+) -> String {
     let name = config
         .metadata
         .as_ref()
@@ -252,7 +316,7 @@ pub async fn run_sandbox(
         .unwrap_or_default();
     cri.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
         config: Some(config.clone()),
-        runtime_handler: "enclave".into(),
+        runtime_handler: handler.into(),
     })
     .await
     .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", ctrd.log_tail()))
@@ -344,4 +408,68 @@ pub async fn exec_sync(
         String::from_utf8_lossy(&r.stdout).trim().to_string(),
         String::from_utf8_lossy(&r.stderr).to_string(),
     )
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading a node's audit log.
+
+/// The audit records (JSON lines) of the node log.
+pub fn records(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Records about a flow from `src` to `dst:port`.
+pub fn about<'a>(
+    recs: &'a [serde_json::Value],
+    src: &str,
+    dst: &str,
+    port: u16,
+) -> Vec<&'a serde_json::Value> {
+    recs.iter()
+        .filter(|r| {
+            r["src_endpoint"]["ip"] == src
+                && r["dst_endpoint"]["ip"] == dst
+                && r["dst_endpoint"]["port"] == port
+        })
+        .collect()
+}
+
+/// Waits (bounded: 10 s) until a record about the flow satisfies `ok`, then returns it;
+/// panics with the flow's records and the last ones of the log.
+pub async fn wait_record(
+    log: &Path,
+    (src, dst, port): (&str, &str, u16),
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let recs = records(log);
+        if let Some(r) = about(&recs, src, dst, port).into_iter().find(|r| ok(r)) {
+            return r.clone();
+        }
+        if std::time::Instant::now() > deadline {
+            let near: Vec<String> = about(&recs, src, dst, port)
+                .iter()
+                .map(|r| r.to_string())
+                .collect();
+            let last: Vec<String> = recs
+                .iter()
+                .rev()
+                .take(8)
+                .map(|r| r["message"].to_string())
+                .collect();
+            panic!("no audit record: {what} ({src} -> {dst}:{port}); records of that flow:\n{near:#?}\nlast records (newest first):\n{last:#?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// enclave-netd's reason for a decision in a record.
+pub fn reason(r: &serde_json::Value) -> &str {
+    r["unmapped"]["enclave"]["reason"].as_str().unwrap_or("")
 }
