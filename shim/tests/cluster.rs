@@ -606,7 +606,7 @@ async fn zones_follow_pods_across_two_nodes_through_a_stand_in_api_server() {
             map_has(n, |m| {
                 !m.stale
                     && m.find("shop/web")
-                        .is_some_and(|p| p.labels.get("tier").is_some())
+                        .is_some_and(|p| p.labels.contains_key("tier"))
             })
         })
         .await;
@@ -626,6 +626,41 @@ async fn zones_follow_pods_across_two_nodes_through_a_stand_in_api_server() {
     )
     .await;
     assert_eq!(r["unmapped"]["enclave"]["src"]["pod"], "web", "{r}");
+
+    // --- a garbage map in node B's peer directory (truncated, as a crash mid-write would
+    // leave one were it not renamed into place): db's netd keeps its last good map and
+    // counts the error; api still reaches db.
+    eprintln!(
+        "[{:>5.1}s] a truncated cluster map: db's netd keeps its last good one",
+        t.elapsed().as_secs_f64()
+    );
+    let good = std::fs::read(b.peer_dir.join("cluster.json")).unwrap();
+    let tmp = b.peer_dir.join(".garbage");
+    std::fs::write(&tmp, &good[..good.len() / 2]).unwrap();
+    std::fs::rename(&tmp, b.peer_dir.join("cluster.json")).unwrap();
+    let errors = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("enclave_netd_peer_map_errors_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    wait_until("db's netd counts the broken map", 20, || {
+        errors(&netd_metrics(&b, "db")) >= 1
+    })
+    .await;
+    sh(&cri_a, &apip, &send("after-garbage", &db.ip)).await;
+    assert!(
+        wait_db_got(&cri_b, &db, "after-garbage").await,
+        "a broken map cut api off db"
+    );
+    let r = wait_record(
+        &b.audit_log,
+        (&apip.ip, &db.ip, 5432),
+        "db's netd still knows api",
+        |r| r["action"] == "Allowed" && r["unmapped"]["enclave"]["src"]["pod"] == "api",
+    )
+    .await;
+    assert_eq!(ep(&r, "src_endpoint", "zone"), "cde-api", "{r}");
     eprintln!("[{:>5.1}s] done", t.elapsed().as_secs_f64());
 
     for (cri, p) in [

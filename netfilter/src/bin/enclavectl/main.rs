@@ -89,10 +89,11 @@ enum PolicyCmd {
     Explain {
         /// Policy file.
         file: PathBuf,
-        /// Source: a zone name, an IP address, or NAMESPACE/POD from --inventory.
+        /// Source: a zone name, an IP address, NAMESPACE/POD (from --inventory or --peers),
+        /// or a pod inline: `ns=NS,pod=NAME[,label.K=V][,nslabel.K=V][,zone=Z]`.
         #[arg(long)]
         from: String,
-        /// Destination: a zone name, an IP address, or NAMESPACE/POD from --inventory.
+        /// Destination, written as --from.
         #[arg(long)]
         to: String,
         /// Protocol: tcp, udp, icmp, icmpv6.
@@ -107,6 +108,10 @@ enum PolicyCmd {
         /// Workload inventory (YAML) for NAMESPACE/POD references.
         #[arg(long)]
         inventory: Option<PathBuf>,
+        /// The cluster's pods as enclave-node publishes them: a peer directory
+        /// (/run/enclave/peers) or its cluster.json.
+        #[arg(long)]
+        peers: Option<PathBuf>,
     },
     /// Prints the nftables table the host-kernel layer would install for a workload.
     Render {
@@ -358,13 +363,34 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
             port,
             app,
             inventory,
+            peers,
         } => {
             let l = load_policy(&file)?;
             let inv = load_inventory(&inventory)?;
+            let cluster = match &peers {
+                None => None,
+                Some(p) => {
+                    let dir = if p.is_dir() {
+                        p.clone()
+                    } else {
+                        p.parent().map(Path::to_path_buf).unwrap_or_default()
+                    };
+                    Some(
+                        enclave_netfilter::identity::ClusterMap::load_dir(&dir)
+                            .map_err(fail)?
+                            .ok_or_else(|| {
+                                fail(format!(
+                                    "--peers: no cluster map in {} (is enclave-node running?)",
+                                    dir.display()
+                                ))
+                            })?,
+                    )
+                }
+            };
             let c = &l.compiled;
-            let peers = PeerDirectory::build(c.policy(), &inv.workloads);
-            let (fz, fdesc) = workload::resolve_zone(c, &peers, &inv, &from)?;
-            let (tz, tdesc) = workload::resolve_zone(c, &peers, &inv, &to)?;
+            let peers = PeerDirectory::build_node(c.policy(), &inv.workloads, cluster.as_ref());
+            let (fz, fdesc) = workload::resolve_zone(c, &peers, &inv, cluster.as_ref(), &from)?;
+            let (tz, tdesc) = workload::resolve_zone(c, &peers, &inv, cluster.as_ref(), &to)?;
             let ip_proto = match proto.as_str() {
                 "tcp" => 6,
                 "udp" => 17,
@@ -393,7 +419,13 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
             } else {
                 proto.clone()
             };
+            // A pod's description carries a second line: what put it in its zone.
+            let (fdesc, fwhy) = fdesc.split_once('\n').unwrap_or((&fdesc, ""));
+            let (tdesc, twhy) = tdesc.split_once('\n').unwrap_or((&tdesc, ""));
             println!("flow: {fdesc} → {tdesc}, {flow}");
+            for why in [fwhy, twhy].into_iter().filter(|w| !w.is_empty()) {
+                println!("{why}");
+            }
             let rule_desc = |id: policy::RuleId| {
                 let r = &p.rules[id.0 as usize];
                 let d = r

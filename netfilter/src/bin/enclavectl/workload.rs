@@ -1,7 +1,7 @@
 //! Naming workloads and zones on the command line.
 
 use super::{fail, Fail};
-use enclave_netfilter::identity::{Inventory, PeerDirectory};
+use enclave_netfilter::identity::{ClusterMap, Inventory, PeerDirectory};
 use enclave_netfilter::policy::{CompiledPolicy, WorkloadIdentity, ZoneId, ZONE_ANNOTATION};
 use std::net::IpAddr;
 
@@ -51,6 +51,11 @@ pub fn parse(s: &str, inv: &Inventory) -> Result<CliWorkload, Fail> {
                     .annotations
                     .insert(ZONE_ANNOTATION.into(), v.into());
             }
+            k if k.starts_with("nslabel.") => {
+                w.identity
+                    .namespace_labels
+                    .insert(k["nslabel.".len()..].into(), v.into());
+            }
             k if k.starts_with("label.") => {
                 w.identity
                     .labels
@@ -63,7 +68,7 @@ pub fn parse(s: &str, inv: &Inventory) -> Result<CliWorkload, Fail> {
             }
             other => {
                 return Err(fail(format!(
-                "--workload: unknown key `{other}` (use ns, pod, ip, zone, label.K, annotation.K)"
+                "--workload: unknown key `{other}` (use ns, pod, ip, zone, label.K, nslabel.K, annotation.K)"
             )))
             }
         }
@@ -79,6 +84,7 @@ pub fn resolve_zone(
     c: &CompiledPolicy,
     peers: &PeerDirectory,
     inv: &Inventory,
+    cluster: Option<&ClusterMap>,
     s: &str,
 ) -> Result<(ZoneId, String), Fail> {
     let p = c.policy();
@@ -93,18 +99,82 @@ pub fn resolve_zone(
             .unwrap_or_default();
         return Ok((z, format!("{ip}{who} in zone `{}`", p.zone_name(z))));
     }
+    if s.contains('=') {
+        let w = parse(s, inv)?;
+        let z = p.zone_of_workload(&w.identity);
+        return Ok((z, describe(c, &w.identity, z)));
+    }
     if s.contains('/') {
-        let w = inv.find(s).ok_or_else(|| {
-            fail(format!(
-                "`{s}` is not in the inventory (pass --inventory FILE)"
-            ))
-        })?;
-        let z = p.zone_of_workload(&w.identity());
-        return Ok((z, format!("{s} in zone `{}`", p.zone_name(z))));
+        let identity = match (inv.find(s), cluster.and_then(|m| m.find(s))) {
+            (Some(w), _) => w.identity(),
+            (None, Some(cp)) => cp.identity(),
+            (None, None) => {
+                return Err(fail(format!(
+                    "`{s}` is not in the inventory or the cluster map (pass --inventory FILE or --peers DIR, or describe it inline: ns=NS,pod=NAME,label.K=V,nslabel.K=V)"
+                )))
+            }
+        };
+        let z = p.zone_of_workload(&identity);
+        return Ok((z, describe(c, &identity, z)));
     }
     let zones: Vec<&str> = p.zones.iter().map(|z| z.name.as_str()).collect();
     Err(fail(format!(
         "`{s}` is not a zone ({}), an IP address or NAMESPACE/POD",
         zones.join(", ")
     )))
+}
+
+/// `namespace/pod in zone `z``, then a line with its labels and what put it in that zone.
+fn describe(c: &CompiledPolicy, w: &WorkloadIdentity, z: ZoneId) -> String {
+    let p = c.policy();
+    let show = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut facts = Vec::new();
+    if !w.labels.is_empty() {
+        facts.push(format!("labels {}", show(&w.labels)));
+    }
+    if !w.namespace_labels.is_empty() {
+        facts.push(format!("namespace labels {}", show(&w.namespace_labels)));
+    }
+    let facts = if facts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", facts.join("; "))
+    };
+    let why = if let Some(v) = w.annotations.get(ZONE_ANNOTATION) {
+        format!("its {ZONE_ANNOTATION} annotation names `{v}`")
+    } else if let Some(v) = w.labels.get(ZONE_ANNOTATION) {
+        format!("its {ZONE_ANNOTATION} label names `{v}`")
+    } else if z == ZoneId::UNKNOWN {
+        "no zone's selector matches it".to_string()
+    } else {
+        let others: Vec<&str> = p
+            .zones
+            .iter()
+            .skip(z.0 as usize)
+            .filter(|o| o.selector.as_ref().is_some_and(|s| s.matches(w)))
+            .map(|o| o.name.as_str())
+            .collect();
+        if others.is_empty() {
+            format!("zone `{}`'s selector matches it", p.zone_name(z))
+        } else {
+            format!(
+                "zone `{}`'s selector matches it, and comes before {} in the file",
+                p.zone_name(z),
+                others.join(", ")
+            )
+        }
+    };
+    format!(
+        "{}/{} in zone `{}`\n  {}/{}{facts}: {why}",
+        w.namespace,
+        w.name,
+        p.zone_name(z),
+        w.namespace,
+        w.name
+    )
 }
