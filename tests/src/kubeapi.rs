@@ -340,13 +340,21 @@ fn serve(inner: &Inner, mut c: TcpStream) {
         Res::Pods => "PodList",
         Res::Namespaces => "NamespaceList",
     };
+    // Pages: `limit`, and a `continue` token (here, the offset) while more remain.
     let limit: usize = q
         .get("limit")
         .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
-    let items: Vec<Value> = items.into_iter().take(limit).collect();
-    let body = json!({"kind": kind, "apiVersion": "v1",
-        "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+    let from: usize = q.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let total = items.len();
+    let items: Vec<Value> = items.into_iter().skip(from).take(limit).collect();
+    let mut meta = json!({"resourceVersion": st.rv.to_string()});
+    if from + items.len() < total {
+        meta["continue"] = json!((from + items.len()).to_string());
+        meta["remainingItemCount"] = json!(total - from - items.len());
+    }
+    let body = json!({"kind": kind, "apiVersion": "v1", "metadata": meta, "items": items});
     drop(st);
     respond(&mut c, 200, &body);
 }

@@ -63,6 +63,74 @@ impl ManyRules<'_> {
     }
 }
 
+/// Zones that select [`cluster`]'s pods by labels (for [`ManyRules::extra_zones`]).
+pub const CLUSTER_ZONES: [&str; 3] = [
+    "{name: cde-db, selector: {namespaceSelector: {matchLabels: {pci: cde}}, matchLabels: {app: db}}}",
+    "{name: cde-api, selector: {namespaceSelector: {matchLabels: {pci: cde}}, matchExpressions: [{key: app, operator: In, values: [api]}]}}",
+    "{name: web, selector: {matchLabels: {app: web}}}",
+];
+
+/// A cluster map of `pods` pods in `namespaces` namespaces, as enclave-node would publish
+/// it: pod `i` is `pod-{i}` in namespace `ns-{i % namespaces}` at 10.200.{i / 250}.{i % 250 + 1},
+/// labelled `app` = api, db, web or worker (by `i % 4`); namespaces `ns-{n}` with
+/// `n % 4 < 2` are labelled `pci: cde`.
+pub fn cluster(pods: usize, namespaces: usize) -> crate::identity::ClusterMap {
+    use crate::identity::{ClusterMap, ClusterPod, CLUSTER_MAP_FORMAT};
+    let namespaces = namespaces.max(1);
+    let pods = (0..pods)
+        .map(|i| {
+            let ns = i % namespaces;
+            ClusterPod {
+                uid: format!("00000000-0000-4000-8000-{i:012}"),
+                namespace: format!("ns-{ns}"),
+                name: format!("pod-{i}"),
+                node: format!("node-{}", i % 50),
+                ips: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                    10,
+                    200 + (i / 62_500) as u8,
+                    (i / 250 % 250) as u8,
+                    (i % 250 + 1) as u8,
+                ))],
+                labels: [
+                    (
+                        "app".to_string(),
+                        ["api", "db", "web", "worker"][i % 4].to_string(),
+                    ),
+                    (
+                        "pod-template-hash".to_string(),
+                        format!("{:08x}", i * 2_654_435_761 % 0xffff_ffff),
+                    ),
+                ]
+                .into(),
+                annotations: Default::default(),
+                namespace_labels: if ns % 4 < 2 {
+                    [
+                        ("pci".to_string(), "cde".to_string()),
+                        (
+                            "kubernetes.io/metadata.name".to_string(),
+                            format!("ns-{ns}"),
+                        ),
+                    ]
+                    .into()
+                } else {
+                    [(
+                        "kubernetes.io/metadata.name".to_string(),
+                        format!("ns-{ns}"),
+                    )]
+                    .into()
+                },
+            }
+        })
+        .collect();
+    ClusterMap {
+        format: CLUSTER_MAP_FORMAT,
+        generation: 1,
+        written_unix_ms: 0,
+        stale: false,
+        pods,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -84,5 +152,54 @@ mod tests {
         assert_eq!(p.policy().rules.len(), 251);
         assert_eq!(p.policy().zones.len(), 102);
         assert_eq!(p.policy().version, "3");
+    }
+
+    #[test]
+    fn a_generated_cluster_puts_pods_in_their_label_selected_zones() {
+        let src = ManyRules {
+            name: "gen",
+            version: 1,
+            namespace: "app",
+            rules: 10,
+            inbound: false,
+            extra_zones: &CLUSTER_ZONES,
+            extra_rules: &[],
+        }
+        .yaml();
+        let c = crate::policy::load_str(&src, "gen.yaml").unwrap().compiled;
+        let m = cluster(10_000, 1_000);
+        let peers = crate::identity::PeerDirectory::build_node(c.policy(), &[], Some(&m));
+        assert_eq!(peers.len(), 10_000, "every address distinct");
+        let zone = |i: usize| {
+            let p = c.policy();
+            p.zone_name(peers.zone_of(&c, m.pods[i].ips[0])).to_string()
+        };
+        // With 1,000 namespaces, api pods (i % 4 == 0) and db pods (i % 4 == 1) always land
+        // in CDE namespaces (n % 4 < 2): a quarter of the pods in each zone.
+        assert_eq!(zone(0), "cde-api");
+        assert_eq!(zone(1), "cde-db");
+        assert_eq!(zone(2), "web");
+        assert_eq!(zone(3), "unknown"); // worker
+        assert_eq!(zone(9_997), "cde-db");
+        let counts = m.pods.iter().fold([0usize; 4], |mut n, p| {
+            let z = c
+                .policy()
+                .zone_name(peers.zone_of(&c, p.ips[0]))
+                .to_string();
+            n[["cde-api", "cde-db", "web", "unknown"]
+                .iter()
+                .position(|x| *x == z)
+                .unwrap()] += 1;
+            n
+        });
+        assert_eq!(counts, [2_500; 4]);
+        // Fewer namespaces than labels: a db pod in a namespace outside the CDE is unknown.
+        let m = cluster(8, 3);
+        let peers = crate::identity::PeerDirectory::build_node(c.policy(), &[], Some(&m));
+        // pod 5: db in ns-2 (2 % 4 == 2: not CDE).
+        assert_eq!(
+            c.policy().zone_name(peers.zone_of(&c, m.pods[5].ips[0])),
+            "unknown"
+        );
     }
 }
