@@ -6,7 +6,7 @@
 //! without the datapath lock), and the swap under it.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use enclave_netfilter::identity::{ClusterMap, Inventory, PeerDirectory};
+use enclave_netfilter::identity::{ClusterMap, ClusterPeers, Inventory, PeerDirectory};
 use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, PreparedReload, Verdict};
 use enclave_netfilter::packet::{build, MacAddr, TcpFlags as F};
 use enclave_netfilter::policy::generate::{cluster, ManyRules, CLUSTER_ZONES};
@@ -46,7 +46,7 @@ fn enforcer(c: &Arc<CompiledPolicy>, map: &ClusterMap) -> Enforcer {
     let peers = Arc::new(PeerDirectory::build_node(
         c.policy(),
         &inv.workloads,
-        Some(map),
+        Some(&ClusterPeers::from(map.clone())),
     ));
     Enforcer::new(
         c.clone(),
@@ -107,15 +107,20 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("peers_swap/10000_pods");
     g.sample_size(20);
     g.bench_function("parse_map", |b| {
-        b.iter(|| black_box(ClusterMap::parse(black_box(&text)).expect("map")))
+        b.iter(|| {
+            black_box(ClusterPeers::from(
+                ClusterMap::parse(black_box(&text)).expect("map"),
+            ))
+        })
     });
     let inv = local();
+    let known = ClusterPeers::from(map.clone());
     g.bench_function("build_directory", |b| {
         b.iter(|| {
             black_box(PeerDirectory::build_node(
                 policy.policy(),
                 &inv.workloads,
-                Some(&map),
+                Some(&known),
             ))
         })
     });
@@ -123,7 +128,7 @@ fn bench(c: &mut Criterion) {
     let peers = Arc::new(PeerDirectory::build_node(
         policy.policy(),
         &inv.workloads,
-        Some(&map),
+        Some(&known),
     ));
     g.bench_function("swap_under_lock", |b| {
         b.iter_batched(

@@ -60,14 +60,14 @@ impl PeerDirectory {
     pub fn build_node<'a>(
         policy: &Policy,
         local: impl IntoIterator<Item = &'a InventoryWorkload>,
-        cluster: Option<&ClusterMap>,
+        cluster: Option<&ClusterPeers>,
     ) -> Self {
         let mut dir = PeerDirectory::default();
-        if let Some(m) = cluster {
-            for p in &m.pods {
-                let identity = Arc::new(p.identity());
-                let zone = policy.zone_of_workload(&identity);
-                for ip in &p.ips {
+        if let Some(c) = cluster {
+            dir.by_ip.reserve(c.pods.len());
+            for (ips, identity) in &c.pods {
+                let zone = policy.zone_of_workload(identity);
+                for ip in ips {
                     dir.by_ip.insert(
                         *ip,
                         Peer {
@@ -339,6 +339,42 @@ impl ClusterPod {
     }
 }
 
+/// The cluster's pods as a node's enforcement keeps them between maps: each identity is
+/// shared by every directory built from it (a policy reload, a change of the registry), and
+/// the map's text and layout are not kept.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterPeers {
+    /// The map's generation.
+    pub generation: u64,
+    /// The map was marked stale.
+    pub stale: bool,
+    /// Each pod's addresses and identity.
+    pub pods: Vec<(Vec<IpAddr>, Arc<WorkloadIdentity>)>,
+}
+
+impl From<ClusterMap> for ClusterPeers {
+    fn from(m: ClusterMap) -> Self {
+        ClusterPeers {
+            generation: m.generation,
+            stale: m.stale,
+            pods: m
+                .pods
+                .into_iter()
+                .map(|p| {
+                    let identity = WorkloadIdentity {
+                        name: p.name,
+                        namespace: p.namespace,
+                        labels: p.labels,
+                        annotations: p.annotations,
+                        namespace_labels: p.namespace_labels,
+                    };
+                    (p.ips, Arc::new(identity))
+                })
+                .collect(),
+        }
+    }
+}
+
 impl ClusterMap {
     /// Reads the map of a peer directory: `Ok(None)` when there is none (no enclave-node on
     /// this node), an error naming the file, line and column when it is not a map.
@@ -397,5 +433,91 @@ impl ClusterMap {
             .and_then(|()| f.sync_data())
             .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &path).map_err(|e| format!("installing {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const POLICY: &str = "apiVersion: enclave.io/v1alpha1\nkind: ZonePolicy\nmetadata: {name: t, version: 1}\nspec:\n  zones:\n    - {name: db, selector: {matchLabels: {app: db}}}\n    - {name: api, selector: {matchLabels: {app: api}}}\n  rules: []\n";
+
+    fn pod(ns: &str, name: &str, app: &str, ip: &str) -> ClusterPod {
+        ClusterPod {
+            uid: name.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            ips: vec![ip.parse().unwrap()],
+            labels: [("app".to_string(), app.to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_node_registry_wins_an_address_and_the_cluster_adds_labels_to_the_same_pod() {
+        let c = crate::policy::load_str(POLICY, "p.yaml").unwrap().compiled;
+        let map = ClusterMap {
+            format: CLUSTER_MAP_FORMAT,
+            pods: vec![
+                pod("payments", "db-0", "db", "10.0.0.5"),
+                // A stale entry: the map still shows an old pod at a local pod's address.
+                pod("payments", "old", "db", "10.0.0.6"),
+                pod("payments", "api-0", "api", "10.0.0.7"),
+            ],
+            ..Default::default()
+        };
+        let local: Inventory = crate::yaml::from_str(
+            "workloads:\n  - {name: db-0, namespace: payments, ips: [10.0.0.5], annotations: {enclave.io/extra: x}}\n  - {name: fresh, namespace: payments, ips: [10.0.0.6]}\n",
+        )
+        .unwrap();
+        let known = ClusterPeers::from(map);
+        let d = PeerDirectory::build_node(c.policy(), &local.workloads, Some(&known));
+        let at = |ip: &str| d.get(ip.parse().unwrap()).unwrap();
+        let db = at("10.0.0.5");
+        assert_eq!(
+            c.policy().zone_name(db.zone),
+            "db",
+            "labels from the cluster map"
+        );
+        assert_eq!(
+            db.identity
+                .annotations
+                .get("enclave.io/extra")
+                .map(String::as_str),
+            Some("x")
+        );
+        let fresh = at("10.0.0.6");
+        assert_eq!(
+            fresh.identity.name, "fresh",
+            "the node's own registry wins the address"
+        );
+        assert_eq!(c.policy().zone_name(fresh.zone), "unknown");
+        assert_eq!(c.policy().zone_name(at("10.0.0.7").zone), "api");
+        assert_eq!(d.len(), 3);
+    }
+
+    #[test]
+    fn a_broken_map_is_refused_with_its_position() {
+        let e =
+            ClusterMap::parse(b"{\"format\": 1, \"generation\": 2,\n \"pods\": [{\"uid\": 7}]}")
+                .unwrap_err();
+        assert!(e.starts_with("2:") && e.contains("invalid type"), "{e}");
+        let e = ClusterMap::parse(
+            b"{\"format\": 9, \"generation\": 1, \"written_unix_ms\": 0, \"pods\": []}",
+        )
+        .unwrap_err();
+        assert!(e.contains("format 9"), "{e}");
+        let e = ClusterMap::parse(b"{\"format\": 1, \"gener").unwrap_err();
+        assert!(e.starts_with("1:"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(
+            ClusterMap::load_dir(d.path()),
+            Ok(None),
+            "no map is not an error"
+        );
+        std::fs::write(d.path().join(CLUSTER_MAP_FILE), b"garbage").unwrap();
+        let e = ClusterMap::load_dir(d.path()).unwrap_err();
+        assert!(e.contains("cluster.json:1:"), "{e}");
     }
 }

@@ -11,7 +11,7 @@
 //! - [`reload_all`] re-reads both and, for every registered pod, re-applies its nftables
 //!   table in its network namespace and asks its enclave-netd to reload.
 
-use crate::identity::{ClusterMap, InventoryWorkload, PeerDirectory};
+use crate::identity::{ClusterMap, ClusterPeers, InventoryWorkload, PeerDirectory};
 use crate::nft::{self, NftWorkload, Placement};
 use crate::packet::MacAddr;
 use crate::policy::{self, CompiledPolicy, LoadedPolicy};
@@ -277,7 +277,7 @@ pub struct NodeView {
     /// A message per registry file that is not an entry.
     pub problems: Vec<String>,
     /// The cluster map in use: the one on disk, or the last good one when that is broken.
-    pub cluster: Option<Arc<ClusterMap>>,
+    pub cluster: Option<Arc<ClusterPeers>>,
     /// Why the cluster map on disk is not the one in use.
     pub cluster_problem: Option<String>,
 }
@@ -291,7 +291,7 @@ impl NodeView {
         policy_dir: &Path,
         registry: &Path,
         peer_dir: Option<&Path>,
-        last_cluster: Option<&Arc<ClusterMap>>,
+        last_cluster: Option<&Arc<ClusterPeers>>,
     ) -> Result<NodeView, String> {
         let (policy_file, loaded) = load_policy_dir(policy_dir)?;
         Ok(Self::with_policy(
@@ -310,12 +310,12 @@ impl NodeView {
         policy: Arc<CompiledPolicy>,
         registry: &Path,
         peer_dir: Option<&Path>,
-        last_cluster: Option<&Arc<ClusterMap>>,
+        last_cluster: Option<&Arc<ClusterPeers>>,
     ) -> NodeView {
         let (entries, problems) = read_registry(registry);
         let (cluster, cluster_problem) = match peer_dir.map(ClusterMap::load_dir) {
             None | Some(Ok(None)) => (None, None),
-            Some(Ok(Some(m))) => (Some(Arc::new(m)), None),
+            Some(Ok(Some(m))) => (Some(Arc::new(ClusterPeers::from(m))), None),
             Some(Err(e)) => (
                 last_cluster.cloned(),
                 Some(format!(

@@ -15,7 +15,9 @@
 //! change the sizes.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use enclave_netfilter::identity::{ClusterMap, Inventory, PeerDirectory, CLUSTER_MAP_FILE};
+use enclave_netfilter::identity::{
+    ClusterMap, ClusterPeers, Inventory, PeerDirectory, CLUSTER_MAP_FILE,
+};
 use enclave_netfilter::matcher::{Direction, Enforcer, EnforcerConfig, PreparedReload, Verdict};
 use enclave_netfilter::packet::{build, MacAddr, TcpFlags as F};
 use enclave_netfilter::policy::generate::{cluster, ManyRules, CLUSTER_ZONES};
@@ -144,20 +146,22 @@ fn node_memory(m: &ClusterMap) -> (u64, u64, Node, FakeApiServer, tempfile::Temp
     (kib(pid, "VmHWM:"), kib(pid, "VmRSS:"), node, api, dir)
 }
 
-/// Heap bytes of a netd's view of `m`: the map as parsed from its file, and the directory.
+/// Heap bytes of a netd's view of `m`, as it keeps it: the pods' identities (the map read
+/// from its file and turned into [`ClusterPeers`]; the text and layout are dropped) and the
+/// peer directory built from them.
 fn view_bytes(
     m: &ClusterMap,
     policy: &enclave_netfilter::policy::CompiledPolicy,
 ) -> (usize, usize) {
     let text = serde_json::to_vec(m).unwrap();
     let before = LIVE.load(Ordering::Relaxed);
-    let parsed = ClusterMap::parse(&text).unwrap();
+    let known = ClusterPeers::from(ClusterMap::parse(&text).unwrap());
     let after_map = LIVE.load(Ordering::Relaxed);
-    let dir = PeerDirectory::build_node(policy.policy(), &[], Some(&parsed));
+    let dir = PeerDirectory::build_node(policy.policy(), &[], Some(&known));
     let after_dir = LIVE.load(Ordering::Relaxed);
     assert_eq!(dir.len(), m.pods.len());
     drop(dir);
-    drop(parsed);
+    drop(known);
     (after_map - before, after_dir - after_map)
 }
 
@@ -197,7 +201,7 @@ fn main() {
     let (mb, db) = view_bytes(&big, &policy);
     let (mb0, db0) = view_bytes(&small, &policy);
     println!(
-        "a netd's view, map + directory:          {:>7.1} + {:.1} MiB   (10 pods: {} + {} bytes)",
+        "a netd's view, identities + directory:   {:>7.1} + {:.1} MiB   (10 pods: {} + {} bytes)",
         mb as f64 / 1048576.0,
         db as f64 / 1048576.0,
         mb0,
@@ -210,7 +214,7 @@ fn main() {
         "workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n",
     )
     .unwrap();
-    let map = ClusterMap::load_dir(dir.path()).unwrap().unwrap();
+    let map = ClusterPeers::from(ClusterMap::load_dir(dir.path()).unwrap().unwrap());
     let peers = Arc::new(PeerDirectory::build_node(
         policy.policy(),
         &inv.workloads,
@@ -259,7 +263,7 @@ fn main() {
         };
         loop {
             watch.wait_for(CLUSTER_MAP_FILE).unwrap();
-            let m = ClusterMap::load_dir(dir.path()).unwrap().unwrap();
+            let m = ClusterPeers::from(ClusterMap::load_dir(dir.path()).unwrap().unwrap());
             let peers = Arc::new(PeerDirectory::build_node(
                 policy.policy(),
                 &inv.workloads,

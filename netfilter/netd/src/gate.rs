@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use enclave_netfilter::audit::{base_event, now_ms, AuditContext, AuditLog, RecordBuilder};
-use enclave_netfilter::identity::ClusterMap;
+use enclave_netfilter::identity::ClusterPeers;
 use enclave_netfilter::matcher::{
     Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, Verdict,
 };
@@ -64,7 +64,7 @@ pub struct ReloadSources {
     /// The node's peer directory.
     pub peer_dir: Option<PathBuf>,
     /// The cluster map in use.
-    pub cluster: Option<std::sync::Arc<ClusterMap>>,
+    pub cluster: Option<std::sync::Arc<ClusterPeers>>,
     /// The policy file in force.
     pub policy_file: PathBuf,
 }
@@ -98,7 +98,7 @@ pub struct Enforcing {
     sources: Sources,
     policy_file: PathBuf,
     /// The cluster map in use (the last good one).
-    cluster: Option<std::sync::Arc<ClusterMap>>,
+    cluster: Option<std::sync::Arc<ClusterPeers>>,
     /// Audit counters.
     pub audit: AuditStats,
 }

@@ -168,7 +168,8 @@ mod tests {
         .yaml();
         let c = crate::policy::load_str(&src, "gen.yaml").unwrap().compiled;
         let m = cluster(10_000, 1_000);
-        let peers = crate::identity::PeerDirectory::build_node(c.policy(), &[], Some(&m));
+        let peers =
+            crate::identity::PeerDirectory::build_node(c.policy(), &[], Some(&m.clone().into()));
         assert_eq!(peers.len(), 10_000, "every address distinct");
         let zone = |i: usize| {
             let p = c.policy();
@@ -195,7 +196,8 @@ mod tests {
         assert_eq!(counts, [2_500; 4]);
         // Fewer namespaces than labels: a db pod in a namespace outside the CDE is unknown.
         let m = cluster(8, 3);
-        let peers = crate::identity::PeerDirectory::build_node(c.policy(), &[], Some(&m));
+        let peers =
+            crate::identity::PeerDirectory::build_node(c.policy(), &[], Some(&m.clone().into()));
         // pod 5: db in ns-2 (2 % 4 == 2: not CDE).
         assert_eq!(
             c.policy().zone_name(peers.zone_of(&c, m.pods[5].ips[0])),

@@ -388,7 +388,10 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
                 }
             };
             let c = &l.compiled;
-            let peers = PeerDirectory::build_node(c.policy(), &inv.workloads, cluster.as_ref());
+            let known = cluster
+                .clone()
+                .map(enclave_netfilter::identity::ClusterPeers::from);
+            let peers = PeerDirectory::build_node(c.policy(), &inv.workloads, known.as_ref());
             let (fz, fdesc) = workload::resolve_zone(c, &peers, &inv, cluster.as_ref(), &from)?;
             let (tz, tdesc) = workload::resolve_zone(c, &peers, &inv, cluster.as_ref(), &to)?;
             let ip_proto = match proto.as_str() {
