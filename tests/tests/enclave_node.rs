@@ -126,7 +126,7 @@ fn pod<'a>(ns: &'a str, name: &'a str, uid: &'a str, app: &'a str, ip: &'a str) 
 }
 
 #[test]
-fn enclave_node_publishes_the_cluster_as_the_api_server_shows_it() {
+fn enclave_node_publishes_the_cluster_as_a_stand_in_api_server_shows_it() {
     let api = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let peers = dir.path().join("peers");
