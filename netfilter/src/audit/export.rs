@@ -263,7 +263,7 @@ fn frame(out: &mut Vec<u8>, hostname: &str, msgid: &str, msg: &[u8]) {
 }
 
 /// `YYYY-MM-DDThh:mm:ss.mmmZ`.
-fn rfc3339(ms: u64) -> String {
+pub fn rfc3339(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

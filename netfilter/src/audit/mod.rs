@@ -15,7 +15,7 @@ pub mod record;
 pub mod seal;
 mod verify;
 
-pub use export::{Cursor, ExportRun, Exporter};
+pub use export::{rfc3339, Cursor, ExportRun, Exporter};
 pub use log::{head_path, now_ms, read_head, AuditLog, AuditLogConfig, Head, SyncPolicy};
 pub use record::{base_event, AuditContext, RecordBuilder};
 pub use verify::{read_heads, verify, At, Problem, SignedHead, VerifyOptions, VerifyReport};
