@@ -615,3 +615,106 @@ spec:
         text(&o)
     );
 }
+
+#[test]
+fn node_commands_say_when_there_are_no_pods_and_the_doctor_names_each_miss_with_a_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |s: &str| d.path().join(s).to_str().unwrap().to_string();
+    std::fs::create_dir_all(p("registry")).unwrap();
+    let o = ctl(&["node", "status", "--registry", &p("registry")]);
+    assert!(
+        o.status.success() && text(&o).starts_with("no pods: none registered in"),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&["node", "metrics", "--registry", &p("registry")]);
+    assert!(
+        o.status.success() && text(&o).starts_with("# no pods"),
+        "{}",
+        text(&o)
+    );
+
+    std::fs::create_dir_all(p("policies")).unwrap();
+    let doctor = || {
+        ctl(&[
+            "node",
+            "doctor",
+            "--policy-dir",
+            &p("policies"),
+            "--registry",
+            &p("registry"),
+            "--peer-dir",
+            &p("peers"),
+            "--audit-log",
+            &p("log/audit.log"),
+            "--guest-image",
+            &p("guest"),
+            "--containerd-config",
+            &p("containerd.toml"),
+        ])
+    };
+    let o = doctor();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    let line = |what: &str| -> String {
+        let mut lines = t.lines();
+        let l = lines
+            .find(|l| l[5..].starts_with(what))
+            .unwrap_or_else(|| panic!("no {what} line:\n{t}"));
+        format!("{l}\n{}", lines.next().unwrap_or(""))
+    };
+    for (what, fix) in [
+        ("policy", "put one zone policy in"),
+        ("guest image", "guest/image/build.sh"),
+        ("runtime config", "configs/containerd/enclave-runtime.toml"),
+        ("audit log", "mkdir -p"),
+    ] {
+        let l = line(what);
+        assert!(l.starts_with("FAIL") && l.contains(fix), "{what}:\n{l}");
+    }
+    assert!(line("KVM").contains("pods run"), "{t}");
+    assert!(line("cluster map").starts_with("WARN"), "{t}");
+    assert!(
+        t.lines().last().unwrap().starts_with("node NOT ready"),
+        "{t}"
+    );
+
+    // Fixed: a policy, the runtime config, an image, the log's directory, a stale map.
+    std::fs::copy(
+        root().join("configs/policies/pci-cde.yaml"),
+        p("policies/policy.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("configs/containerd/enclave-runtime.toml"),
+        p("containerd.toml"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(p("guest")).unwrap();
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::write(p(&format!("guest/{f}")), b"x").unwrap();
+    }
+    std::fs::create_dir_all(p("log")).unwrap();
+    std::fs::create_dir_all(p("peers")).unwrap();
+    enclave_netfilter::identity::ClusterMap {
+        format: enclave_netfilter::identity::CLUSTER_MAP_FORMAT,
+        generation: 4,
+        stale: true,
+        ..Default::default()
+    }
+    .write_dir(Path::new(&p("peers")))
+    .unwrap();
+    let t = text(&doctor());
+    for what in ["policy", "guest image", "runtime config", "audit log"] {
+        assert!(line_of(&t, what).starts_with("ok"), "{what}:\n{t}");
+    }
+    assert!(line_of(&t, "policy").contains("`pci-cde`"), "{t}");
+    let l = line_of(&t, "cluster map");
+    assert!(l.starts_with("WARN") && l.contains("stale"), "{l}");
+}
+
+fn line_of<'a>(t: &'a str, what: &str) -> &'a str {
+    t.lines()
+        .find(|l| l.len() > 5 && l[5..].starts_with(what))
+        .unwrap_or_else(|| panic!("no {what} line:\n{t}"))
+}

@@ -362,6 +362,19 @@ async fn zones_follow_pods_across_two_nodes_through_a_stand_in_api_server() {
         .await;
     }
 
+    // `node status` shows the zone each pod's netd decides by (from labels, not annotations).
+    let st = std::process::Command::new(bin("enclavectl"))
+        .args(["node", "status", "--registry"])
+        .arg(&b.registry)
+        .output()
+        .unwrap();
+    let st = String::from_utf8_lossy(&st.stdout).to_string();
+    assert!(
+        st.lines()
+            .any(|l| l.starts_with("payments/db\t") && l.contains("\tcde-db\tok tx")),
+        "node status on node B:\n{st}"
+    );
+
     // --- node A api -> node B db: allowed.
     eprintln!(
         "[{:>5.1}s] api (node A) -> db (node B) :5432, allowed",

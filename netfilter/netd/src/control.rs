@@ -161,8 +161,12 @@ fn status(backend: &RwLock<NetBackend>) -> String {
         Err(p) => p.into_inner(),
     };
     let s = &b.stats;
+    let zone = b
+        .gate
+        .enforcing()
+        .map_or(String::new(), |e| format!(" zone {}", e.zone_name()));
     format!(
-        "ok tx {} rx {} tx_denied {} rx_denied {} bad_chains {}\n",
+        "ok tx {} rx {} tx_denied {} rx_denied {} bad_chains {}{zone}\n",
         s.tx_frames.load(Ordering::Relaxed),
         s.rx_frames.load(Ordering::Relaxed),
         s.tx_denied.load(Ordering::Relaxed),

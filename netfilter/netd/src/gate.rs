@@ -214,7 +214,8 @@ impl Gate {
 }
 
 impl Enforcing {
-    fn zone_name(&self) -> String {
+    /// The name of the pod's zone under the policy in force.
+    pub fn zone_name(&self) -> String {
         self.enforcer
             .policy()
             .policy()

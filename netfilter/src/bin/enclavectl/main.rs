@@ -5,6 +5,7 @@
 //! 2 the command could not run (unreadable file, bad arguments).
 
 mod demo;
+mod doctor;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -70,6 +71,30 @@ enum NodeCmd {
         /// The node's pod registry.
         #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
         registry: PathBuf,
+    },
+    /// Checks what this node needs for Enclave (KVM, kernel devices, nftables, cgroups,
+    /// containerd and its runtime config, binaries, the guest image, the policy, the pod
+    /// registry and cluster map, the audit log, its sealing and heads) and says how to fix
+    /// each miss. Exits 1 when a check fails.
+    Doctor {
+        /// The node's policy directory.
+        #[arg(long, default_value = enclave_netfilter::node::POLICY_DIR)]
+        policy_dir: PathBuf,
+        /// The node's pod registry.
+        #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
+        registry: PathBuf,
+        /// The node's peer directory.
+        #[arg(long, default_value = enclave_netfilter::node::PEER_DIR)]
+        peer_dir: PathBuf,
+        /// The node's audit log.
+        #[arg(long, default_value = enclave_netfilter::node::AUDIT_LOG)]
+        audit_log: PathBuf,
+        /// The guest image directory (the shim's [paths] guest_image).
+        #[arg(long, default_value = "/usr/share/enclave/guest")]
+        guest_image: PathBuf,
+        /// containerd's configuration.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
     },
 }
 
@@ -779,6 +804,12 @@ fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
             let (file, pods, problems) =
                 node::reload_all(&policy_dir, &registry, Some(&peer_dir)).map_err(fail)?;
             println!("policy {}: {} pods", file.display(), pods.len());
+            if pods.is_empty() {
+                println!(
+                    "  nothing to reload: no pods registered in {} (the policy loads; pods started from now on get it)",
+                    registry.display()
+                );
+            }
             for p in &problems {
                 println!("  peers: {p}");
             }
@@ -802,11 +833,34 @@ fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
             }
             Ok(code)
         }
+        NodeCmd::Doctor {
+            policy_dir,
+            registry,
+            peer_dir,
+            audit_log,
+            guest_image,
+            containerd_config,
+        } => Ok(doctor::print(&doctor::run(&doctor::Paths {
+            policy_dir,
+            registry,
+            peer_dir,
+            audit_log,
+            guest_image,
+            containerd_config,
+        }))),
         NodeCmd::Status { registry } => {
             let (entries, problems) = node::read_registry(&registry);
             for p in &problems {
                 println!("registry: {p}");
             }
+            if entries.is_empty() {
+                println!(
+                    "no pods: none registered in {} (this node runs no enclave pods, or the shims use another [network] registry; `enclavectl node doctor` checks the node)",
+                    registry.display()
+                );
+                return Ok(0);
+            }
+            println!("POD\tADDRESSES\tZONE\tENCLAVE-NETD");
             for e in &entries {
                 let st = e
                     .control
@@ -814,23 +868,36 @@ fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
                     .map(|c| node::control_request(c, "status"))
                     .unwrap_or_else(|| Err("no control socket".into()));
                 let ips: Vec<String> = e.ips.iter().map(|i| i.to_string()).collect();
-                println!(
-                    "{}\t{}\t{}\t{}",
-                    e.reference(),
-                    ips.join(","),
+                // The zone netd decides by (labels from the cluster map included), else the
+                // annotation.
+                let (st, zone) = match st {
+                    Ok(s) => {
+                        let s = s.trim().to_string();
+                        match s.rsplit_once(" zone ") {
+                            Some((head, z)) => (head.to_string(), z.to_string()),
+                            None => (s, String::new()),
+                        }
+                    }
+                    Err(e) => (format!("netd unreachable: {e}"), String::new()),
+                };
+                let zone = if zone.is_empty() {
                     e.annotations
                         .get("enclave.io/zone")
-                        .map_or("-", |z| z.as_str()),
-                    match st {
-                        Ok(s) => s.trim().to_string(),
-                        Err(e) => format!("netd unreachable: {e}"),
-                    }
-                );
+                        .map_or("-".to_string(), |z| z.clone())
+                } else {
+                    zone
+                };
+                println!("{}\t{}\t{zone}\t{st}", e.reference(), ips.join(","));
             }
             Ok(0)
         }
         NodeCmd::Metrics { registry } => {
             let (entries, _) = node::read_registry(&registry);
+            if entries.is_empty() {
+                // A comment keeps the output valid Prometheus text.
+                println!("# no pods: none registered in {}", registry.display());
+                return Ok(0);
+            }
             let mut seen_help = std::collections::HashSet::new();
             for e in &entries {
                 let Some(c) = e.control.as_deref() else {
