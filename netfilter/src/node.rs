@@ -365,6 +365,26 @@ pub fn reload_all(
     registry: &Path,
     peer_dir: Option<&Path>,
 ) -> Result<(PathBuf, Vec<PodReload>, Vec<String>), String> {
+    update_all(policy_dir, registry, peer_dir, "reload")
+}
+
+/// After a pod joined or left the node: every registered pod's nftables table is rendered
+/// again and its enclave-netd asked to re-read its peers (`peers`), which keeps its
+/// compiled policy — the policy is compiled once here, not once per pod.
+pub fn peers_changed_all(
+    policy_dir: &Path,
+    registry: &Path,
+    peer_dir: Option<&Path>,
+) -> Result<(PathBuf, Vec<PodReload>, Vec<String>), String> {
+    update_all(policy_dir, registry, peer_dir, "peers")
+}
+
+fn update_all(
+    policy_dir: &Path,
+    registry: &Path,
+    peer_dir: Option<&Path>,
+    request: &str,
+) -> Result<(PathBuf, Vec<PodReload>, Vec<String>), String> {
     let view = NodeView::load(policy_dir, registry, peer_dir, None)?;
     let mut out = Vec::new();
     for e in &view.entries {
@@ -391,7 +411,7 @@ pub fn reload_all(
                     if recorded { "; refusal recorded in the pod's audit log" } else { "" }
                 ))
             }
-            (Some(c), _) => control_request(c, "reload"),
+            (Some(c), _) => control_request(c, request),
             (None, _) => Err("no enclave-netd control socket registered".into()),
         };
         out.push(PodReload {

@@ -119,9 +119,11 @@ pub fn prepare(
     Ok(args)
 }
 
-/// Tells every registered pod (nftables tables and netds) that the registry changed.
+/// Tells every registered pod (nftables tables and netds) that the registry changed: each
+/// table is rendered again and each netd re-reads its peers under the policy it already has
+/// compiled (no policy reload on every pod start and stop).
 pub fn peers_changed(net: &NetworkSection) {
-    match node::reload_all(&net.policy_dir, &net.registry, Some(&net.peer_dir)) {
+    match node::peers_changed_all(&net.policy_dir, &net.registry, Some(&net.peer_dir)) {
         Ok((_, pods, problems)) => {
             for p in problems {
                 eprintln!("enclave-shim: registry: {p}");

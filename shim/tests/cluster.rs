@@ -74,7 +74,8 @@ impl Drop for Ns {
     }
 }
 
-struct Daemon(Child);
+/// enclave-node, and the copy of its binary it runs from (kept until it is gone).
+struct Daemon(Child, #[allow(dead_code)] enclave_tests::RunnableCopy);
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -89,7 +90,9 @@ fn enclave_node(api: &str, node: &CriNode, log: &Path) -> Daemon {
     let c = std::ffi::CString::new(node.peer_dir.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
-    let child = Command::new(bin("enclave-node"))
+    // Run from a copy nobody can reach (the checkout may sit under a 0700 directory).
+    let copy = enclave_tests::RunnableCopy::of(&bin("enclave-node")).unwrap();
+    let child = Command::new(&copy.path)
         .args([
             "--api-server",
             api,
@@ -108,7 +111,7 @@ fn enclave_node(api: &str, node: &CriNode, log: &Path) -> Daemon {
         .gid(65534)
         .spawn()
         .unwrap();
-    Daemon(child)
+    Daemon(child, copy)
 }
 
 struct Pod {

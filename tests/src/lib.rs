@@ -157,3 +157,37 @@ pub fn skip_or_fail(test: &str, why: &str) {
     }
     eprintln!("SKIPPED {test}: {why}");
 }
+
+/// A copy of a binary that an unprivileged uid can execute wherever the checkout lives (a
+/// CI clone under a 0700 directory is out of reach of nobody): in a fresh 0755 directory
+/// under the system's temporary directory, removed on drop.
+pub struct RunnableCopy {
+    /// The copy.
+    pub path: PathBuf,
+    dir: PathBuf,
+}
+
+impl RunnableCopy {
+    /// Copies `bin`.
+    pub fn of(bin: &Path) -> std::io::Result<RunnableCopy> {
+        use std::os::unix::fs::PermissionsExt;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "enclave-bin-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let path = dir.join(bin.file_name().unwrap_or_default());
+        std::fs::copy(bin, &path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(RunnableCopy { path, dir })
+    }
+}
+
+impl Drop for RunnableCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

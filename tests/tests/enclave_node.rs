@@ -13,7 +13,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Node(Child);
+/// enclave-node, and the copy of its binary it runs from (kept until it is gone).
+struct Node(
+    Child,
+    #[allow(dead_code)] Option<enclave_tests::RunnableCopy>,
+);
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -30,8 +34,10 @@ fn free_port() -> u16 {
 }
 
 /// Starts enclave-node on `peer_dir`; as root, as uid/gid 65534 (the peer directory is
-/// handed to that user, as the DaemonSet's init container does).
-pub fn start_node(api: &str, peer_dir: &Path, metrics_port: u16) -> Child {
+/// handed to that user, as the DaemonSet's init container does, and the binary runs from a
+/// copy that user can reach: the checkout may sit under a 0700 directory).
+fn start_node(api: &str, peer_dir: &Path, metrics_port: u16) -> Node {
+    use std::os::unix::fs::PermissionsExt;
     let bin = enclave_tests::workspace_root().join("target/debug/enclave-node");
     assert!(
         bin.exists(),
@@ -39,7 +45,10 @@ pub fn start_node(api: &str, peer_dir: &Path, metrics_port: u16) -> Child {
         bin.display()
     );
     std::fs::create_dir_all(peer_dir).unwrap();
-    let mut cmd = Command::new(bin);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let copy = root.then(|| enclave_tests::RunnableCopy::of(&bin).unwrap());
+    let mut cmd = Command::new(copy.as_ref().map_or(bin.clone(), |c| c.path.clone()));
     cmd.args(["--api-server", api, "--peer-dir"])
         .arg(peer_dir)
         .args([
@@ -51,15 +60,22 @@ pub fn start_node(api: &str, peer_dir: &Path, metrics_port: u16) -> Child {
             "1",
         ])
         .stdout(Stdio::null());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if root {
+        // The directories above it must be reachable by that user too (a tempdir is 0700).
+        let tmp = std::env::temp_dir();
+        for d in peer_dir.ancestors().skip(1) {
+            if d == tmp || !d.starts_with(&tmp) {
+                break;
+            }
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let c = std::ffi::CString::new(peer_dir.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
         // std drops the supplementary groups when root sets a uid.
         cmd.uid(65534).gid(65534);
     }
-    cmd.spawn().unwrap()
+    Node(cmd.spawn().unwrap(), copy)
 }
 
 fn map(dir: &Path) -> Option<ClusterMap> {
@@ -135,7 +151,7 @@ fn enclave_node_publishes_the_cluster_as_a_stand_in_api_server_shows_it() {
     api.put_pod(&pod("payments", "api-0", "u-api", "api", "10.88.77.10"));
     api.put_pod(&pod("payments", "db-0", "u-db", "db", "10.88.78.10"));
     let port = free_port();
-    let node = Node(start_node(&api.url(), &peers, port));
+    let node = start_node(&api.url(), &peers, port);
     let pid = node.0.id();
 
     // The first map: both pods, with their labels and their namespace's labels.
