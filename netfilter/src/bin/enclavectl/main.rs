@@ -43,21 +43,28 @@ enum Cmd {
     Node(NodeCmd),
 }
 
+/// Where a node keeps its policy, its pods and the cluster's.
+#[derive(clap::Args)]
+struct NodeDirs {
+    /// The node's policy directory.
+    #[arg(long, default_value = enclave_netfilter::node::POLICY_DIR)]
+    policy_dir: PathBuf,
+    /// The node's pod registry.
+    #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
+    registry: PathBuf,
+    /// The node's peer directory (the cluster's pods, from enclave-node).
+    #[arg(long, default_value = enclave_netfilter::node::PEER_DIR)]
+    peer_dir: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum NodeCmd {
     /// Re-reads the policy directory and the registry; re-applies every pod's nftables
     /// table and asks every enclave-netd to reload (flows still allowed go on, flows now
     /// denied are cut and recorded). Run it after changing the policy directory.
     Reload {
-        /// The node's policy directory.
-        #[arg(long, default_value = enclave_netfilter::node::POLICY_DIR)]
-        policy_dir: PathBuf,
-        /// The node's pod registry.
-        #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
-        registry: PathBuf,
-        /// The node's peer directory (the cluster's pods, from enclave-node).
-        #[arg(long, default_value = enclave_netfilter::node::PEER_DIR)]
-        peer_dir: PathBuf,
+        #[command(flatten)]
+        node: NodeDirs,
     },
     /// Lists the registered pods and their enclave-netd's frame counts.
     Status {
@@ -77,15 +84,8 @@ enum NodeCmd {
     /// registry and cluster map, the audit log, its sealing and heads) and says how to fix
     /// each miss. Exits 1 when a check fails.
     Doctor {
-        /// The node's policy directory.
-        #[arg(long, default_value = enclave_netfilter::node::POLICY_DIR)]
-        policy_dir: PathBuf,
-        /// The node's pod registry.
-        #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
-        registry: PathBuf,
-        /// The node's peer directory.
-        #[arg(long, default_value = enclave_netfilter::node::PEER_DIR)]
-        peer_dir: PathBuf,
+        #[command(flatten)]
+        node: NodeDirs,
         /// The node's audit log.
         #[arg(long, default_value = enclave_netfilter::node::AUDIT_LOG)]
         audit_log: PathBuf,
@@ -797,9 +797,12 @@ fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
     use enclave_netfilter::node;
     match c {
         NodeCmd::Reload {
-            policy_dir,
-            registry,
-            peer_dir,
+            node:
+                NodeDirs {
+                    policy_dir,
+                    registry,
+                    peer_dir,
+                },
         } => {
             let (file, pods, problems) =
                 node::reload_all(&policy_dir, &registry, Some(&peer_dir)).map_err(fail)?;
@@ -834,9 +837,12 @@ fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
             Ok(code)
         }
         NodeCmd::Doctor {
-            policy_dir,
-            registry,
-            peer_dir,
+            node:
+                NodeDirs {
+                    policy_dir,
+                    registry,
+                    peer_dir,
+                },
             audit_log,
             guest_image,
             containerd_config,
