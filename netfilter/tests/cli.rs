@@ -48,7 +48,7 @@ fn check_accepts_templates_and_locates_errors_with_exit_codes() {
     // What netd alone enforces is said where it is written, and is not a warning: --strict
     // still accepts the templates.
     assert!(
-        text(&ok).contains("configs/policies/pci-cde.yaml:60:12: note: spec.rules[1].app: the kernel wall (nftables) allows tcp/5432 for rule `api-to-db` whatever the payload"),
+        text(&ok).contains("configs/policies/pci-cde.yaml:65:12: note: spec.rules[1].app: the kernel wall (nftables) allows tcp/5432 for rule `api-to-db` whatever the payload"),
         "{}",
         text(&ok)
     );

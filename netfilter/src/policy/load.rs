@@ -390,6 +390,7 @@ impl Ctx<'_> {
                 name: z.name,
                 description: z.description,
                 mode: z.mode.unwrap_or(default_mode),
+                scope: z.scope,
                 selector: z.selector,
                 cidrs,
             });

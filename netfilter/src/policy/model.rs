@@ -92,12 +92,27 @@ pub struct ZoneDoc {
     /// Mode for workloads in this zone.
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// Where the zone stands in a PCI DSS assessment (drawn as the CDE boundary).
+    #[serde(default)]
+    pub scope: Option<Scope>,
     /// Workloads (pods) that belong to the zone.
     #[serde(default)]
     pub selector: Option<Selector>,
     /// Addresses outside the cluster that belong to the zone.
     #[serde(default)]
     pub cidrs: Vec<String>,
+}
+
+/// A zone's place in a PCI DSS assessment.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    /// Stores, processes or transmits cardholder data: inside the CDE.
+    Cde,
+    /// Connected to the CDE or able to affect its security.
+    Connected,
+    /// Segmented off the CDE.
+    OutOfScope,
 }
 
 /// A rule as written.
@@ -487,6 +502,8 @@ pub struct Zone {
     pub description: Option<String>,
     /// Effective mode.
     pub mode: Mode,
+    /// Its PCI DSS scope, when the policy says.
+    pub scope: Option<Scope>,
     /// Workload selector.
     pub selector: Option<Selector>,
     /// External networks.

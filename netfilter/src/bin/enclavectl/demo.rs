@@ -531,7 +531,8 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         .iter()
         .map(|z| z.name.clone())
         .collect();
-    std::fs::write(&svg, graph::svg(&flows, &zones)).map_err(|e| fail(e.to_string()))?;
+    let cde = graph::cde_zones(Some(compiled.policy()), &zones);
+    std::fs::write(&svg, graph::svg(&flows, &zones, &cde)).map_err(|e| fail(e.to_string()))?;
     println!("\nwrote {} (zones and flows; denied in red)", svg.display());
     let good = expected_ok && rep.ok() && !trep.ok() && rechain_caught;
     println!(

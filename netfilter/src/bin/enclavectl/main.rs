@@ -264,7 +264,10 @@ enum AuditCmd {
 
 #[derive(Subcommand)]
 enum FlowsCmd {
-    /// Draws zones and observed flows from audit logs (SVG or Graphviz DOT by extension).
+    /// Draws zones and observed flows from audit logs (SVG or Graphviz DOT by extension): zones
+    /// in layers (rust-sugiyama), the CDE zones (`scope: cde` in --policy, else named cde-*)
+    /// inside a drawn boundary, one line per zone pair, direction and outcome, and one label per
+    /// pair and direction placed where it overlaps no other label and no zone.
     Graph {
         /// Audit log files.
         #[arg(required = true)]
@@ -936,18 +939,20 @@ fn flows_cmd(c: FlowsCmd) -> Result<u8, Fail> {
         } => {
             let flows =
                 learn::read_flows(&logs).map_err(|e| fail(format!("cannot read logs: {e}")))?;
-            let zones: Vec<String> = match policy {
-                Some(p) => load_policy(&p)?
-                    .compiled
-                    .policy()
-                    .zones
+            let loaded = policy.as_ref().map(|p| load_policy(p)).transpose()?;
+            let zones: Vec<String> = loaded
+                .iter()
+                .flat_map(|l| l.compiled.policy().zones.iter().map(|z| z.name.clone()))
+                .collect();
+            let mut all = zones.clone();
+            all.extend(
+                flows
                     .iter()
-                    .map(|z| z.name.clone())
-                    .collect(),
-                None => Vec::new(),
-            };
+                    .flat_map(|f| [f.src_zone.clone(), f.dst_zone.clone()]),
+            );
+            let cde = graph::cde_zones(loaded.as_ref().map(|l| l.compiled.policy()), &all);
             let body = match output.extension().and_then(|e| e.to_str()) {
-                Some("svg") => graph::svg(&flows, &zones),
+                Some("svg") => graph::svg(&flows, &zones, &cde),
                 Some("dot") | Some("gv") => graph::dot(&flows, &zones),
                 _ => {
                     return Err(fail(format!(
