@@ -283,7 +283,6 @@ fn layout_group(zones: &[&str], edges: &[(usize, usize)]) -> (Vec<Rect>, f64, f6
         let mut ys: Vec<f64> = members.iter().map(|i| place[*i].1).collect();
         ys.sort_by(|a, b| a.total_cmp(b));
         ys.dedup();
-        let mut width = 0.0f64;
         let mut rows: Vec<Vec<usize>> = vec![Vec::new(); ys.len()];
         for i in &members {
             let layer = ys.iter().position(|y| *y == place[*i].1).unwrap_or(0);
@@ -310,10 +309,9 @@ fn layout_group(zones: &[&str], edges: &[(usize, usize)]) -> (Vec<Rect>, f64, f6
                 };
                 x += w + NODE_GAP;
             }
-            width = width.max(x - NODE_GAP - left);
         }
         height = height.max(ys.len() as f64 * LAYER_GAP - (LAYER_GAP - NODE_H));
-        left += width + NODE_GAP;
+        left += comp_w + NODE_GAP;
     }
     (rects, (left - NODE_GAP).max(0.0), height)
 }

@@ -36,21 +36,25 @@ impl PeerDirectory {
         policy: &Policy,
         workloads: impl IntoIterator<Item = &'a InventoryWorkload>,
     ) -> Self {
-        let mut by_ip = HashMap::with_hasher(RandomState::new());
+        let mut dir = PeerDirectory::default();
         for w in workloads {
-            let identity = Arc::new(w.identity());
-            let zone = policy.zone_of_workload(&identity);
-            for ip in &w.ips {
-                by_ip.insert(
-                    *ip,
-                    Peer {
-                        identity: identity.clone(),
-                        zone,
-                    },
-                );
-            }
+            dir.insert(policy, &w.ips, Arc::new(w.identity()));
         }
-        PeerDirectory { by_ip }
+        dir
+    }
+
+    /// Puts `identity` at each of `ips`, in the zone `policy` gives it.
+    fn insert(&mut self, policy: &Policy, ips: &[IpAddr], identity: Arc<WorkloadIdentity>) {
+        let zone = policy.zone_of_workload(&identity);
+        for ip in ips {
+            self.by_ip.insert(
+                *ip,
+                Peer {
+                    identity: identity.clone(),
+                    zone,
+                },
+            );
+        }
     }
 
     /// The directory of a node: the cluster's pods (`cluster`, when enclave-node publishes
@@ -66,45 +70,36 @@ impl PeerDirectory {
         if let Some(c) = cluster {
             dir.by_ip.reserve(c.pods.len());
             for (ips, identity) in &c.pods {
-                let zone = policy.zone_of_workload(identity);
-                for ip in ips {
-                    dir.by_ip.insert(
-                        *ip,
-                        Peer {
-                            identity: identity.clone(),
-                            zone,
-                        },
-                    );
-                }
+                dir.insert(policy, ips, identity.clone());
             }
         }
         for w in local {
             let mut identity = w.identity();
             // The cluster's view of this same pod adds what the runtime does not know (its
             // labels, its namespace's labels); the runtime's `enclave.io/*` annotations stay.
-            let same = w.ips.iter().find_map(|ip| {
-                dir.by_ip
-                    .get(ip)
-                    .filter(|p| p.identity.namespace == w.namespace && p.identity.name == w.name)
-            });
-            if let Some(p) = same {
+            if let Some(p) = dir.same_pod(w.ips.iter().copied(), &w.namespace, &w.name) {
                 let mut merged = (*p.identity).clone();
                 merged.annotations.append(&mut identity.annotations);
                 identity = merged;
             }
-            let identity = Arc::new(identity);
-            let zone = policy.zone_of_workload(&identity);
-            for ip in &w.ips {
-                dir.by_ip.insert(
-                    *ip,
-                    Peer {
-                        identity: identity.clone(),
-                        zone,
-                    },
-                );
-            }
+            dir.insert(policy, &w.ips, Arc::new(identity));
         }
         dir
+    }
+
+    /// The entry at one of a pod's own addresses that names that same pod (`namespace`,
+    /// `name`): how a pod learns what the cluster knows of it (CRI passes runtimes no labels).
+    pub fn same_pod(
+        &self,
+        ips: impl IntoIterator<Item = IpAddr>,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&Peer> {
+        ips.into_iter().find_map(|ip| {
+            self.by_ip
+                .get(&ip)
+                .filter(|p| p.identity.namespace == namespace && p.identity.name == name)
+        })
     }
 
     /// Number of addresses known.
@@ -350,6 +345,17 @@ pub struct ClusterPeers {
     pub stale: bool,
     /// Each pod's addresses and identity.
     pub pods: Vec<(Vec<IpAddr>, Arc<WorkloadIdentity>)>,
+}
+
+impl ClusterPeers {
+    /// The identity of `namespace/name`.
+    pub fn find(&self, reference: &str) -> Option<&Arc<WorkloadIdentity>> {
+        let (namespace, name) = reference.split_once('/')?;
+        self.pods
+            .iter()
+            .map(|(_, w)| w)
+            .find(|w| w.namespace == namespace && w.name == name)
+    }
 }
 
 impl From<ClusterMap> for ClusterPeers {

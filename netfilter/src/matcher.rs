@@ -322,13 +322,10 @@ fn adopt_identity(local: &mut LocalWorkload, peers: &PeerDirectory) {
         .iter()
         .map(|a| IpAddr::V4(*a))
         .chain(local.ipv6.iter().map(|a| IpAddr::V6(*a)));
-    for ip in own {
-        if let Some(p) = peers.get(ip) {
-            let (a, b) = (&p.identity, &local.identity);
-            if a.namespace == b.namespace && a.name == b.name && a != b {
-                local.identity = p.identity.clone();
-                return;
-            }
+    let me = &local.identity;
+    if let Some(p) = peers.same_pod(own, &me.namespace, &me.name) {
+        if p.identity != *me {
+            local.identity = p.identity.clone();
         }
     }
 }

@@ -217,11 +217,8 @@ pub fn apply_nft(
     entry: &RegistryEntry,
 ) -> Result<usize, String> {
     // The cluster map knows the pod's labels (CRI does not pass them to the runtime).
-    let identity = entry
-        .ips
-        .iter()
-        .find_map(|ip| peers.get(*ip))
-        .filter(|p| p.identity.namespace == entry.namespace && p.identity.name == entry.name)
+    let identity = peers
+        .same_pod(entry.ips.iter().copied(), &entry.namespace, &entry.name)
         .map_or_else(|| entry.workload().identity(), |p| (*p.identity).clone());
     let table = nft::render(
         policy,

@@ -189,7 +189,7 @@ pub fn follow_cluster(net: NetworkSection, entry: RegistryEntry) {
         }
     };
     std::thread::spawn(move || {
-        let mut policy: Option<(PolicyStamp, Arc<CompiledPolicy>, PathBuf)> = None;
+        let mut policy: Option<(PolicyStamp, Arc<CompiledPolicy>)> = None;
         // A map written between the pod's start and the watch is followed too.
         if dir
             .join(enclave_netfilter::identity::CLUSTER_MAP_FILE)
@@ -214,13 +214,13 @@ pub fn follow_cluster(net: NetworkSection, entry: RegistryEntry) {
     });
 }
 
-/// What identifies a policy file's version without reading it.
+/// What identifies a policy file's version without reading it: its path, mtime and size.
 type PolicyStamp = (PathBuf, std::time::SystemTime, u64);
 
 fn cluster_changed(
     net: &NetworkSection,
     entry: &RegistryEntry,
-    cache: &mut Option<(PolicyStamp, Arc<CompiledPolicy>, PathBuf)>,
+    cache: &mut Option<(PolicyStamp, Arc<CompiledPolicy>)>,
 ) {
     let stamp = node::policy_file(&net.policy_dir).and_then(|f| {
         let m = std::fs::metadata(&f).map_err(|e| format!("{}: {e}", f.display()))?;
@@ -234,11 +234,11 @@ fn cluster_changed(
         }
     };
     let compiled = match cache {
-        Some((s, c, _)) if *s == stamp => c.clone(),
+        Some((s, c)) if *s == stamp => c.clone(),
         _ => match node::load_policy_dir(&net.policy_dir) {
-            Ok((file, l)) => {
+            Ok((_, l)) => {
                 let c = Arc::new(l.compiled);
-                *cache = Some((stamp, c.clone(), file));
+                *cache = Some((stamp.clone(), c.clone()));
                 c
             }
             Err(e) => {
@@ -247,9 +247,8 @@ fn cluster_changed(
             }
         },
     };
-    let file = cache.as_ref().map(|c| c.2.clone()).unwrap_or_default();
     let view =
-        node::NodeView::with_policy(file, compiled, &net.registry, Some(&net.peer_dir), None);
+        node::NodeView::with_policy(stamp.0, compiled, &net.registry, Some(&net.peer_dir), None);
     match &view.cluster_problem {
         // The table in force was built from the last good map: keep it.
         Some(p) => eprintln!("enclave-shim: peers: {p}; the nftables table stays as it was"),

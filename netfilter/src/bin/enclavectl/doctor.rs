@@ -44,12 +44,18 @@ fn miss(
 }
 
 /// Where the doctor looks.
+#[derive(clap::Args)]
 pub struct Paths {
-    pub policy_dir: PathBuf,
-    pub registry: PathBuf,
-    pub peer_dir: PathBuf,
+    #[command(flatten)]
+    pub node: super::NodeDirs,
+    /// The node's audit log.
+    #[arg(long, default_value = node::AUDIT_LOG)]
     pub audit_log: PathBuf,
+    /// The guest image directory (the shim's [paths] guest_image).
+    #[arg(long, default_value = "/usr/share/enclave/guest")]
     pub guest_image: PathBuf,
+    /// containerd's configuration.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
     pub containerd_config: PathBuf,
 }
 
@@ -413,8 +419,8 @@ pub fn run(p: &Paths) -> Vec<Check> {
     c.extend(containerd(&p.containerd_config));
     c.extend(binaries());
     c.push(guest(&p.guest_image));
-    c.push(policy(&p.policy_dir));
-    c.extend(registry_and_peers(&p.registry, &p.peer_dir));
+    c.push(policy(&p.node.policy_dir));
+    c.extend(registry_and_peers(&p.node.registry, &p.node.peer_dir));
     c.extend(audit(&p.audit_log));
     c
 }

@@ -45,16 +45,16 @@ enum Cmd {
 
 /// Where a node keeps its policy, its pods and the cluster's.
 #[derive(clap::Args)]
-struct NodeDirs {
+pub struct NodeDirs {
     /// The node's policy directory.
     #[arg(long, default_value = enclave_netfilter::node::POLICY_DIR)]
-    policy_dir: PathBuf,
+    pub policy_dir: PathBuf,
     /// The node's pod registry.
     #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
-    registry: PathBuf,
+    pub registry: PathBuf,
     /// The node's peer directory (the cluster's pods, from enclave-node).
     #[arg(long, default_value = enclave_netfilter::node::PEER_DIR)]
-    peer_dir: PathBuf,
+    pub peer_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -85,16 +85,7 @@ enum NodeCmd {
     /// each miss. Exits 1 when a check fails.
     Doctor {
         #[command(flatten)]
-        node: NodeDirs,
-        /// The node's audit log.
-        #[arg(long, default_value = enclave_netfilter::node::AUDIT_LOG)]
-        audit_log: PathBuf,
-        /// The guest image directory (the shim's [paths] guest_image).
-        #[arg(long, default_value = "/usr/share/enclave/guest")]
-        guest_image: PathBuf,
-        /// containerd's configuration.
-        #[arg(long, default_value = "/etc/containerd/config.toml")]
-        containerd_config: PathBuf,
+        paths: doctor::Paths,
     },
 }
 
@@ -403,23 +394,19 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
                     } else {
                         p.parent().map(Path::to_path_buf).unwrap_or_default()
                     };
-                    Some(
-                        enclave_netfilter::identity::ClusterMap::load_dir(&dir)
-                            .map_err(fail)?
-                            .ok_or_else(|| {
-                                fail(format!(
-                                    "--peers: no cluster map in {} (is enclave-node running?)",
-                                    dir.display()
-                                ))
-                            })?,
-                    )
+                    let map = enclave_netfilter::identity::ClusterMap::load_dir(&dir)
+                        .map_err(fail)?
+                        .ok_or_else(|| {
+                            fail(format!(
+                                "--peers: no cluster map in {} (is enclave-node running?)",
+                                dir.display()
+                            ))
+                        })?;
+                    Some(enclave_netfilter::identity::ClusterPeers::from(map))
                 }
             };
             let c = &l.compiled;
-            let known = cluster
-                .clone()
-                .map(enclave_netfilter::identity::ClusterPeers::from);
-            let peers = PeerDirectory::build_node(c.policy(), &inv.workloads, known.as_ref());
+            let peers = PeerDirectory::build_node(c.policy(), &inv.workloads, cluster.as_ref());
             let (fz, fdesc) = workload::resolve_zone(c, &peers, &inv, cluster.as_ref(), &from)?;
             let (tz, tdesc) = workload::resolve_zone(c, &peers, &inv, cluster.as_ref(), &to)?;
             let ip_proto = match proto.as_str() {
@@ -839,24 +826,7 @@ fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
             }
             Ok(code)
         }
-        NodeCmd::Doctor {
-            node:
-                NodeDirs {
-                    policy_dir,
-                    registry,
-                    peer_dir,
-                },
-            audit_log,
-            guest_image,
-            containerd_config,
-        } => Ok(doctor::print(&doctor::run(&doctor::Paths {
-            policy_dir,
-            registry,
-            peer_dir,
-            audit_log,
-            guest_image,
-            containerd_config,
-        }))),
+        NodeCmd::Doctor { paths } => Ok(doctor::print(&doctor::run(&paths))),
         NodeCmd::Status { registry } => {
             let (entries, problems) = node::read_registry(&registry);
             for p in &problems {

@@ -1,7 +1,7 @@
 //! Naming workloads and zones on the command line.
 
 use super::{fail, Fail};
-use enclave_netfilter::identity::{ClusterMap, Inventory, PeerDirectory};
+use enclave_netfilter::identity::{ClusterPeers, Inventory, PeerDirectory};
 use enclave_netfilter::policy::{CompiledPolicy, WorkloadIdentity, ZoneId, ZONE_ANNOTATION};
 use std::net::IpAddr;
 
@@ -84,7 +84,7 @@ pub fn resolve_zone(
     c: &CompiledPolicy,
     peers: &PeerDirectory,
     inv: &Inventory,
-    cluster: Option<&ClusterMap>,
+    cluster: Option<&ClusterPeers>,
     s: &str,
 ) -> Result<(ZoneId, String), Fail> {
     let p = c.policy();
@@ -107,7 +107,7 @@ pub fn resolve_zone(
     if s.contains('/') {
         let identity = match (inv.find(s), cluster.and_then(|m| m.find(s))) {
             (Some(w), _) => w.identity(),
-            (None, Some(cp)) => cp.identity(),
+            (None, Some(w)) => (**w).clone(),
             (None, None) => {
                 return Err(fail(format!(
                     "`{s}` is not in the inventory or the cluster map (pass --inventory FILE or --peers DIR, or describe it inline: ns=NS,pod=NAME,label.K=V,nslabel.K=V)"
