@@ -66,6 +66,9 @@ pub struct NestBox {
     pub memory_mib: u32,
     /// Box vCPUs.
     pub vcpus: u8,
+    /// How long the box's heartbeat may stay unchanged before the box counts as wedged
+    /// ([`WEDGED_AFTER`] unless a caller changes it).
+    pub wedged_after: Duration,
 }
 
 /// What a box run gave back.
@@ -80,7 +83,14 @@ pub struct BoxRun {
     pub out: PathBuf,
     /// Wall time from starting QEMU to its exit.
     pub wall: Duration,
+    /// The box itself stopped (its heartbeat did not change for `wedged_after`) and was
+    /// killed: an emulation failure, not a verdict on the script.
+    pub wedged: bool,
 }
+
+/// How long the box's heartbeat (its uptime, which `/init` rewrites every 5 s of box time
+/// in the output directory) may stay unchanged before the box counts as wedged.
+pub const WEDGED_AFTER: Duration = Duration::from_secs(120);
 
 impl BoxRun {
     /// The last `n` lines of the console, for failure messages.
@@ -195,6 +205,7 @@ impl NestBox {
             virtiofsd: tools.virtiofsd,
             memory_mib: 2048,
             vcpus: 2,
+            wedged_after: WEDGED_AFTER,
         })
     }
 
@@ -293,12 +304,22 @@ impl NestBox {
             .spawn()
             .map_err(|e| format!("starting {}: {e}", self.qemu.display()))?;
         let deadline = started + timeout;
+        let alive = out.join(".alive");
+        let (mut beat, mut beat_at) = (String::new(), started);
+        let mut wedged = false;
         let exited = loop {
             match qemu.try_wait() {
                 Ok(Some(st)) => break Some(st),
                 Ok(None) if Instant::now() >= deadline => break None,
                 Ok(None) => std::thread::sleep(Duration::from_millis(100)),
                 Err(e) => return Err(format!("waiting for QEMU: {e}")),
+            }
+            let now = std::fs::read_to_string(&alive).unwrap_or_default();
+            if now != beat {
+                (beat, beat_at) = (now, Instant::now());
+            } else if beat_at.elapsed() >= self.wedged_after {
+                wedged = true;
+                break None;
             }
         };
         if exited.is_none() {
@@ -319,7 +340,13 @@ impl NestBox {
             .find_map(|l| l.trim().strip_prefix("ENCLAVE-BOX-EXIT "))
             .and_then(|s| s.split_whitespace().next()?.parse().ok());
         let mut console_all = console_text;
-        if exited.is_none() {
+        if wedged {
+            console_all.push_str(&format!(
+                "\n[the box wedged: its heartbeat (box uptime {}) did not change for {} s; killed]\n",
+                if beat.trim().is_empty() { "never written" } else { beat.trim() },
+                self.wedged_after.as_secs()
+            ));
+        } else if exited.is_none() {
             console_all.push_str(&format!(
                 "\n[the box did not power off within {} s; killed]\n",
                 timeout.as_secs()
@@ -333,6 +360,7 @@ impl NestBox {
             console: console_all,
             out,
             wall,
+            wedged,
         })
     }
 }
@@ -382,6 +410,9 @@ pub fn on_hardware_kvm_or_in_box(test: &str, timeout: Duration) -> bool {
     false
 }
 
+/// How many boxes [`run_test_in_box`] boots for one test when a box wedges.
+pub const BOX_ATTEMPTS: u32 = 2;
+
 /// Runs the calling test (`test`, by its exact name, from this test binary) inside a box,
 /// and fails the caller if it does not pass there. Where a box cannot run here, the test
 /// fails under CI (`ENCLAVE_REQUIRE_VM=1`) or as root, and skips with the reason
@@ -416,9 +447,24 @@ pub fn run_test_in_box(test: &str, timeout: Duration) {
         test = shell_quote(test),
     );
     eprintln!("{test}: running inside a nested KVM box (QEMU TCG, -cpu max, kvm_amd)");
-    let run = match nb.run(&script, timeout) {
-        Ok(r) => r,
-        Err(e) => panic!("{test}: the box did not run: {e}"),
+    // A box that wedges (TCG emulating SVM stops now and then, more often on a loaded
+    // host) is booted once more; a script that fails or hangs in a live box is not.
+    let mut attempt = 1;
+    let run = loop {
+        let run = match nb.run(&script, timeout) {
+            Ok(r) => r,
+            Err(e) => panic!("{test}: the box did not run: {e}"),
+        };
+        if !run.wedged || attempt == BOX_ATTEMPTS {
+            break run;
+        }
+        eprintln!(
+            "{test}: the box wedged after {:.1} s (emulation, not the test); its console's end:\n{}\n{test}: booting a new box (attempt {} of {BOX_ATTEMPTS})",
+            run.wall.as_secs_f64(),
+            run.tail(8),
+            attempt + 1
+        );
+        attempt += 1;
     };
     eprintln!(
         "{test}: box finished in {:.1} s with status {:?}",
