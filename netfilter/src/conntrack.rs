@@ -86,7 +86,7 @@ pub struct SetAssoc<K, V> {
     stats: TableStats,
 }
 
-impl<K: Hash + Eq + Copy, V: Clone> SetAssoc<K, V> {
+impl<K: Hash + Eq + Copy, V> SetAssoc<K, V> {
     /// A table of at least `capacity` slots (rounded up to a power of two of sets).
     pub fn new(capacity: usize) -> Self {
         let sets = (capacity.max(WAYS) / WAYS).next_power_of_two();
@@ -382,7 +382,7 @@ impl L7Pending {
 }
 
 /// What the matcher remembers of a flow.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FlowEntry {
     /// True when endpoint `a` of the key opened the flow.
     pub a_is_initiator: bool,
@@ -406,6 +406,8 @@ pub struct FlowEntry {
     pub frames: [u64; 2],
     /// Bytes per side.
     pub bytes: [u64; 2],
+    /// Inspection of its bytes, when its rule asks for it (boxed: most flows have none).
+    pub inspect: Option<Box<crate::inspect::FlowInspector>>,
 }
 
 /// A fragment train: (source, destination, id, protocol).

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod conntrack;
 pub mod graph;
 pub mod identity;
+pub mod inspect;
 pub mod l7;
 pub mod learn;
 pub mod matcher;

@@ -14,12 +14,16 @@ use crate::conntrack::{
     TableStats, TcpState, Timeouts,
 };
 use crate::identity::PeerDirectory;
+use crate::inspect::stream::Budget;
+use crate::inspect::{Detected, FlowInspector, Step as InspectStep, Threat};
 use crate::l7::{self, Detection, Side, DETECT_BYTES};
 use crate::packet::{
     proto, ArpPacket, EthernetHeader, Frame, IcmpMessage, IpPacket, MacAddr, Net, TcpFlags,
     ARP_REPLY, ARP_REQUEST, L4,
 };
-use crate::policy::{AppProto, CompiledPolicy, Lookup, Mode, RuleId, WorkloadIdentity, ZoneId};
+use crate::policy::{
+    AppProto, CompiledPolicy, Inspect, Lookup, Mode, OnFinding, RuleId, WorkloadIdentity, ZoneId,
+};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -117,6 +121,13 @@ reasons! {
     FlowCut => "flow_cut",
     /// Out-of-order or altered payload while the app is being detected.
     AppReorder => "app_reorder",
+    /// Inspection found a threat and the rule says deny: the flow is cut.
+    ThreatDetected => "threat",
+    /// Inspection found card data or an SSN and the rule says deny: the flow is cut.
+    DataLeak => "data_leak",
+    /// A segment of an inspected flow that cannot be checked now (beyond the window, over
+    /// the pod's inspection budget): dropped, and the sender retransmits it.
+    InspectHeld => "inspect_held",
 }
 
 impl Reason {
@@ -188,6 +199,25 @@ pub struct FlowEvent {
     pub mode: Mode,
 }
 
+/// An inspection finding, with what was done about it. Findings are rare: they carry
+/// strings, and wait in the enforcer until the caller takes them
+/// ([`Enforcer::take_findings`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    /// What was found.
+    pub threat: Threat,
+    /// What the rule said to do (`deny` cut the flow).
+    pub action: OnFinding,
+    /// What was seen, masked.
+    pub detail: String,
+    /// For DLP: the match masked, and the card brand.
+    pub data: Option<(String, Option<&'static str>)>,
+    /// True when the flow's initiator sent it.
+    pub from_client: bool,
+    /// The flow, as its initiator opened it (zones, rule, app).
+    pub flow: FlowEvent,
+}
+
 /// The outcome for one frame.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
@@ -226,6 +256,8 @@ pub struct EnforcerConfig {
     /// Decide established IPv4 TCP/UDP frames from their raw bytes (the flow cache). Off
     /// only to test that both paths agree.
     pub fast_path: bool,
+    /// Bytes all inspected flows may hold for reassembly together.
+    pub inspect_budget: usize,
 }
 
 impl Default for EnforcerConfig {
@@ -235,6 +267,7 @@ impl Default for EnforcerConfig {
             fragments: 1024,
             timeouts: Timeouts::default(),
             fast_path: true,
+            inspect_budget: crate::inspect::POD_BUDGET,
         }
     }
 }
@@ -252,6 +285,10 @@ pub struct Counters {
     pub default_deny_flows: u64,
     /// Frames decided by the flow cache (a subset of `established`).
     pub fast_path_frames: u64,
+    /// Inspection findings per threat ([`Threat`] order), alerts and denials together.
+    pub findings: [u64; Threat::COUNT],
+    /// Payload bytes handed to inspection.
+    pub inspected_bytes: u64,
 }
 
 /// Decides frames for one workload.
@@ -268,6 +305,8 @@ pub struct Enforcer {
     counters: Counters,
     fast_path: bool,
     own_v4: Vec<u32>,
+    budget: Budget,
+    findings: Vec<Finding>,
 }
 
 const ALL_APPS: [Option<RuleId>; AppProto::COUNT] = [Some(RuleId(u32::MAX)); AppProto::COUNT];
@@ -358,11 +397,30 @@ impl Enforcer {
                 rule_flows: vec![0; rules],
                 default_deny_flows: 0,
                 fast_path_frames: 0,
+                findings: [0; Threat::COUNT],
+                inspected_bytes: 0,
             },
+            budget: Budget::new(cfg.inspect_budget),
+            findings: Vec::new(),
             policy,
             peers,
             local,
         }
+    }
+
+    /// The inspection findings since the last call (the caller records them).
+    pub fn take_findings(&mut self) -> Vec<Finding> {
+        std::mem::take(&mut self.findings)
+    }
+
+    /// Whether findings wait to be taken.
+    pub fn has_findings(&self) -> bool {
+        !self.findings.is_empty()
+    }
+
+    /// Bytes inspected flows hold for reassembly now, and the budget.
+    pub fn inspect_held(&self) -> (usize, usize) {
+        (self.budget.used(), self.budget.limit())
     }
 
     /// The workload's zone.
@@ -511,6 +569,7 @@ impl Enforcer {
         let (e, expires) = self.flows.get_mut_exp_fast(&key, now)?;
         if e.admission == Admission::Cut
             || e.l7.is_some()
+            || e.inspect.is_some()
             || !matches!(e.tcp, None | Some(TcpState::Established))
         {
             return None;
@@ -622,6 +681,32 @@ impl Enforcer {
             }
             Direction::Ingress if !self.is_own_ip(ip.dst) => return quiet(Reason::NotForWorkload),
             _ => {}
+        }
+        if let (Some(fr), false) = (ip.frag, ip.is_v6()) {
+            // The IPv4 header is at least 20 bytes: a fragment whose end lies past 65,535
+            // bytes of payload makes a datagram no receiver may build (ping of death).
+            let end = usize::from(fr.offset) * 8 + ip.len.saturating_sub(20);
+            if end > 65535 {
+                let ev = self.event(EventKind::Denied, Reason::ThreatDetected, dir, eth, ip);
+                self.counters.findings[Threat::PingDeath as usize] += 1;
+                self.findings.push(Finding {
+                    threat: Threat::PingDeath,
+                    action: OnFinding::Deny,
+                    detail: format!(
+                        "a {} fragment at offset {} that reassembles to {end} bytes of payload, past 65,535",
+                        crate::packet::proto_name(ip.proto),
+                        usize::from(fr.offset) * 8
+                    ),
+                    data: None,
+                    from_client: dir == Direction::Egress,
+                    flow: ev,
+                });
+                return Decision {
+                    verdict: Verdict::Drop,
+                    reason: Reason::ThreatDetected,
+                    event: Some(ev),
+                };
+            }
         }
         if let Some(fr) = ip.frag {
             if fr.offset != 0 {
@@ -798,12 +883,11 @@ impl Enforcer {
             Tracked::New => return self.new_flow(dir, eth, ip, key, src_is_a, now),
             Tracked::Step { orig, step, info } => (orig, step, info),
         };
-        let L7Step::Decided { kind, reason, app } = step else {
-            return quiet(if matches!(step, L7Step::Reorder) {
-                Reason::AppReorder
-            } else {
-                Reason::Established
-            });
+        let (kind, reason, app) = match (info.cut, step) {
+            (Some(r), _) => (EventKind::Denied, r, info.app),
+            (None, L7Step::Decided { kind, reason, app }) => (kind, reason, app),
+            (None, L7Step::Reorder) => return quiet(Reason::AppReorder),
+            (None, L7Step::Pass) => return quiet(Reason::Established),
         };
         let mut ev = self.event(kind, reason, dir, eth, ip);
         // Record the flow the way its initiator opened it.
@@ -865,7 +949,38 @@ impl Enforcer {
                     self.flows.remove(key);
                     return Tracked::New;
                 }
-                None => return Tracked::Quiet(Reason::TcpInvalid),
+                None => {
+                    // A SYN answered with a SYN: the split handshake.
+                    let split = st == TcpState::SynSent
+                        && !orig
+                        && t.flags.has(TcpFlags::SYN)
+                        && !t.flags.has(TcpFlags::ACK);
+                    if let (true, Some(fi)) = (split, e.inspect.as_ref()) {
+                        if fi.cfg.threats.is_some() {
+                            let info = FlowInfo {
+                                rule: e.rule,
+                                required: 0,
+                                zones: e.zones,
+                                outbound: e.outbound,
+                                app: e.app,
+                                cut: None,
+                            };
+                            let found = vec![Detected::new(
+                                Threat::TcpSplitHandshake,
+                                "the responder answered the SYN with a SYN of its own".into(),
+                                false,
+                            )];
+                            let flow = finding_flow(ip, orig, &info, mode);
+                            let cfg = fi.cfg;
+                            if report(&mut self.findings, &mut self.counters, found, cfg, flow)
+                                .is_some()
+                            {
+                                e.admission = Admission::Cut;
+                            }
+                        }
+                    }
+                    return Tracked::Quiet(Reason::TcpInvalid);
+                }
             }
         }
         let side = usize::from(!orig);
@@ -883,13 +998,54 @@ impl Enforcer {
                 EventKind::WouldDeny => e.admission = Admission::Monitored,
                 _ => {}
             }
+            // The rule is known now: inspect as it says (the candidates' strictest until
+            // then).
+            if let Some(fi) = e.inspect.as_mut() {
+                let cfg = rule_inspect(&self.policy, e.rule);
+                fi.set_app(app);
+                fi.set_cfg(cfg, e.zones.0 != e.zones.1);
+                if !cfg.any() {
+                    e.inspect = None;
+                }
+            }
         }
-        let info = FlowInfo {
+        let mut info = FlowInfo {
             rule: e.rule,
             required,
             zones: e.zones,
             outbound: e.outbound,
+            app: e.app,
+            cut: None,
         };
+        let inspected = !matches!(step, L7Step::Reorder) && e.admission != Admission::Cut;
+        if let (true, Some(fi)) = (inspected, e.inspect.as_mut()) {
+            let s = match &ip.l4 {
+                L4::Tcp(t) => {
+                    let ack = t.flags.has(TcpFlags::ACK).then_some(t.ack);
+                    if t.flags.has(TcpFlags::SYN) {
+                        fi.syn(orig, t.seq);
+                        fi.segment(orig, t.seq.wrapping_add(1), ack, t.payload)
+                    } else {
+                        fi.segment(orig, t.seq, ack, t.payload)
+                    }
+                }
+                L4::Udp(u) => fi.datagram(orig, u.payload),
+                _ => InspectStep::Pass(Vec::new()),
+            };
+            let cfg = fi.cfg;
+            self.counters.inspected_bytes += ip.l4.payload().len() as u64;
+            match s {
+                InspectStep::Refused(_) => return Tracked::Quiet(Reason::InspectHeld),
+                InspectStep::Pass(found) if !found.is_empty() => {
+                    let flow = finding_flow(ip, orig, &info, mode);
+                    info.cut = report(&mut self.findings, &mut self.counters, found, cfg, flow);
+                    if info.cut.is_some() {
+                        e.admission = Admission::Cut;
+                    }
+                }
+                InspectStep::Pass(_) => {}
+            }
+        }
         Tracked::Step { orig, step, info }
     }
 
@@ -936,6 +1092,7 @@ impl Enforcer {
             zones: (from, to),
             frames: [1, 0],
             bytes: [ip.len as u64, 0],
+            inspect: None,
         };
         let mut ev = self.event(EventKind::Allowed, Reason::NewFlowAllowed, dir, eth, ip);
         ev.src_zone = from;
@@ -1006,6 +1163,48 @@ impl Enforcer {
                 p.next_seq[0] = Some(t.seq.wrapping_add(1));
             }
         }
+        // Inspection as the rule asks (while the app is detected, as the strictest of the
+        // rules that could still allow the flow asks).
+        let cfg = match (self.mode, lookup) {
+            (Mode::Learn, _) => Inspect::default(),
+            (_, Lookup::Allowed(r)) => rule_inspect(&self.policy, Some(r)),
+            (_, Lookup::NeedsApp(c)) => c.iter().fold(Inspect::default(), |a, r| {
+                a.merge(rule_inspect(&self.policy, *r))
+            }),
+            _ => Inspect::default(),
+        };
+        let mut syn_found = Vec::new();
+        if cfg.any() && matches!(ip.l4, L4::Tcp(_) | L4::Udp(_)) {
+            let tcp = matches!(ip.l4, L4::Tcp(_));
+            let mut fi = FlowInspector::new(cfg, tcp, from != to, dport, &self.budget);
+            if let L4::Tcp(t) = &ip.l4 {
+                fi.syn(true, t.seq);
+                if !t.payload.is_empty() && cfg.threats.is_some() {
+                    syn_found.push(Detected::new(
+                        Threat::TcpSynData,
+                        format!("a SYN carrying {} bytes of data", t.payload.len()),
+                        true,
+                    ));
+                }
+            }
+            entry.inspect = Some(Box::new(fi));
+        }
+        let info = FlowInfo {
+            rule: entry.rule,
+            required: required_of(lookup),
+            zones: (from, to),
+            outbound: entry.outbound,
+            app: None,
+            cut: None,
+        };
+        if !syn_found.is_empty() {
+            let flow = finding_flow(ip, true, &info, self.mode);
+            if let Some(r) = report(&mut self.findings, &mut self.counters, syn_found, cfg, flow) {
+                return self
+                    .deny_ip(r, dir, eth, ip, entry.rule)
+                    .with_zones(from, to);
+            }
+        }
         let expires = now + expiry(&entry, &self.timeouts);
         let mut d = Decision {
             verdict: Verdict::Pass,
@@ -1041,6 +1240,39 @@ impl Enforcer {
                     reason,
                     event: Some(ev),
                 };
+            }
+        }
+        if let (L4::Udp(u), Verdict::Pass) = (&ip.l4, d.verdict) {
+            if let Some(fi) = entry.inspect.as_mut() {
+                fi.set_app(entry.app);
+                self.counters.inspected_bytes += u.payload.len() as u64;
+                if let InspectStep::Pass(found) = fi.datagram(true, u.payload) {
+                    if !found.is_empty() {
+                        let cfg = fi.cfg;
+                        let flow = finding_flow(
+                            ip,
+                            true,
+                            &FlowInfo {
+                                app: entry.app,
+                                ..info
+                            },
+                            self.mode,
+                        );
+                        if let Some(r) =
+                            report(&mut self.findings, &mut self.counters, found, cfg, flow)
+                        {
+                            entry.admission = Admission::Cut;
+                            let mut ev = flow;
+                            ev.kind = EventKind::Denied;
+                            ev.reason = r;
+                            d = Decision {
+                                verdict: Verdict::Drop,
+                                reason: r,
+                                event: Some(ev),
+                            };
+                        }
+                    }
+                }
             }
         }
         self.flows.insert(key, entry, now, expires);
@@ -1146,6 +1378,27 @@ impl Enforcer {
                 },
                 _ => false,
             };
+            if allowed {
+                let cfg = rule_inspect(&pol, e.rule);
+                let cross = from != to;
+                match (e.inspect.as_mut(), cfg.any()) {
+                    (Some(fi), true) => fi.set_cfg(cfg, cross),
+                    (Some(_), false) => e.inspect = None,
+                    (None, true) if matches!(k.proto, proto::TCP | proto::UDP) => {
+                        // Picked up mid-stream: reassembly starts at the next segment.
+                        let mut fi = FlowInspector::new(
+                            cfg,
+                            k.proto == proto::TCP,
+                            cross,
+                            dport,
+                            &self.budget,
+                        );
+                        fi.set_app(e.app);
+                        e.inspect = Some(Box::new(fi));
+                    }
+                    _ => {}
+                }
+            }
             if allowed || mode != Mode::Enforce {
                 if !allowed {
                     e.admission = if mode == Mode::Learn {
@@ -1298,6 +1551,91 @@ struct FlowInfo {
     required: u8,
     zones: (ZoneId, ZoneId),
     outbound: bool,
+    app: Option<AppProto>,
+    /// Inspection cut the flow, for this reason.
+    cut: Option<Reason>,
+}
+
+/// The inspection a rule asks for (none for no rule, or the learn-mode placeholder).
+fn rule_inspect(policy: &CompiledPolicy, rule: Option<RuleId>) -> Inspect {
+    rule.and_then(|r| policy.policy().rules.get(r.0 as usize))
+        .map_or(Inspect::default(), |r| r.inspect)
+}
+
+/// The flow of a packet as its initiator opened it, for a finding's record.
+fn finding_flow(ip: &IpPacket<'_>, orig: bool, info: &FlowInfo, mode: Mode) -> FlowEvent {
+    let (sport, dport) = ip.l4.ports();
+    let ((src, sport), (dst, dport)) = if orig {
+        ((ip.src, sport), (ip.dst, dport))
+    } else {
+        ((ip.dst, dport), (ip.src, sport))
+    };
+    FlowEvent {
+        kind: EventKind::Allowed,
+        reason: Reason::Established,
+        dir: if info.outbound {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        },
+        proto: ip.proto,
+        src_mac: MacAddr::default(),
+        dst_mac: MacAddr::default(),
+        src,
+        sport,
+        dst,
+        dport,
+        src_zone: info.zones.0,
+        dst_zone: info.zones.1,
+        rule: info.rule,
+        app_required: info.required,
+        app_detected: info.app,
+        mode,
+    }
+}
+
+/// Records findings with the action `cfg` gives each; the reason to cut the flow, if one
+/// of them is to be denied (a data leak before a threat when both are).
+fn report(
+    out: &mut Vec<Finding>,
+    counters: &mut Counters,
+    found: Vec<Detected>,
+    cfg: Inspect,
+    flow: FlowEvent,
+) -> Option<Reason> {
+    let mut cut = None;
+    for d in found {
+        let action = if d.threat.is_dlp() {
+            cfg.dlp
+        } else {
+            cfg.threats
+        };
+        let Some(action) = action else { continue };
+        // Monitor mode records what inspection would have cut.
+        let action = if flow.mode == Mode::Enforce {
+            action
+        } else {
+            OnFinding::Alert
+        };
+        counters.findings[d.threat as usize] += 1;
+        if action == OnFinding::Deny {
+            let r = if d.threat.is_dlp() {
+                Reason::DataLeak
+            } else {
+                Reason::ThreatDetected
+            };
+            cut = Some(cut.map_or(r, |c: Reason| if c == Reason::DataLeak { c } else { r }));
+        }
+        out.push(Finding {
+            threat: d.threat,
+            action,
+            detail: d.detail,
+            data: d.data,
+            from_client: d.from_client,
+            flow,
+        });
+    }
+    cut
 }
 
 enum L7Step {

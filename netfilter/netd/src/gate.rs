@@ -204,6 +204,9 @@ impl Gate {
         };
         let now = self.t0.elapsed().as_nanos() as u64;
         let d = e.enforcer.decide(dir, frame, now);
+        if e.enforcer.has_findings() && !e.write_findings() && d.verdict == Verdict::Pass {
+            return false;
+        }
         if let Some(ev) = &d.event {
             if !e.record(ev, now) {
                 return false;
@@ -239,6 +242,28 @@ impl Enforcing {
             ));
         }
         self.write(ev)
+    }
+
+    /// Writes the Detection Finding records of what inspection found (never rate-limited:
+    /// each threat is reported once per flow, and a deny cuts the flow); false if one could
+    /// not be written.
+    fn write_findings(&mut self) -> bool {
+        let mut ok = true;
+        for f in self.enforcer.take_findings() {
+            let rec = self.builder.finding(&f, now_ms());
+            match self.log.append(rec) {
+                Ok(_) => self.audit.records += 1,
+                Err(err) => {
+                    self.audit.errors += 1;
+                    eprintln!(
+                        "enclave-netd: audit log: {err} (a {} finding)",
+                        f.threat.id()
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok
     }
 
     /// Writes the record of `ev` now; false (counted, and said on stderr) if it could not be.
@@ -469,6 +494,30 @@ impl Enforcing {
                 }
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_findings_total Inspection findings (threats and card data), alerted or denied.\n# TYPE enclave_netd_findings_total counter"
+        );
+        for t in enclave_netfilter::inspect::Threat::ALL {
+            let n = c.findings[*t as usize];
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "enclave_netd_findings_total{{{labels},threat=\"{}\"}} {n}",
+                    t.id()
+                );
+            }
+        }
+        let (held, budget) = self.enforcer.inspect_held();
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_inspected_bytes_total Payload bytes handed to inspection.\n# TYPE enclave_netd_inspected_bytes_total counter\nenclave_netd_inspected_bytes_total{{{labels}}} {}",
+            c.inspected_bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_inspect_held_bytes Bytes inspected flows hold for reassembly.\n# TYPE enclave_netd_inspect_held_bytes gauge\nenclave_netd_inspect_held_bytes{{{labels}}} {held}\n# HELP enclave_netd_inspect_budget_bytes The pod's reassembly budget.\n# TYPE enclave_netd_inspect_budget_bytes gauge\nenclave_netd_inspect_budget_bytes{{{labels}}} {budget}"
+        );
         let a = self.audit;
         let ft = self.enforcer.flow_stats();
         for (name, help, kind, v) in [

@@ -8,9 +8,9 @@
 //! under `unmapped.enclave`.
 
 use crate::identity::PeerDirectory;
-use crate::matcher::{Direction, EventKind, FlowEvent};
+use crate::matcher::{Direction, EventKind, Finding, FlowEvent};
 use crate::packet::{proto_name, MacAddr};
-use crate::policy::{AppProto, CompiledPolicy, WorkloadIdentity, ZoneId};
+use crate::policy::{AppProto, CompiledPolicy, OnFinding, WorkloadIdentity, ZoneId};
 use serde_json::{json, Map, Value};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -116,7 +116,10 @@ impl RecordBuilder {
         let (activity_id, activity) = match (ev.kind, ev.reason) {
             (
                 EventKind::Denied,
-                crate::matcher::Reason::AppMismatch | crate::matcher::Reason::FlowCut,
+                crate::matcher::Reason::AppMismatch
+                | crate::matcher::Reason::FlowCut
+                | crate::matcher::Reason::ThreatDetected
+                | crate::matcher::Reason::DataLeak,
             ) => (3, "Reset"),
             (EventKind::Denied, _) => (5, "Refuse"),
             _ => (1, "Open"),
@@ -206,6 +209,125 @@ impl RecordBuilder {
         r
     }
 
+    /// The OCSF Detection Finding (class 2004) of an inspection finding at `time_ms`.
+    ///
+    /// Mapping (OCSF 1.1.0, profile `security_control`): `finding_info` (uid, title, the
+    /// threat id in `types`, the analytic that found it), `action_id`/`disposition_id`
+    /// (2/2 denied and blocked, or 1/19 allowed and alerted), `evidences[0]` with both
+    /// endpoints and the connection, `firewall_rule` (the rule that allowed the flow and
+    /// asked for inspection). The masked match (card numbers: first six and last four at
+    /// most) is under `unmapped.enclave.data`; no record carries a full PAN.
+    pub fn finding(&self, f: &Finding, time_ms: u64) -> Value {
+        let p = self.cx.policy.policy();
+        let ev = &f.flow;
+        let deny = f.action == OnFinding::Deny;
+        let (action_id, action, disp_id, disp) = if deny {
+            (2, "Denied", 2, "Blocked")
+        } else {
+            (1, "Allowed", 19, "Alert")
+        };
+        let (direction_id, direction) = match ev.dir {
+            Direction::Ingress => (1, "Inbound"),
+            Direction::Egress => (2, "Outbound"),
+        };
+        let (fz, tz) = (p.zone_name(ev.src_zone), p.zone_name(ev.dst_zone));
+        let sender = if f.from_client {
+            sock(ev.src, ev.sport)
+        } else {
+            sock(ev.dst, ev.dport)
+        };
+        let message = format!(
+            "{} {} → {} [{fz} → {tz}]: {} ({}), sent by {sender}; {}",
+            if ev.proto == 0 {
+                "frame"
+            } else {
+                proto_name(ev.proto)
+            },
+            sock(ev.src, ev.sport),
+            sock(ev.dst, ev.dport),
+            f.threat.id(),
+            f.detail,
+            if deny {
+                "flow cut"
+            } else {
+                "alert only, the flow goes on"
+            }
+        );
+        let uid = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(format!("{time_ms}|{message}").as_bytes());
+            super::hex(&h.finalize()[..16])
+        };
+        let category = if f.threat.is_dlp() {
+            "Data Loss"
+        } else {
+            "Threat"
+        };
+        let mut r = json!({
+            "category_uid": 2,
+            "category_name": "Findings",
+            "class_uid": 2004,
+            "class_name": "Detection Finding",
+            "activity_id": 1,
+            "activity_name": "Create",
+            "type_uid": 200401,
+            "type_name": "Detection Finding: Create",
+            "time": time_ms,
+            "severity_id": f.threat.severity_id(),
+            "severity": f.threat.severity(),
+            "status_id": 1,
+            "status": "New",
+            "action_id": action_id,
+            "action": action,
+            "disposition_id": disp_id,
+            "disposition": disp,
+            "message": message,
+            "metadata": {
+                "version": "1.1.0",
+                "product": {"name": "Enclave", "vendor_name": "Enclave", "version": env!("CARGO_PKG_VERSION")},
+                "log_name": self.cx.component,
+                "profiles": ["security_control", "container"],
+            },
+            "finding_info": {
+                "uid": uid,
+                "title": format!("{}: {}", f.threat.id(), f.detail),
+                "types": [f.threat.id(), category],
+                "analytic": {"name": f.threat.id(), "type_id": 1, "type": "Rule", "uid": f.threat.id()},
+            },
+            "device": {"hostname": self.cx.node, "type_id": 6, "type": "Virtual"},
+            "evidences": [{
+                "src_endpoint": self.endpoint(ev.src, ev.sport, ev.src_mac, ev.src_zone),
+                "dst_endpoint": self.endpoint(ev.dst, ev.dport, ev.dst_mac, ev.dst_zone),
+                "connection_info": {
+                    "protocol_num": ev.proto,
+                    "protocol_name": if ev.proto == 0 { "none" } else { proto_name(ev.proto) },
+                    "direction_id": direction_id,
+                    "direction": direction,
+                },
+            }],
+            "policy": {"name": p.name, "version": p.version, "uid": format!("{}@{}", p.name, p.version)},
+            "unmapped": {"enclave": {
+                "threat": f.threat.id(),
+                "action": f.action.as_str(),
+                "detail": f.detail,
+                "sent_by": if f.from_client { "initiator" } else { "responder" },
+                "mode": ev.mode.as_str(),
+                "workload": {"name": self.cx.local.name, "namespace": self.cx.local.namespace},
+                "src": self.k8s(ev.src),
+                "dst": self.k8s(ev.dst),
+                "app_protocol_detected": ev.app_detected.map(|a| a.as_str()),
+            }},
+        });
+        if let Some((masked, brand)) = &f.data {
+            r["unmapped"]["enclave"]["data"] = json!({"masked": masked, "brand": brand});
+        }
+        if let Some(rule) = ev.rule.and_then(|id| p.rule(id).map(|r| (id, r))) {
+            r["firewall_rule"] = json!({"name": rule.1.name, "uid": format!("{}/{}", p.name, (rule.0).0), "type": rule.1.action_str()});
+        }
+        r
+    }
+
     /// One sentence for people reading the log.
     pub fn message(&self, ev: &FlowEvent) -> String {
         let p = self.cx.policy.policy();
@@ -243,6 +365,12 @@ impl RecordBuilder {
                     .app_detected
                     .map_or("unrecognised".to_string(), |a| a.to_string());
                 format!("cut{rule}: payload is {got}, not the required app")
+            }
+            (EventKind::Denied, "threat") => {
+                format!("cut{rule}: inspection found a threat (see the finding record)")
+            }
+            (EventKind::Denied, "data_leak") => {
+                format!("cut{rule}: inspection found card data or an SSN (see the finding record)")
             }
             (EventKind::Denied, r) => format!("denied ({r}){rule}"),
         };

@@ -448,6 +448,13 @@ impl Ctx<'_> {
                     );
                 }
             }
+            let inspect = r.inspect.unwrap_or_default();
+            if inspect.any() && r.action == Action::Deny {
+                self.err(
+                    format!("{at}.inspect"),
+                    "a deny rule cannot inspect: the flows it matches are dropped before any byte",
+                );
+            }
             rules.push(Rule {
                 name,
                 description: r.description,
@@ -457,6 +464,7 @@ impl Ctx<'_> {
                 protocol: r.protocol,
                 ports,
                 app: r.app,
+                inspect,
                 line: self.spans.locate(&at).line,
             });
         }

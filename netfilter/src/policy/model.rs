@@ -141,6 +141,60 @@ pub struct RuleDoc {
     /// Application protocol the flow must be detected as.
     #[serde(default)]
     pub app: Option<AppProto>,
+    /// Inspection of the allowed flows' bytes.
+    #[serde(default)]
+    pub inspect: Option<Inspect>,
+}
+
+/// What a rule asks netd to look for inside the flows it allows, and what to do on a
+/// finding. Written `inspect: {threats: deny, dlp: alert}`; a part left out is not
+/// inspected.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct Inspect {
+    /// Attacks: SQL injection, request smuggling, a second protocol, DNS tunneling, TCP
+    /// evasions, old TLS.
+    #[serde(default)]
+    pub threats: Option<OnFinding>,
+    /// Card numbers and SSNs in cleartext, in flows between two different zones.
+    #[serde(default)]
+    pub dlp: Option<OnFinding>,
+}
+
+impl Inspect {
+    /// Whether anything is inspected.
+    pub fn any(self) -> bool {
+        self.threats.is_some() || self.dlp.is_some()
+    }
+
+    /// The stricter of two (for a flow that could still be allowed by either rule).
+    pub fn merge(self, o: Inspect) -> Inspect {
+        let max = |a: Option<OnFinding>, b: Option<OnFinding>| a.max(b);
+        Inspect {
+            threats: max(self.threats, o.threats),
+            dlp: max(self.dlp, o.dlp),
+        }
+    }
+}
+
+/// What happens on an inspection finding.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFinding {
+    /// Record it; the flow goes on.
+    Alert,
+    /// Record it, drop the frame that carried it and cut the flow.
+    Deny,
+}
+
+impl OnFinding {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFinding::Alert => "alert",
+            OnFinding::Deny => "deny",
+        }
+    }
 }
 
 /// One zone name or a list of them.
@@ -529,6 +583,8 @@ pub struct Rule {
     pub ports: Vec<PortRange>,
     /// Required application protocol.
     pub app: Option<AppProto>,
+    /// Inspection of the allowed flows' bytes.
+    pub inspect: Inspect,
     /// Line of the rule in its source file (0 when built in code).
     pub line: usize,
 }

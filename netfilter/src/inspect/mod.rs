@@ -1,0 +1,833 @@
+//! Inspection inside allowed flows: attacks and card data in the bytes of flows a rule
+//! asks to inspect (`inspect: {threats: alert|deny, dlp: alert|deny}`).
+//!
+//! Each inspected TCP flow reassembles both directions ([`stream`]) and hands the bytes,
+//! in order and once, to the detectors: the client's requests are framed by protocol
+//! (HTTP/1.x, PostgreSQL, MySQL, TLS hellos, line protocols such as Redis) and checked for
+//! SQL injection ([`sqli`]), request smuggling and a second protocol inside the agreed
+//! one; both directions are scanned for card numbers and SSNs when the flow crosses a zone
+//! boundary ([`dlp`]). UDP datagrams are checked one by one (DNS tunneling, DLP). Flows
+//! that are not inspected never reach this module: their entry has no inspector and the
+//! flow cache decides them as before.
+
+pub mod dlp;
+pub mod http;
+pub mod proto;
+pub mod sqli;
+pub mod stream;
+
+use crate::policy::{AppProto, Inspect};
+use stream::{Budget, HalfStream, Outcome, Refusal};
+
+/// Bytes of one protocol message (a query, a request head, a form body) the inspector
+/// assembles; a longer one is skipped by its length (DLP still reads every byte).
+pub const MESSAGE_MAX: usize = 64 * 1024;
+
+/// Default budget of held stream bytes per pod (all its inspected flows together).
+pub const POD_BUDGET: usize = 16 * 1024 * 1024;
+
+macro_rules! threats {
+    ($($(#[$m:meta])* $v:ident => $id:literal, $sev:literal, $dlp:literal,)*) => {
+        /// What the inspector detects. Ids follow the names the field uses (NeuVector's
+        /// threat names where one exists).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum Threat { $($(#[$m])* $v,)* }
+        impl Threat {
+            /// All of them, in counter order.
+            pub const ALL: &'static [Threat] = &[$(Threat::$v,)*];
+            /// Number of threats.
+            pub const COUNT: usize = Threat::ALL.len();
+            /// The threat id in records and metrics.
+            pub fn id(self) -> &'static str { match self { $(Threat::$v => $id,)* } }
+            /// OCSF severity id (2 low, 3 medium, 4 high).
+            pub fn severity_id(self) -> u8 { match self { $(Threat::$v => $sev,)* } }
+            /// Whether this is a data-loss finding (decided by `dlp`) or a threat
+            /// (decided by `threats`).
+            pub fn is_dlp(self) -> bool { match self { $(Threat::$v => $dlp,)* } }
+        }
+    };
+}
+
+threats! {
+    /// SQL injection in a query message or in HTTP user input.
+    SqlInjection => "SQL.Injection", 4, false,
+    /// Conflicting or malformed message framing in an HTTP request head.
+    HttpSmuggling => "HTTP.Request.Smuggling", 4, false,
+    /// A second protocol inside a flow agreed as another (an HTTP request in Redis).
+    ProtocolMismatch => "Protocol.Mismatch", 4, false,
+    /// Data tunneled through DNS queries.
+    DnsTunneling => "DNS.Tunneling", 3, false,
+    /// A TCP SYN carrying data.
+    TcpSynData => "TCP.SYN.Data", 2, false,
+    /// A SYN answered with a SYN: the split handshake.
+    TcpSplitHandshake => "TCP.Split.Handshake", 3, false,
+    /// Different bytes sent twice for the same sequence numbers.
+    TcpOverlap => "TCP.Overlap.Inconsistent", 4, false,
+    /// An IPv4 packet that reassembles past 65,535 bytes.
+    PingDeath => "Ping.Death", 3, false,
+    /// A TLS client hello offering nothing newer than TLS 1.1.
+    TlsVersion => "TLS.Version.Deprecated", 3, false,
+    /// An SSL 2.0 or 3.0 hello.
+    SslVersion => "SSL.Version.2or3", 4, false,
+    /// A payment card number in cleartext.
+    CreditCard => "DLP.CreditCard", 4, true,
+    /// A US Social Security number in cleartext.
+    Ssn => "DLP.SSN", 4, true,
+}
+
+impl Threat {
+    /// OCSF severity name.
+    pub fn severity(self) -> &'static str {
+        match self.severity_id() {
+            2 => "Low",
+            3 => "Medium",
+            _ => "High",
+        }
+    }
+}
+
+/// One detection, before the rule's action is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detected {
+    /// What.
+    pub threat: Threat,
+    /// What was seen, for people (never holds a full PAN or SSN).
+    pub detail: String,
+    /// For DLP: the match, masked, and the card brand.
+    pub data: Option<(String, Option<&'static str>)>,
+    /// Which side sent it: true for the flow's initiator.
+    pub from_client: bool,
+}
+
+impl Detected {
+    /// A finding with its detail masked (no card number or SSN survives in it).
+    pub fn new(threat: Threat, detail: String, from_client: bool) -> Self {
+        let mut d = detail.into_bytes();
+        dlp::mask_in_place(&mut d);
+        Detected {
+            threat,
+            detail: String::from_utf8_lossy(&d).into_owned(),
+            data: None,
+            from_client,
+        }
+    }
+}
+
+/// What the inspector made of a segment or datagram.
+#[derive(Debug)]
+pub enum Step {
+    /// Pass it; these were found in it (maybe none).
+    Pass(Vec<Detected>),
+    /// Drop it: its bytes cannot be checked now (the sender retransmits).
+    Refused(Refusal),
+}
+
+/// The inspection state of one flow.
+#[derive(Debug)]
+pub struct FlowInspector {
+    /// What the rule asks for.
+    pub cfg: Inspect,
+    dlp_on: bool,
+    halves: [Option<HalfStream>; 2],
+    dlp: [dlp::StreamScanner; 2],
+    client: Client,
+    reported: u32,
+    app: Option<AppProto>,
+    dport: u16,
+}
+
+impl FlowInspector {
+    /// An inspector for a flow under `cfg`; `tcp` for TCP (reassembled), `cross_zone`
+    /// when its ends are in different zones (DLP looks only at those).
+    pub fn new(cfg: Inspect, tcp: bool, cross_zone: bool, dport: u16, budget: &Budget) -> Self {
+        FlowInspector {
+            cfg,
+            dlp_on: cfg.dlp.is_some() && cross_zone,
+            halves: if tcp {
+                [
+                    Some(HalfStream::new(budget.clone())),
+                    Some(HalfStream::new(budget.clone())),
+                ]
+            } else {
+                [None, None]
+            },
+            dlp: Default::default(),
+            client: Client::Start(Vec::new()),
+            reported: 0,
+            app: None,
+            dport,
+        }
+    }
+
+    /// A new configuration (after a policy reload); `cross_zone` as for [`FlowInspector::new`].
+    pub fn set_cfg(&mut self, cfg: Inspect, cross_zone: bool) {
+        self.cfg = cfg;
+        self.dlp_on = cfg.dlp.is_some() && cross_zone;
+    }
+
+    /// The app the flow was detected as (frames the client's messages by it).
+    pub fn set_app(&mut self, app: Option<AppProto>) {
+        self.app = app.or(self.app);
+    }
+
+    /// Bytes held for reassembly.
+    pub fn held(&self) -> usize {
+        self.halves.iter().flatten().map(HalfStream::held).sum()
+    }
+
+    /// A SYN of side `client` (true: the initiator's).
+    pub fn syn(&mut self, client: bool, isn: u32) {
+        if let Some(h) = self.halves[usize::from(!client)].as_mut() {
+            h.syn(isn);
+        }
+    }
+
+    /// A TCP segment from side `client`.
+    pub fn segment(&mut self, client: bool, seq: u32, ack: Option<u32>, payload: &[u8]) -> Step {
+        let side = usize::from(!client);
+        if let (Some(a), Some(other)) = (ack, self.halves[1 - side].as_mut()) {
+            other.ack(a);
+        }
+        let Some(h) = self.halves[side].as_mut() else {
+            return Step::Pass(Vec::new());
+        };
+        match h.segment(seq, payload) {
+            Outcome::Refused(r) => Step::Refused(r),
+            Outcome::Inconsistent => {
+                let d = Detected::new(
+                    Threat::TcpOverlap,
+                    format!(
+                        "{} resent bytes at sequence {seq} that differ from the ones first sent",
+                        if client { "the client" } else { "the server" }
+                    ),
+                    client,
+                );
+                Step::Pass(self.fresh_findings(vec![d]))
+            }
+            Outcome::Pass { fresh } => {
+                let found = self.bytes(client, &fresh);
+                Step::Pass(self.fresh_findings(found))
+            }
+        }
+    }
+
+    /// A UDP datagram from side `client`.
+    pub fn datagram(&mut self, client: bool, payload: &[u8]) -> Step {
+        let mut found = Vec::new();
+        if self.cfg.threats.is_some()
+            && client
+            && (self.app == Some(AppProto::Dns) || self.dport == 53)
+        {
+            if let Some(d) = proto::dns_tunnel(payload) {
+                found.push(Detected::new(Threat::DnsTunneling, d, client));
+            }
+        }
+        if self.dlp_on {
+            found.extend(dlp_found(dlp::scan(payload, true, true), client));
+        }
+        Step::Pass(self.fresh_findings(found))
+    }
+
+    /// Each threat is reported once per flow (a deny cuts the flow at the first).
+    fn fresh_findings(&mut self, found: Vec<Detected>) -> Vec<Detected> {
+        found
+            .into_iter()
+            .filter(|d| {
+                let bit = 1u32 << (d.threat as u8);
+                let new = self.reported & bit == 0;
+                self.reported |= bit;
+                new
+            })
+            .collect()
+    }
+
+    /// New in-order stream bytes from one side.
+    fn bytes(&mut self, client: bool, b: &[u8]) -> Vec<Detected> {
+        let mut found = Vec::new();
+        if b.is_empty() {
+            return found;
+        }
+        if self.dlp_on {
+            let side = usize::from(!client);
+            found.extend(dlp_found(self.dlp[side].feed(b), client));
+        }
+        if client && self.cfg.threats.is_some() {
+            self.client.feed(b, self.app, &mut found);
+        }
+        found
+    }
+}
+
+fn dlp_found(m: Vec<dlp::DataMatch>, client: bool) -> impl Iterator<Item = Detected> {
+    m.into_iter().map(move |m| {
+        let (threat, what) = match m.kind {
+            dlp::DataKind::Pan => (
+                Threat::CreditCard,
+                format!("a {} card number", m.brand.unwrap_or("payment")),
+            ),
+            dlp::DataKind::Ssn => (Threat::Ssn, "a US Social Security number".to_string()),
+        };
+        Detected {
+            threat,
+            detail: format!("{what} in cleartext: {}", m.masked),
+            data: Some((m.masked, m.brand)),
+            from_client: client,
+        }
+    })
+}
+
+/// The client's side of the stream, framed by its protocol.
+#[derive(Debug)]
+enum Client {
+    /// Not yet known: the first bytes.
+    Start(Vec<u8>),
+    Http(HttpState),
+    Postgres(PgState),
+    Mysql(MyState),
+    /// TLS: the first record, then nothing (encrypted).
+    Tls(Vec<u8>),
+    /// A line protocol (Redis inline, SMTP...) or one not recognised: each line is checked
+    /// for an HTTP request.
+    Lines(Vec<u8>, &'static str),
+    /// Nothing more to read (encrypted, or framing lost).
+    Done,
+}
+
+impl Client {
+    fn feed(&mut self, b: &[u8], app: Option<AppProto>, found: &mut Vec<Detected>) {
+        if let Client::Start(buf) = self {
+            buf.extend_from_slice(b);
+            let side = crate::l7::Side::Client;
+            let is = |a| crate::l7::detect(a, side, buf, false) == crate::l7::Detection::Match;
+            let chosen = match app {
+                Some(AppProto::Mysql) => Some(AppProto::Mysql),
+                _ if is(AppProto::Http) => Some(AppProto::Http),
+                _ if is(AppProto::Tls) => Some(AppProto::Tls),
+                _ if is(AppProto::Postgres) => Some(AppProto::Postgres),
+                _ if is(AppProto::Redis) => Some(AppProto::Redis),
+                Some(a) => Some(a),
+                None if buf.len() >= crate::l7::DETECT_BYTES => None,
+                None => return,
+            };
+            let first = std::mem::take(buf);
+            *self = match chosen {
+                Some(AppProto::Http) => Client::Http(HttpState::default()),
+                Some(AppProto::Tls) => Client::Tls(Vec::new()),
+                Some(AppProto::Postgres) => Client::Postgres(PgState::default()),
+                Some(AppProto::Mysql) => Client::Mysql(MyState::default()),
+                Some(AppProto::Redis) => Client::Lines(Vec::new(), "redis"),
+                Some(AppProto::Dns) | None => Client::Lines(Vec::new(), "this"),
+            };
+            return self.feed(&first, app, found);
+        }
+        match self {
+            Client::Http(h) => {
+                if h.feed(b, found) {
+                    *self = Client::Done;
+                }
+            }
+            Client::Postgres(p) => {
+                if p.feed(b, found) {
+                    *self = Client::Done;
+                }
+            }
+            Client::Mysql(m) => {
+                if m.feed(b, found) {
+                    *self = Client::Done;
+                }
+            }
+            Client::Tls(buf) => {
+                buf.extend_from_slice(&b[..b.len().min(MESSAGE_MAX - buf.len().min(MESSAGE_MAX))]);
+                let need = buf
+                    .get(3..5)
+                    .map(|l| 5 + usize::from(u16::from_be_bytes([l[0], l[1]])));
+                let sslv2 = buf.first().is_some_and(|c| c & 0x80 != 0);
+                if sslv2 || need.is_some_and(|n| buf.len() >= n) || buf.len() >= MESSAGE_MAX {
+                    if let Some((ssl, detail)) = proto::hello_version(buf) {
+                        let t = if ssl {
+                            Threat::SslVersion
+                        } else {
+                            Threat::TlsVersion
+                        };
+                        found.push(Detected::new(t, detail, true));
+                    }
+                    *self = Client::Done;
+                }
+            }
+            Client::Lines(carry, what) => {
+                let what = *what;
+                lines(carry, b, |line| {
+                    if proto::is_http_request_line(line) {
+                        found.push(Detected::new(
+                            Threat::ProtocolMismatch,
+                            format!(
+                                "an HTTP request (`{}`) inside {what} flow",
+                                http::excerpt(line, 80)
+                            ),
+                            true,
+                        ));
+                    }
+                });
+            }
+            Client::Start(_) | Client::Done => {}
+        }
+    }
+}
+
+/// Calls `f` on every complete line of `carry` + `b`; keeps the unfinished end (at most
+/// 4 KiB: a longer line is checked by its start only).
+fn lines(carry: &mut Vec<u8>, b: &[u8], mut f: impl FnMut(&[u8])) {
+    const LINE_MAX: usize = 4096;
+    let mut rest = b;
+    while let Some(nl) = rest.iter().position(|&c| c == b'\n') {
+        if carry.is_empty() {
+            f(&rest[..nl]);
+        } else if carry.len() < LINE_MAX {
+            carry.extend_from_slice(&rest[..nl.min(LINE_MAX - carry.len())]);
+            f(carry);
+            carry.clear();
+        } else {
+            carry.clear();
+        }
+        rest = &rest[nl + 1..];
+    }
+    if carry.len() < LINE_MAX {
+        carry.extend_from_slice(&rest[..rest.len().min(LINE_MAX - carry.len())]);
+    } else {
+        // Past the limit: remember that a line is running, without its bytes.
+        carry.truncate(LINE_MAX);
+    }
+}
+
+#[derive(Debug, Default)]
+struct HttpState {
+    buf: Vec<u8>,
+    phase: HttpPhase,
+    requests: u32,
+}
+
+#[derive(Debug, Default)]
+enum HttpPhase {
+    #[default]
+    Head,
+    Body {
+        left: u64,
+        kind: http::BodyKind,
+    },
+    /// Chunked body: skipped to its last chunk (`0\r\n\r\n`); not parsed for injection.
+    Chunked,
+}
+
+impl HttpState {
+    /// True when the stream can no longer be followed.
+    fn feed(&mut self, mut b: &[u8], found: &mut Vec<Detected>) -> bool {
+        while !b.is_empty() {
+            match &mut self.phase {
+                HttpPhase::Head => {
+                    let before = self.buf.len();
+                    self.buf.extend_from_slice(b);
+                    let Some(end) = find(&self.buf, b"\r\n\r\n").map(|i| i + 4) else {
+                        if self.buf.len() > MESSAGE_MAX {
+                            return true;
+                        }
+                        return false;
+                    };
+                    let used = end.saturating_sub(before);
+                    b = &b[used.min(b.len())..];
+                    let head = std::mem::take(&mut self.buf);
+                    let head = &head[..end];
+                    let Some(h) = http::head(head) else {
+                        let what = if self.requests == 0 {
+                            "the first request"
+                        } else {
+                            "a request"
+                        };
+                        found.push(Detected::new(
+                            Threat::ProtocolMismatch,
+                            format!(
+                                "{what} on this HTTP flow is not HTTP/1.x: `{}`",
+                                http::excerpt(head, 60)
+                            ),
+                            true,
+                        ));
+                        return true;
+                    };
+                    self.requests += 1;
+                    if let Some(s) = &h.smuggling {
+                        found.push(Detected::new(
+                            Threat::HttpSmuggling,
+                            format!("{s} in `{}`", h.line),
+                            true,
+                        ));
+                    }
+                    if let Some((shape, where_)) = &h.sqli {
+                        found.push(Detected::new(
+                            Threat::SqlInjection,
+                            format!("{} in the {where_} of `{}`", shape.as_str(), h.line),
+                            true,
+                        ));
+                    }
+                    self.phase = match h.body {
+                        http::Body::None | http::Body::Length(0) => HttpPhase::Head,
+                        http::Body::Length(n) => HttpPhase::Body {
+                            left: n,
+                            kind: h.kind,
+                        },
+                        http::Body::Chunked => HttpPhase::Chunked,
+                    };
+                }
+                HttpPhase::Body { left, kind } => {
+                    let take = (*left).min(b.len() as u64) as usize;
+                    if *kind != http::BodyKind::Other && self.buf.len() < MESSAGE_MAX {
+                        let room = MESSAGE_MAX - self.buf.len();
+                        self.buf.extend_from_slice(&b[..take.min(room)]);
+                    }
+                    *left -= take as u64;
+                    b = &b[take..];
+                    if *left == 0 {
+                        let body = std::mem::take(&mut self.buf);
+                        if let Some((shape, where_)) = http::body(*kind, &body) {
+                            found.push(Detected::new(
+                                Threat::SqlInjection,
+                                format!("{} in a {where_} of a request body", shape.as_str()),
+                                true,
+                            ));
+                        }
+                        self.phase = HttpPhase::Head;
+                    }
+                }
+                HttpPhase::Chunked => {
+                    let keep = self.buf.len();
+                    self.buf.extend_from_slice(b);
+                    match find(&self.buf, b"0\r\n\r\n") {
+                        Some(i) => {
+                            let used = (i + 5).saturating_sub(keep);
+                            b = &b[used.min(b.len())..];
+                            self.buf.clear();
+                            self.phase = HttpPhase::Head;
+                        }
+                        None => {
+                            let n = self.buf.len();
+                            self.buf.drain(..n.saturating_sub(4));
+                            b = &[];
+                        }
+                    }
+                }
+            }
+        }
+        false
+    }
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// PostgreSQL frontend messages.
+#[derive(Debug, Default)]
+struct PgState {
+    buf: Vec<u8>,
+    started: bool,
+    /// Bytes of a long message still to skip.
+    skip: u64,
+}
+
+impl PgState {
+    fn feed(&mut self, mut b: &[u8], found: &mut Vec<Detected>) -> bool {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(b.len() as u64) as usize;
+                self.skip -= n as u64;
+                b = &b[n..];
+            }
+            if b.is_empty() && self.buf.is_empty() {
+                return false;
+            }
+            self.buf.extend_from_slice(b);
+            b = &[];
+            if !self.started {
+                // Untyped: length, then the protocol code.
+                if self.buf.first() == Some(&0x16) {
+                    return true; // TLS after an SSLRequest
+                }
+                let Some(l) = self.buf.get(..8) else {
+                    return false;
+                };
+                let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+                let code = u32::from_be_bytes([l[4], l[5], l[6], l[7]]);
+                if !(8..=10_000).contains(&len) {
+                    found.push(self.violation("a startup message of impossible length"));
+                    return true;
+                }
+                if self.buf.len() < len {
+                    return false;
+                }
+                match code {
+                    80877103 | 80877104 => {}      // SSL or GSS request: startup follows
+                    196608 => self.started = true, // protocol 3.0
+                    _ => return true,              // cancel request, or unknown
+                }
+                self.buf.drain(..len);
+                continue;
+            }
+            let Some(h) = self.buf.get(..5) else {
+                return false;
+            };
+            let ty = h[0];
+            let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+            if !b"BCdcfDEHFpPQSX".contains(&ty) || !(4..=(1 << 30)).contains(&len) {
+                found.push(self.violation("a message that is not PostgreSQL's"));
+                return true;
+            }
+            let total = 1 + len;
+            if total > MESSAGE_MAX {
+                self.skip = (total - self.buf.len().min(total)) as u64;
+                let n = self.buf.len().min(total);
+                self.buf.drain(..n);
+                continue;
+            }
+            if self.buf.len() < total {
+                return false;
+            }
+            let body = &self.buf[5..total];
+            let query = match ty {
+                b'Q' => Some(cstr(body)),
+                b'P' => {
+                    let name = cstr(body);
+                    body.get(name.len() + 1..).map(cstr)
+                }
+                _ => None,
+            };
+            if let Some(q) = query {
+                if let Some(hit) = sqli::in_query(q) {
+                    found.push(Detected::new(
+                        Threat::SqlInjection,
+                        format!(
+                            "{} in a PostgreSQL query: `{}`",
+                            hit.shape.as_str(),
+                            http::excerpt(q, 120)
+                        ),
+                        true,
+                    ));
+                }
+            }
+            self.buf.drain(..total);
+        }
+    }
+
+    fn violation(&self, what: &str) -> Detected {
+        let start = &self.buf[..self.buf.len().min(80)];
+        let line = start.split(|&c| c == b'\n').next().unwrap_or(start);
+        let http = if proto::is_http_request_line(line) {
+            " (an HTTP request)"
+        } else {
+            ""
+        };
+        Detected::new(
+            Threat::ProtocolMismatch,
+            format!(
+                "{what}{http} inside a postgres flow: `{}`",
+                http::excerpt(start, 60)
+            ),
+            true,
+        )
+    }
+}
+
+fn cstr(b: &[u8]) -> &[u8] {
+    &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())]
+}
+
+/// MySQL client packets.
+#[derive(Debug, Default)]
+struct MyState {
+    buf: Vec<u8>,
+    packets: u32,
+    skip: u64,
+}
+
+impl MyState {
+    fn feed(&mut self, mut b: &[u8], found: &mut Vec<Detected>) -> bool {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(b.len() as u64) as usize;
+                self.skip -= n as u64;
+                b = &b[n..];
+            }
+            self.buf.extend_from_slice(b);
+            b = &[];
+            let Some(h) = self.buf.get(..4) else {
+                return false;
+            };
+            let len = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
+            let seq = h[3];
+            let total = 4 + len;
+            self.packets += 1;
+            if self.packets == 1 && len == 32 {
+                return true; // an SSL request: TLS follows
+            }
+            if total > MESSAGE_MAX {
+                self.skip = (total - self.buf.len().min(total)) as u64;
+                let n = self.buf.len().min(total);
+                self.buf.drain(..n);
+                continue;
+            }
+            if self.buf.len() < total {
+                self.packets -= 1;
+                return false;
+            }
+            let p = &self.buf[4..total];
+            if self.packets > 1 && seq == 0 && matches!(p.first(), Some(0x03 | 0x16)) {
+                let q = &p[1..];
+                if let Some(hit) = sqli::in_query(q) {
+                    found.push(Detected::new(
+                        Threat::SqlInjection,
+                        format!(
+                            "{} in a MySQL query: `{}`",
+                            hit.shape.as_str(),
+                            http::excerpt(q, 120)
+                        ),
+                        true,
+                    ));
+                }
+            }
+            self.buf.drain(..total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::OnFinding;
+
+    fn inspector(cfg: Inspect) -> FlowInspector {
+        let mut f = FlowInspector::new(cfg, true, true, 0, &Budget::new(1 << 20));
+        f.syn(true, 0);
+        f.syn(false, 1000);
+        f
+    }
+
+    fn ids(s: Step) -> Vec<&'static str> {
+        match s {
+            Step::Pass(v) => v.iter().map(|d| d.threat.id()).collect(),
+            Step::Refused(r) => vec![r.as_str()],
+        }
+    }
+
+    const BOTH: Inspect = Inspect {
+        threats: Some(OnFinding::Deny),
+        dlp: Some(OnFinding::Deny),
+    };
+
+    #[test]
+    fn redis_then_http_on_one_connection_is_a_second_protocol() {
+        let mut f = inspector(BOTH);
+        f.set_app(Some(AppProto::Redis));
+        assert!(ids(f.segment(true, 1, None, b"PING\r\n")).is_empty());
+        let got = ids(f.segment(true, 7, None, b"GET / HTTP/1.1\r\nHost: db\r\n\r\n"));
+        assert_eq!(got, ["Protocol.Mismatch"]);
+    }
+
+    #[test]
+    fn a_pattern_split_across_segments_is_seen() {
+        let mut f = inspector(BOTH);
+        let req = b"GET /search?q=x%27%20OR%20%271%27%3D%271 HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (a, b) = req.split_at(20);
+        // The second half first (out of order), then the first.
+        assert!(ids(f.segment(true, 1 + a.len() as u32, None, b)).is_empty());
+        assert_eq!(ids(f.segment(true, 1, None, a)), ["SQL.Injection"]);
+    }
+
+    #[test]
+    fn postgres_queries_are_framed_and_checked() {
+        let mut f = inspector(BOTH);
+        let mut s = Vec::new();
+        let params = b"user\0app\0database\0shop\0\0";
+        s.extend_from_slice(&((params.len() + 8) as u32).to_be_bytes());
+        s.extend_from_slice(b"\0\x03\0\0");
+        s.extend_from_slice(params);
+        let q = b"SELECT * FROM cards WHERE owner = '' OR '1'='1'\0";
+        s.push(b'Q');
+        s.extend_from_slice(&((q.len() + 4) as u32).to_be_bytes());
+        s.extend_from_slice(q);
+        // Byte by byte: framing survives any segmentation.
+        let mut got = Vec::new();
+        for (i, c) in s.iter().enumerate() {
+            got.extend(ids(f.segment(true, 1 + i as u32, None, &[*c])));
+        }
+        assert_eq!(got, ["SQL.Injection"]);
+    }
+
+    #[test]
+    fn card_numbers_in_a_response_and_ssns_are_found_masked() {
+        let mut f = inspector(BOTH);
+        match f.segment(
+            false,
+            1001,
+            None,
+            b"HTTP/1.1 200 OK\r\n\r\n{\"pan\":\"4111 1111 1111 1111\"}",
+        ) {
+            Step::Pass(v) => {
+                assert_eq!(v.len(), 1);
+                assert_eq!(v[0].threat, Threat::CreditCard);
+                assert!(!v[0].from_client);
+                assert!(v[0].detail.contains("411111******1111"), "{}", v[0].detail);
+                assert!(!v[0].detail.contains("4111 1111 1111 1111"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Inside one zone, DLP does not look.
+        let mut same = FlowInspector::new(BOTH, true, false, 0, &Budget::new(1 << 20));
+        same.syn(true, 0);
+        assert!(ids(same.segment(true, 1, None, b"4111111111111111\n")).is_empty());
+    }
+
+    #[test]
+    fn smuggling_and_a_non_http_second_request() {
+        let mut f = inspector(BOTH);
+        let got = ids(f.segment(
+            true,
+            1,
+            None,
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ));
+        assert_eq!(got, ["HTTP.Request.Smuggling"]);
+        let mut g = inspector(BOTH);
+        let first = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+        assert!(ids(g.segment(true, 1, None, first)).is_empty());
+        assert_eq!(
+            ids(g.segment(
+                true,
+                1 + first.len() as u32,
+                None,
+                b"\x16\x03\x01garbage\r\n\r\n"
+            )),
+            ["Protocol.Mismatch"]
+        );
+    }
+
+    #[test]
+    fn resent_bytes_that_differ_are_an_evasion() {
+        let mut f = inspector(BOTH);
+        assert!(ids(f.segment(true, 1, None, b"PING\r\n")).is_empty());
+        assert_eq!(
+            ids(f.segment(true, 1, None, b"QUIT\r\n")),
+            ["TCP.Overlap.Inconsistent"]
+        );
+    }
+
+    #[test]
+    fn dns_tunnels_in_datagrams() {
+        let cfg = Inspect {
+            threats: Some(OnFinding::Alert),
+            dlp: None,
+        };
+        let mut f = FlowInspector::new(cfg, false, true, 53, &Budget::new(1 << 20));
+        let mut m = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 55];
+        m.extend_from_slice(&[b'a'; 55]);
+        m.extend_from_slice(b"\x01t\x07example\x00\x00\x10\x00\x01");
+        assert_eq!(ids(f.datagram(true, &m)), ["DNS.Tunneling"]);
+    }
+}
