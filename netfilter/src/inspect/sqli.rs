@@ -305,14 +305,21 @@ pub fn shapes(toks: &[Token], input: bool) -> Option<Hit> {
             Tok::Kw(Kw::Where | Kw::Having) => filtered = true,
             // OR <literal> <cmp> <literal>, or OR <true literal> at the end.
             tk if is_or(tk) => {
-                let a = kind(i + 1);
-                let (b, c) = (kind(i + 2), kind(i + 3));
+                // Parentheses opened after the OR (`') OR ('1'='1`) do not change it.
+                let mut j = i + 1;
+                while kind(j) == Some(Tok::Open) {
+                    j += 1;
+                }
+                let a = kind(j);
+                let (b, c) = (kind(j + 1), kind(j + 2));
                 if a.is_some_and(is_literal) && b == Some(Tok::Cmp) && c.is_some_and(is_literal) {
                     return hit(Shape::Tautology);
                 }
-                // `OR 1` / `OR true` closing the input (or before a comment or `)`).
-                if matches!(a, Some(Tok::Num | Tok::Kw(Kw::True)))
-                    && matches!(b, None | Some(Tok::Comment | Tok::Close | Tok::Semi))
+                // `OR true` closing the input (or before a comment, `)` or `;`), and
+                // `OR 1` before a comment (`1 or 2` alone is ordinary text).
+                let closing = matches!(b, None | Some(Tok::Comment | Tok::Close | Tok::Semi));
+                if (a == Some(Tok::Kw(Kw::True)) && closing)
+                    || (a == Some(Tok::Num) && b == Some(Tok::Comment))
                 {
                     return hit(Shape::Tautology);
                 }
@@ -364,10 +371,12 @@ pub fn shapes(toks: &[Token], input: bool) -> Option<Hit> {
                     }
                 }
             }
+            // A string closed and a comment opened at once. In a query only when nothing
+            // stands between them (`'admin'--`); in input, whatever white space does (the
+            // input itself closed the string its query opened).
             Tok::Str { closed: true } if !input || i == 0 => {
                 if let Some(n) = toks.get(i + 1) {
-                    let glued = !n.spaced && n.tok == Tok::Comment;
-                    if glued {
+                    if n.tok == Tok::Comment && (input || !n.spaced) {
                         return hit(Shape::CommentCut);
                     }
                 }
@@ -451,6 +460,15 @@ pub fn in_input(v: &[u8]) -> Option<Hit> {
 /// A bare value placed into a query as a number or a name: it must start like one, and go
 /// on into SQL.
 fn starts_like_value(t: &[Token]) -> bool {
+    // A sign before a number (`-1 UNION ...`) is part of the value.
+    let t = match t {
+        [first, rest @ ..]
+            if first.tok == Tok::Op && rest.first().is_some_and(|n| n.tok == Tok::Num) =>
+        {
+            rest
+        }
+        _ => t,
+    };
     matches!(t.first().map(|t| t.tok), Some(Tok::Num | Tok::Ident)) && t.len() > 2
 }
 
