@@ -31,7 +31,11 @@ spec:
 "#;
 
 fn enforcer() -> Enforcer {
-    let c = Arc::new(policy::load_str(POLICY, "bench.yaml").expect("policy").compiled);
+    let c = Arc::new(
+        policy::load_str(POLICY, "bench.yaml")
+            .expect("policy")
+            .compiled,
+    );
     let inv: Inventory = enclave_netfilter::yaml::from_str(
         "workloads:\n  - {name: a, namespace: app, ips: [10.0.0.1]}\n",
     )
@@ -64,7 +68,10 @@ fn open(e: &mut Enforcer, dport: u16, now: &mut u64) -> Flow {
     };
     for (dir, f) in [
         (Direction::Egress, build::tcp(&out, F::SYN, 1, 0, b"")),
-        (Direction::Ingress, build::tcp(&back, F::SYN | F::ACK, 1000, 2, b"")),
+        (
+            Direction::Ingress,
+            build::tcp(&back, F::SYN | F::ACK, 1000, 2, b""),
+        ),
         (Direction::Egress, build::tcp(&out, F::ACK, 2, 1001, b"")),
     ] {
         *now += 1;
@@ -140,12 +147,17 @@ fn form_segment() -> Vec<u8> {
 fn verdict(c: &mut Criterion) {
     let mut g = c.benchmark_group("inspect/established_segment");
     let req = request();
-    for (name, port) in [("no_inspection_flow_cache", 80u16), ("threats_and_dlp", 8080)] {
+    for (name, port) in [
+        ("no_inspection_flow_cache", 80u16),
+        ("threats_and_dlp", 8080),
+    ] {
         let mut e = enforcer();
         let mut now = 0;
         let mut fl = open(&mut e, port, &mut now);
         let mut x = Exchange::new(&fl, &req);
-        g.bench_function(name, |b| b.iter(|| exchange(&mut e, &mut fl, &mut x, &mut now)));
+        g.bench_function(name, |b| {
+            b.iter(|| exchange(&mut e, &mut fl, &mut x, &mut now))
+        });
     }
     g.finish();
 }
@@ -154,12 +166,17 @@ fn throughput(c: &mut Criterion) {
     let seg = form_segment();
     let mut g = c.benchmark_group("inspect/throughput");
     g.throughput(Throughput::Bytes(seg.len() as u64));
-    for (name, port) in [("no_inspection_flow_cache", 80u16), ("sqli_and_dlp_1448B_segments", 8080)] {
+    for (name, port) in [
+        ("no_inspection_flow_cache", 80u16),
+        ("sqli_and_dlp_1448B_segments", 8080),
+    ] {
         let mut e = enforcer();
         let mut now = 0;
         let mut fl = open(&mut e, port, &mut now);
         let mut x = Exchange::new(&fl, &seg);
-        g.bench_function(name, |b| b.iter(|| exchange(&mut e, &mut fl, &mut x, &mut now)));
+        g.bench_function(name, |b| {
+            b.iter(|| exchange(&mut e, &mut fl, &mut x, &mut now))
+        });
     }
     g.finish();
 }
@@ -167,11 +184,17 @@ fn throughput(c: &mut Criterion) {
 fn detectors(c: &mut Criterion) {
     let mut g = c.benchmark_group("inspect/detectors");
     let q = b"SELECT o.id, o.total, c.name FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.created_at > now() - interval '7 days' AND c.email = 'ana@example.com'";
-    g.bench_function("sqli_query_140B", |b| b.iter(|| sqli::in_query(black_box(q))));
-    g.bench_function("sqli_input_O'Brien", |b| b.iter(|| sqli::in_input(black_box(b"O'Brien"))));
+    g.bench_function("sqli_query_140B", |b| {
+        b.iter(|| sqli::in_query(black_box(q)))
+    });
+    g.bench_function("sqli_input_O'Brien", |b| {
+        b.iter(|| sqli::in_input(black_box(b"O'Brien")))
+    });
     let seg = form_segment();
     g.throughput(Throughput::Bytes(seg.len() as u64));
-    g.bench_function("dlp_scan_1448B", |b| b.iter(|| dlp::scan(black_box(&seg), true, true)));
+    g.bench_function("dlp_scan_1448B", |b| {
+        b.iter(|| dlp::scan(black_box(&seg), true, true))
+    });
     g.finish();
 }
 

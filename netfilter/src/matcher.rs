@@ -1003,7 +1003,10 @@ impl Enforcer {
             if let Some(fi) = e.inspect.as_mut() {
                 let cfg = rule_inspect(&self.policy, e.rule);
                 fi.set_app(app);
-                fi.set_cfg(cfg, e.zones.0 != e.zones.1);
+                fi.set_cfg(
+                    cfg,
+                    self.policy.policy().dlp_sides(cfg, e.zones.0, e.zones.1),
+                );
                 if !cfg.any() {
                     e.inspect = None;
                 }
@@ -1176,7 +1179,8 @@ impl Enforcer {
         let mut syn_found = Vec::new();
         if cfg.any() && matches!(ip.l4, L4::Tcp(_) | L4::Udp(_)) {
             let tcp = matches!(ip.l4, L4::Tcp(_));
-            let mut fi = FlowInspector::new(cfg, tcp, from != to, dport, &self.budget);
+            let sides = self.policy.policy().dlp_sides(cfg, from, to);
+            let mut fi = FlowInspector::new(cfg, tcp, sides, dport, &self.budget);
             if let L4::Tcp(t) = &ip.l4 {
                 fi.syn(true, t.seq);
                 if !t.payload.is_empty() && cfg.threats.is_some() {
@@ -1380,16 +1384,16 @@ impl Enforcer {
             };
             if allowed {
                 let cfg = rule_inspect(&pol, e.rule);
-                let cross = from != to;
+                let sides = pol.policy().dlp_sides(cfg, from, to);
                 match (e.inspect.as_mut(), cfg.any()) {
-                    (Some(fi), true) => fi.set_cfg(cfg, cross),
+                    (Some(fi), true) => fi.set_cfg(cfg, sides),
                     (Some(_), false) => e.inspect = None,
                     (None, true) if matches!(k.proto, proto::TCP | proto::UDP) => {
                         // Picked up mid-stream: reassembly starts at the next segment.
                         let mut fi = FlowInspector::new(
                             cfg,
                             k.proto == proto::TCP,
-                            cross,
+                            sides,
                             dport,
                             &self.budget,
                         );

@@ -20,7 +20,7 @@ kind: ZonePolicy
 metadata: {name: inspect-test, version: 1}
 spec:
   zones:
-    - {name: api, selector: {namespaces: [api]}}
+    - {name: api, scope: cde, selector: {namespaces: [api]}}
     - {name: db, selector: {namespaces: [db]}}
     - {name: corp, selector: {namespaces: [corp]}}
   rules:
@@ -50,6 +50,7 @@ spec:
       ports: [8080]
       inspect: {dlp: deny}
     - {name: api-corp-plain, from: api, to: corp, protocol: tcp, ports: [9000]}
+    - {name: api-corp-leaving, from: api, to: corp, protocol: tcp, ports: [8081], inspect: {dlp: deny, dlpFlows: leaving-cde}}
     - {name: api-corp-udp, from: api, to: corp, protocol: udp, ports: [53], inspect: {threats: deny}}
     - {name: api-corp-frag, from: api, to: corp, protocol: udp, ports: [7000]}
 "#;
@@ -276,6 +277,31 @@ fn a_card_number_leaving_for_another_zone_is_denied_and_masked_everywhere() {
 }
 
 #[test]
+fn leaving_cde_reads_only_what_the_cde_sends_out() {
+    // Into the CDE: the non-CDE side answers with a card number; not a leak.
+    let mut fx = fixture();
+    let mut c = fx.connect("10.0.0.3", 8081);
+    assert_eq!(
+        fx.send(&mut c, b"GET /card HTTP/1.1\r\n\r\n").verdict,
+        Verdict::Pass
+    );
+    let d = fx.reply(
+        &mut c,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n4111111111111111",
+    );
+    assert_eq!(d.verdict, Verdict::Pass);
+    assert!(fx.findings().is_empty());
+    // Out of the CDE: the same number sent by the CDE side is cut.
+    let d = fx.send(
+        &mut c,
+        b"POST /r HTTP/1.1\r\nContent-Length: 16\r\n\r\n4111111111111111",
+    );
+    assert_eq!((d.verdict, d.reason), (Verdict::Drop, Reason::DataLeak));
+    let f = fx.findings();
+    assert_eq!((f[0].threat, f[0].from_client), (Threat::CreditCard, true));
+}
+
+#[test]
 fn a_pattern_split_and_sent_out_of_order_is_still_found() {
     let mut fx = fixture();
     let mut c = fx.connect("10.0.0.3", 8080);
@@ -438,7 +464,8 @@ fn syn_with_data_split_handshake_dns_tunnel_and_ping_of_death() {
 #[test]
 fn a_deny_rule_cannot_inspect_and_a_bad_action_is_located() {
     let bad = POLICY.replace(
-        "    - {name: api-corp-plain, from: api, to: corp, protocol: tcp, ports: [9000]}",
+        "    - {name: api-corp-plain, from: api, to: corp, protocol: tcp, ports: [9000]}
+    - {name: api-corp-leaving, from: api, to: corp, protocol: tcp, ports: [8081], inspect: {dlp: deny, dlpFlows: leaving-cde}}",
         "    - {name: api-corp-plain, action: deny, from: api, to: corp, protocol: tcp, ports: [9000], inspect: {threats: deny}}",
     );
     let e = policy::load_str(&bad, "p.yaml").expect_err("refused");

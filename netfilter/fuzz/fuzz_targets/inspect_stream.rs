@@ -15,8 +15,9 @@ fuzz_target!(|data: &[u8]| {
         let cfg = Inspect {
             threats: Some(OnFinding::Deny),
             dlp: Some(OnFinding::Alert),
+            ..Inspect::default()
         };
-        let mut f = FlowInspector::new(cfg, true, true, 5432, &budget);
+        let mut f = FlowInspector::new(cfg, true, [true, data.len() % 2 == 0], 5432, &budget);
         if data.first().is_some_and(|b| b & 1 == 1) {
             f.set_app(Some(AppProto::Postgres));
         }

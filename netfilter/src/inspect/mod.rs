@@ -128,7 +128,8 @@ pub enum Step {
 pub struct FlowInspector {
     /// What the rule asks for.
     pub cfg: Inspect,
-    dlp_on: bool,
+    /// DLP reads the initiator's bytes, the responder's.
+    dlp_on: [bool; 2],
     halves: [Option<HalfStream>; 2],
     dlp: [dlp::StreamScanner; 2],
     client: Client,
@@ -138,12 +139,13 @@ pub struct FlowInspector {
 }
 
 impl FlowInspector {
-    /// An inspector for a flow under `cfg`; `tcp` for TCP (reassembled), `cross_zone`
-    /// when its ends are in different zones (DLP looks only at those).
-    pub fn new(cfg: Inspect, tcp: bool, cross_zone: bool, dport: u16, budget: &Budget) -> Self {
+    /// An inspector for a flow under `cfg`; `tcp` for TCP (reassembled); `dlp_sides` says
+    /// whose bytes DLP reads (the initiator's, the responder's: see
+    /// [`crate::policy::Policy::dlp_sides`]).
+    pub fn new(cfg: Inspect, tcp: bool, dlp_sides: [bool; 2], dport: u16, budget: &Budget) -> Self {
         FlowInspector {
             cfg,
-            dlp_on: cfg.dlp.is_some() && cross_zone,
+            dlp_on: dlp_sides,
             halves: if tcp {
                 [
                     Some(HalfStream::new(budget.clone())),
@@ -160,10 +162,11 @@ impl FlowInspector {
         }
     }
 
-    /// A new configuration (after a policy reload); `cross_zone` as for [`FlowInspector::new`].
-    pub fn set_cfg(&mut self, cfg: Inspect, cross_zone: bool) {
+    /// A new configuration (after a policy reload, or once the rule is known);
+    /// `dlp_sides` as for [`FlowInspector::new`].
+    pub fn set_cfg(&mut self, cfg: Inspect, dlp_sides: [bool; 2]) {
         self.cfg = cfg;
-        self.dlp_on = cfg.dlp.is_some() && cross_zone;
+        self.dlp_on = dlp_sides;
     }
 
     /// The app the flow was detected as (frames the client's messages by it).
@@ -223,7 +226,7 @@ impl FlowInspector {
                 found.push(Detected::new(Threat::DnsTunneling, d, client));
             }
         }
-        if self.dlp_on {
+        if self.dlp_on[usize::from(!client)] {
             found.extend(dlp_found(dlp::scan(payload, true, true), client));
         }
         Step::Pass(self.fresh_findings(found))
@@ -248,8 +251,8 @@ impl FlowInspector {
         if b.is_empty() {
             return found;
         }
-        if self.dlp_on {
-            let side = usize::from(!client);
+        let side = usize::from(!client);
+        if self.dlp_on[side] {
             found.extend(dlp_found(self.dlp[side].feed(b), client));
         }
         if client && self.cfg.threats.is_some() {
@@ -703,7 +706,7 @@ mod tests {
     use crate::policy::OnFinding;
 
     fn inspector(cfg: Inspect) -> FlowInspector {
-        let mut f = FlowInspector::new(cfg, true, true, 0, &Budget::new(1 << 20));
+        let mut f = FlowInspector::new(cfg, true, [true, true], 0, &Budget::new(1 << 20));
         f.syn(true, 0);
         f.syn(false, 1000);
         f
@@ -719,6 +722,7 @@ mod tests {
     const BOTH: Inspect = Inspect {
         threats: Some(OnFinding::Deny),
         dlp: Some(OnFinding::Deny),
+        dlp_flows: crate::policy::DlpFlows::CrossingZones,
     };
 
     #[test]
@@ -779,7 +783,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Inside one zone, DLP does not look.
-        let mut same = FlowInspector::new(BOTH, true, false, 0, &Budget::new(1 << 20));
+        let mut same = FlowInspector::new(BOTH, true, [false, false], 0, &Budget::new(1 << 20));
         same.syn(true, 0);
         assert!(ids(same.segment(true, 1, None, b"4111111111111111\n")).is_empty());
     }
@@ -822,9 +826,9 @@ mod tests {
     fn dns_tunnels_in_datagrams() {
         let cfg = Inspect {
             threats: Some(OnFinding::Alert),
-            dlp: None,
+            ..Inspect::default()
         };
-        let mut f = FlowInspector::new(cfg, false, true, 53, &Budget::new(1 << 20));
+        let mut f = FlowInspector::new(cfg, false, [false, false], 53, &Budget::new(1 << 20));
         let mut m = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 55];
         m.extend_from_slice(&[b'a'; 55]);
         m.extend_from_slice(b"\x01t\x07example\x00\x00\x10\x00\x01");

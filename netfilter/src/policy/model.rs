@@ -150,7 +150,7 @@ pub struct RuleDoc {
 /// finding. Written `inspect: {threats: deny, dlp: alert}`; a part left out is not
 /// inspected.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, Hash)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Inspect {
     /// Attacks: SQL injection, request smuggling, a second protocol, DNS tunneling, TCP
     /// evasions, old TLS.
@@ -159,6 +159,22 @@ pub struct Inspect {
     /// Card numbers and SSNs in cleartext, in flows between two different zones.
     #[serde(default)]
     pub dlp: Option<OnFinding>,
+    /// Which data `dlp` looks at.
+    #[serde(default)]
+    pub dlp_flows: DlpFlows,
+}
+
+/// Which bytes of a flow DLP reads.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum DlpFlows {
+    /// Both directions of a flow whose ends are in different zones.
+    #[default]
+    CrossingZones,
+    /// Only what a zone with `scope: cde` sends to a zone without it: card data leaving
+    /// the cardholder-data environment (a checkout posting a card number to the CDE is
+    /// not a leak; the CDE answering with one is).
+    LeavingCde,
 }
 
 impl Inspect {
@@ -173,6 +189,12 @@ impl Inspect {
         Inspect {
             threats: max(self.threats, o.threats),
             dlp: max(self.dlp, o.dlp),
+            // Reading more is the stricter choice.
+            dlp_flows: if self.dlp_flows == o.dlp_flows {
+                self.dlp_flows
+            } else {
+                DlpFlows::CrossingZones
+            },
         }
     }
 }
@@ -607,6 +629,29 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The PCI DSS scope of a zone, if the policy gives one (`unknown` has none).
+    pub fn zone_scope(&self, id: ZoneId) -> Option<Scope> {
+        match id.0 {
+            0 => None,
+            n => self.zones.get(usize::from(n) - 1).and_then(|z| z.scope),
+        }
+    }
+
+    /// Which sides of a flow from zone `from` to zone `to` DLP reads under `cfg`:
+    /// `[initiator's bytes, responder's bytes]`.
+    pub fn dlp_sides(&self, cfg: Inspect, from: ZoneId, to: ZoneId) -> [bool; 2] {
+        if cfg.dlp.is_none() || from == to {
+            return [false, false];
+        }
+        match cfg.dlp_flows {
+            DlpFlows::CrossingZones => [true, true],
+            DlpFlows::LeavingCde => {
+                let cde = |z| self.zone_scope(z) == Some(Scope::Cde);
+                [cde(from) && !cde(to), cde(to) && !cde(from)]
+            }
+        }
+    }
+
     /// Name of a zone id.
     pub fn zone_name(&self, id: ZoneId) -> &str {
         match id.0 {
