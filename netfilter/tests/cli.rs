@@ -48,7 +48,7 @@ fn check_accepts_templates_and_locates_errors_with_exit_codes() {
     // What netd alone enforces is said where it is written, and is not a warning: --strict
     // still accepts the templates.
     assert!(
-        text(&ok).contains("configs/policies/pci-cde.yaml:65:12: note: spec.rules[1].app: the kernel wall (nftables) allows tcp/5432 for rule `api-to-db` whatever the payload"),
+        text(&ok).contains("configs/policies/pci-cde.yaml:69:12: note: spec.rules[1].app: the kernel wall (nftables) allows tcp/5432 for rule `api-to-db` whatever the payload"),
         "{}",
         text(&ok)
     );
@@ -137,6 +137,22 @@ fn explain_names_the_deciding_rule_in_words() {
     ]);
     assert!(
         text(&o).contains("ALLOW by rule `api-to-processor`"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("inside the flow: attacks (SQL injection"),
+        "{}",
+        text(&o)
+    );
+    let o = ctl(&[
+        "policy", "explain", p, "--from", "web", "--to", "cde-api", "--port", "8080", "--app",
+        "http",
+    ]);
+    assert!(
+        text(&o).contains(
+            "card numbers and SSNs the destination answers with (leaving the CDE) are cut"
+        ),
         "{}",
         text(&o)
     );

@@ -488,6 +488,20 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
                 }
             };
             println!("verdict: {verdict}");
+            // What netd looks for inside the flow, when the deciding rule asks.
+            let inspecting = match c.lookup(fz, tz, ip_proto, port) {
+                Lookup::Allowed(r) => Some(r),
+                Lookup::NeedsApp(cands) => app
+                    .and_then(|a| cands[a.index()])
+                    .or_else(|| cands.iter().flatten().next().copied()),
+                _ => None,
+            };
+            if let Some(r) = inspecting {
+                let i = p.rules[r.0 as usize].inspect;
+                if let Some(line) = inspect_line(p, i, fz, tz) {
+                    println!("inside the flow: {line}");
+                }
+            }
             for (who, z) in [("source", fz), ("destination", tz)] {
                 let m = p.zone_mode(z);
                 if m != policy::Mode::Enforce {
@@ -937,4 +951,41 @@ fn flows_cmd(c: FlowsCmd) -> Result<u8, Fail> {
             Ok(0)
         }
     }
+}
+
+/// What a rule's `inspect:` means for a flow from `fz` to `tz`, in words.
+fn inspect_line(
+    p: &policy::Policy,
+    i: policy::Inspect,
+    fz: policy::ZoneId,
+    tz: policy::ZoneId,
+) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(a) = i.threats {
+        parts.push(format!(
+            "attacks (SQL injection, request smuggling, a second protocol, DNS tunneling, TCP evasions, old TLS) are {}",
+            if a == policy::OnFinding::Deny { "cut" } else { "alerted" }
+        ));
+    }
+    if let Some(a) = i.dlp {
+        let verb = if a == policy::OnFinding::Deny {
+            "cut"
+        } else {
+            "alerted"
+        };
+        match p.dlp_sides(i, fz, tz) {
+            [false, false] => parts
+                .push("card data is not read (both ends in one zone, or none in the CDE)".into()),
+            [true, true] => parts.push(format!(
+                "card numbers and SSNs in cleartext either way are {verb}"
+            )),
+            [true, false] => parts.push(format!(
+                "card numbers and SSNs the source sends (leaving the CDE) are {verb}"
+            )),
+            [false, true] => parts.push(format!(
+                "card numbers and SSNs the destination answers with (leaving the CDE) are {verb}"
+            )),
+        }
+    }
+    (!parts.is_empty()).then(|| format!("{} (docs/inspection.md)", parts.join("; ")))
 }
