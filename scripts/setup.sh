@@ -14,11 +14,13 @@ step() { printf '\n==> %s\n' "$*"; }
 # ca-certificates (the image builder; cargo's registry over TLS), util-linux (nsenter),
 # bsdutils (script: the tty test), cpio/xz-utils/binutils (kernel package, strip), procps
 # (sysctl: the shim's pod network plumbing), rsyslog (the receiver the audit export test
-# ships records and heads to).
+# ships records and heads to), postgresql/redis-server/redis-tools/curl (the real servers
+# and clients the inspection test runs through pods), tshark (reads the captures back).
 APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
   qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar
   containernetworking-plugins protobuf-compiler iputils-ping python3 ca-certificates
-  util-linux bsdutils binutils xz-utils procps rsyslog)
+  util-linux bsdutils binutils xz-utils procps rsyslog postgresql redis-server redis-tools
+  curl tshark)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()

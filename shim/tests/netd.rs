@@ -136,6 +136,19 @@ fn node_reload(node: &CriNode) -> String {
 
 /// A PostgreSQL StartupMessage (length 23, protocol 3.0, user=postgres), as printf escapes.
 const PG_STARTUP: &str = r"\000\000\000\027\000\003\000\000user\000postgres\000\000";
+/// A PostgreSQL simple Query message for `sql`, as printf escapes (the api -> db rule
+/// inspects its flows: what crosses it must be PostgreSQL).
+fn pg_query(sql: &str) -> String {
+    let len = (sql.len() + 5) as u32;
+    let mut s = String::from("Q");
+    for b in len.to_be_bytes() {
+        s.push_str(&format!("\\{b:03o}"));
+    }
+    s.push_str(&sql.replace('\'', "'\\''"));
+    s.push_str("\\000");
+    s
+}
+
 /// A Redis PING in RESP.
 const REDIS_PING: &str = r"*1\r\n$4\r\nPING\r\n";
 
@@ -520,7 +533,7 @@ async fn zone_policy_is_enforced_on_every_pod_frame() {
                 &[
                     "sh",
                     "-c",
-                    &format!("(printf '{PG_STARTUP}'; sleep 6; echo {marker}) | timeout 14 nc -w 4 {db_ip} 5432; true"),
+                    &format!("(printf '{PG_STARTUP}'; sleep 6; printf '{}') | timeout 14 nc -w 4 {db_ip} 5432; true", pg_query(&format!("SELECT '{marker}'"))),
                 ],
             )
             .await
@@ -549,7 +562,7 @@ async fn zone_policy_is_enforced_on_every_pod_frame() {
         "a flow the reloaded policy still allows lost its data"
     );
     // Now a policy without rule api-to-db: the live flow is cut and recorded.
-    let rule = "    - name: api-to-db\n      from: cde-api\n      to: cde-db\n      protocol: tcp\n      ports: [5432]\n      app: postgres\n";
+    let rule = "    - name: api-to-db\n      from: cde-api\n      to: cde-db\n      protocol: tcp\n      ports: [5432]\n      app: postgres\n      inspect: {threats: deny}\n";
     let without = template.replacen(rule, "", 1);
     assert_ne!(
         without, template,

@@ -257,6 +257,60 @@ pub fn busybox_image(dir: &Path) -> PathBuf {
     image_from_rootfs(dir, &rootfs, IMAGE, &["sh"])
 }
 
+/// The image [`tools_image`] writes: busybox and real clients from this host's packages.
+pub const TOOLS_IMAGE: &str = "enclave.local/tools:latest";
+
+/// Writes an OCI image layout tarball of the busybox rootfs plus `bins` from this host
+/// (host path, name under /bin), each with the shared libraries `ldd` names at the same
+/// paths: real Debian clients (psql, redis-cli, curl) in a pod. Fails with the binary that
+/// is missing.
+pub fn tools_image(dir: &Path, bins: &[(&str, &str)]) -> Result<PathBuf, String> {
+    let rootfs = dir.join("tools-rootfs");
+    let _ = std::fs::remove_dir_all(&rootfs);
+    busybox_rootfs(&rootfs)?;
+    let copy = |from: &Path, to: &Path| -> Result<(), String> {
+        if let Some(d) = to.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        std::fs::copy(from, to).map_err(|e| format!("copying {}: {e}", from.display()))?;
+        Ok(())
+    };
+    for (host, name) in bins {
+        let host = Path::new(host);
+        if !host.is_file() {
+            return Err(format!(
+                "{} not found (scripts/setup.sh installs it)",
+                host.display()
+            ));
+        }
+        copy(host, &rootfs.join("bin").join(name))?;
+        let out = Command::new("ldd")
+            .arg(host)
+            .output()
+            .map_err(|e| format!("ldd: {e}"))?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // `libpq.so.5 => /lib/x86_64-linux-gnu/libpq.so.5 (0x...)` or the loader's
+            // `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+            let lib = line
+                .split("=>")
+                .last()
+                .and_then(|r| r.split_whitespace().next())
+                .filter(|p| p.starts_with('/'));
+            if let Some(lib) = lib {
+                let target = rootfs.join(lib.trim_start_matches('/'));
+                if !target.exists() {
+                    // Copy what the link points to, under the link's own name.
+                    copy(
+                        &std::fs::canonicalize(lib).map_err(|e| format!("{lib}: {e}"))?,
+                        &target,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(image_from_rootfs(dir, &rootfs, TOOLS_IMAGE, &["sh"]))
+}
+
 /// Writes an OCI image layout tarball named `name` of a static pause program (what CRI
 /// runs as a pod's sandbox container), built with gcc.
 pub fn pause_image(dir: &Path, name: &str) -> Result<PathBuf, String> {

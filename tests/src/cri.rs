@@ -186,6 +186,12 @@ impl CriNode {
 }
 
 impl CriNode {
+    /// Imports an OCI image layout tarball into this node's containerd (CRI's namespace).
+    pub fn import_image(&self, tarball: &Path) {
+        self.containerd
+            .ctr_ok(&["images", "import", &tarball.to_string_lossy()]);
+    }
+
     /// Lets this node run ordinary runc pods too: `ip netns exec` gave containerd a fresh
     /// /sys without the host's cgroup hierarchies, which runc needs; they are mounted again
     /// in containerd's mount namespace (the same hierarchies, so the host sees the pods'
@@ -276,6 +282,16 @@ pub fn sandbox_config(
 /// A container of the test busybox image running `cmd`, logging to `log` (relative to the
 /// pod's log directory).
 pub fn container_config(name: &str, cmd: &[&str], log: &str) -> k8s_cri::v1::ContainerConfig {
+    container_config_of(crate::containerd::IMAGE, name, cmd, log)
+}
+
+/// As [`container_config`], of `image`.
+pub fn container_config_of(
+    image: &str,
+    name: &str,
+    cmd: &[&str],
+    log: &str,
+) -> k8s_cri::v1::ContainerConfig {
     use k8s_cri::v1::*;
     ContainerConfig {
         metadata: Some(ContainerMetadata {
@@ -283,7 +299,7 @@ pub fn container_config(name: &str, cmd: &[&str], log: &str) -> k8s_cri::v1::Con
             attempt: 0,
         }),
         image: Some(ImageSpec {
-            image: crate::containerd::IMAGE.into(),
+            image: image.into(),
             ..Default::default()
         }),
         command: cmd.iter().map(|s| s.to_string()).collect(),

@@ -1,0 +1,443 @@
+//! Inspection inside allowed flows, end to end with real clients and servers: a private
+//! containerd with CRI runs two pods in microVMs, `web` (storefront) and `api` (payments,
+//! in the CDE), each behind its own enclave-netd, under a policy whose rules ask for
+//! inspection. Debian's own programs do the talking: psql (from the api pod) to a real
+//! PostgreSQL and redis-cli to a real Redis, both running on the node and reached through
+//! the api pod's netd; curl (from the web pod) to the api pod's HTTP server.
+//! - an ordinary query and a PING pass; a SQL injection through the allowed api → db flow
+//!   is cut, with a Detection Finding (OCSF 2004) and the flow's Reset record;
+//! - a Redis connection that turns into HTTP is cut (a second protocol);
+//! - a card number posted into the CDE (checkout) passes; the CDE answering with one is cut,
+//!   and no full card number reaches the audit log;
+//! - SQL injection in a URL's query string is cut.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use enclave_tests::cri::{
+    container_config_of, cri_client, exec_sync, pod_ip, records, sandbox_config, CriNode,
+};
+use enclave_tests::skip_or_fail;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+
+fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-enclave-v2")).with_file_name(name)
+}
+
+/// The node's own address on the pod bridge: where the test's PostgreSQL and Redis listen.
+const NODE: &str = "10.88.77.1";
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const PAN: &str = "4111111111111111";
+
+const POLICY: &str = r#"apiVersion: enclave.io/v1alpha1
+kind: ZonePolicy
+metadata: {name: inspect-e2e, version: "1"}
+spec:
+  zones:
+    - {name: web, scope: connected, selector: {namespaces: [storefront]}}
+    - {name: cde-api, scope: cde, selector: {namespaces: [payments]}}
+    - {name: cde-data, scope: cde, description: "PostgreSQL and Redis on the node", cidrs: [10.88.77.1/32]}
+  rules:
+    - {name: web-to-api, from: web, to: cde-api, protocol: tcp, ports: [8080], app: http,
+       inspect: {threats: deny, dlp: deny, dlpFlows: leaving-cde}}
+    - {name: api-to-db, from: cde-api, to: cde-data, protocol: tcp, ports: [5432], app: postgres,
+       inspect: {threats: deny}}
+    - {name: api-to-cache, from: cde-api, to: cde-data, protocol: tcp, ports: [6379], app: redis,
+       inspect: {threats: deny}}
+"#;
+
+/// A server run in the node's network namespace, killed at the end.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn in_node(node: &CriNode, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &node.netns.name]).args(args);
+    c
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < end, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// PostgreSQL (initdb'd fresh, trust auth for user `shop`) and Redis, listening on the
+/// node's bridge address.
+fn start_servers(node: &CriNode, dir: &Path) -> (Server, Server) {
+    let pg = dir.join("pg");
+    std::fs::create_dir_all(&pg).unwrap();
+    assert!(Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&pg)
+        .status()
+        .unwrap()
+        .success());
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--", &format!("{PG_BIN}/initdb")])
+        .args(["-A", "trust", "-U", "shop", "-D"])
+        .arg(pg.join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::File::create(dir.join("postgres.log")).unwrap();
+    let postgres = in_node(
+        node,
+        &[
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            &format!("{PG_BIN}/postgres"),
+        ],
+    )
+    .arg("-D")
+    .arg(pg.join("data"))
+    .args(["-k", pg.to_str().unwrap()])
+    .args([
+        "-c",
+        &format!("listen_addresses={NODE}"),
+        "-c",
+        "shared_buffers=16MB",
+    ])
+    .args(["-c", &format!("hba_file={}", pg.join("hba.conf").display())])
+    .stdout(Stdio::null())
+    .stderr(log)
+    .spawn()
+    .unwrap();
+    std::fs::write(
+        pg.join("hba.conf"),
+        "host all all 0.0.0.0/0 trust\nlocal all all trust\n",
+    )
+    .unwrap();
+    let postgres = Server(postgres);
+    wait_until("PostgreSQL ready", Duration::from_secs(30), || {
+        in_node(node, &[&format!("{PG_BIN}/pg_isready"), "-h", NODE, "-q"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let out = in_node(node, &[&format!("{PG_BIN}/psql"), "-X", "-h", NODE, "-U", "shop", "-d", "postgres", "-c",
+        "CREATE TABLE cards (id int, owner text, token text); INSERT INTO cards VALUES (1, 'ana', 'tok_1'), (2, 'bo', 'tok_2');"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql setup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let redis = in_node(
+        node,
+        &[
+            "redis-server",
+            "--bind",
+            NODE,
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let redis = Server(redis);
+    wait_until("Redis ready", Duration::from_secs(20), || {
+        in_node(node, &["redis-cli", "-h", NODE, "ping"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+    });
+    (postgres, redis)
+}
+
+struct Pod {
+    ip: String,
+    c: String,
+}
+
+async fn run_pod(
+    cri: &mut RuntimeServiceClient<Channel>,
+    node: &CriNode,
+    logs: &Path,
+    (name, ns, zone): (&str, &str, &str),
+    script: &str,
+) -> Pod {
+    let sc = sandbox_config(name, ns, zone, logs);
+    let sandbox = enclave_tests::cri::run_sandbox(cri, &node.containerd, &sc).await;
+    let config = container_config_of(
+        enclave_tests::containerd::TOOLS_IMAGE,
+        name,
+        &["sh", "-c", script],
+        &format!("{name}.log"),
+    );
+    let c = enclave_tests::cri::run_container(cri, &sandbox, &sc, config).await;
+    let ip = pod_ip(cri, &sandbox).await;
+    Pod { ip, c }
+}
+
+async fn sh(
+    cri: &mut RuntimeServiceClient<Channel>,
+    p: &Pod,
+    script: &str,
+) -> (i32, String, String) {
+    exec_sync(cri, &p.c, &["sh", "-c", script]).await
+}
+
+/// Waits for a Detection Finding of `threat` and returns it.
+async fn finding(audit: &Path, threat: &str) -> serde_json::Value {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(r) = records(audit)
+            .into_iter()
+            .find(|r| r["class_uid"] == 2004 && r["finding_info"]["types"][0] == threat)
+        {
+            return r;
+        }
+        assert!(
+            Instant::now() < end,
+            "no {threat} finding in {}",
+            audit.display()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() {
+    let test = "attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients";
+    if let Err(e) = enclave_tests::cri::prerequisites(&[
+        ("postgres", &format!("{PG_BIN}/postgres")),
+        ("redis-server", "/usr/bin/redis-server"),
+        ("curl", "/usr/bin/curl"),
+        ("runuser", "/usr/sbin/runuser"),
+    ]) {
+        return skip_or_fail(test, &e);
+    }
+    if !bin("enclave-netd").exists() {
+        return skip_or_fail(
+            test,
+            "enclave-netd not built (cargo build --workspace --bins)",
+        );
+    }
+    enclave_tests::cri::clean_node();
+    let dir = std::env::temp_dir().join(format!("enclave-inspect-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // postgres (an unprivileged user) must reach its data directory.
+    let _ = Command::new("chmod").arg("755").arg(&dir).status();
+    let node = CriNode::start_with_policy(
+        &dir,
+        &bin(""),
+        &format!("enclave-insp-{}", std::process::id()),
+        POLICY,
+    );
+    let image = enclave_tests::containerd::tools_image(
+        &dir.join("images"),
+        &[
+            (&format!("{PG_BIN}/psql"), "psql"),
+            ("/usr/bin/redis-cli", "redis-cli"),
+            ("/usr/bin/curl", "curl"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{test}: {e}"));
+    node.import_image(&image);
+    let audit = node.audit_log.clone();
+    let mut cri = cri_client(&node.containerd.sock()).await;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+
+    let t = Instant::now();
+    // The API serves an ordinary page and, at /card.html, one with a card number on it.
+    let serve = format!(
+        "mkdir -p /www && echo ok > /www/index.html && echo 'card {PAN} exp 12/29' > /www/card.html && exec httpd -f -p 8080 -h /www"
+    );
+    let api = run_pod(
+        &mut cri,
+        &node,
+        &logs,
+        ("api", "payments", "cde-api"),
+        &serve,
+    )
+    .await;
+    let web = run_pod(
+        &mut cri,
+        &node,
+        &logs,
+        ("web", "storefront", "web"),
+        "exec sleep 100000",
+    )
+    .await;
+    eprintln!(
+        "2 pods up in {:?}: web {} api {}",
+        t.elapsed(),
+        web.ip,
+        api.ip
+    );
+    let (_pg, _redis) = start_servers(&node, &dir);
+    eprintln!(
+        "[{:>5.1}s] PostgreSQL and Redis up on {NODE}",
+        t.elapsed().as_secs_f64()
+    );
+
+    // --- api -> db with psql: an ordinary query passes.
+    let psql = format!("timeout 8 psql -X -h {NODE} -U shop -d postgres -At -c");
+    let (code, out, err) = sh(
+        &mut cri,
+        &api,
+        &format!("{psql} 'SELECT count(*) FROM cards'"),
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "2"), "an ordinary query: {err}");
+    // --- ... a SQL injection through the same allowed flow is cut.
+    let (code, out, err) = sh(
+        &mut cri,
+        &api,
+        &format!("{psql} \"SELECT token FROM cards WHERE owner = '' OR '1'='1'\""),
+    )
+    .await;
+    eprintln!(
+        "[{:>5.1}s] psql with an injection: exit {code}, {}",
+        t.elapsed().as_secs_f64(),
+        err.trim()
+    );
+    assert_ne!(code, 0, "the injected query must not complete: {out}");
+    assert!(
+        !out.contains("tok_1"),
+        "the injected query's answer came back: {out}"
+    );
+    let f = finding(&audit, "SQL.Injection").await;
+    assert_eq!(f["disposition"], "Blocked", "{f}");
+    assert_eq!(f["firewall_rule"]["name"], "api-to-db", "{f}");
+    assert_eq!(f["evidences"][0]["dst_endpoint"]["zone"], "cde-data", "{f}");
+    assert_eq!(f["unmapped"]["enclave"]["src"]["pod"], "api", "{f}");
+    assert!(f["message"].as_str().unwrap().contains("tautology"), "{f}");
+    // The flow's own record says it was cut for a threat.
+    let cut = records(&audit)
+        .into_iter()
+        .find(|r| r["class_uid"] == 4001 && r["unmapped"]["enclave"]["reason"] == "threat")
+        .unwrap_or_else(|| panic!("no Reset record with reason threat"));
+    assert_eq!(cut["activity_name"], "Reset", "{cut}");
+    // A new connection is a new flow: ordinary queries still work.
+    let (code, out, _) = sh(&mut cri, &api, &format!("{psql} 'SELECT 1'")).await;
+    assert_eq!((code, out.trim()), (0, "1"));
+
+    // --- api -> cache with redis-cli: PING passes; Redis then HTTP on one connection is cut.
+    let (code, out, _) = sh(
+        &mut cri,
+        &api,
+        &format!("timeout 10 redis-cli -h {NODE} PING"),
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "PONG"));
+    let (_, out, _) = sh(
+        &mut cri,
+        &api,
+        &format!("printf 'PING\\r\\nGET / HTTP/1.1\\r\\nHost: cache\\r\\n\\r\\n' | timeout 5 nc -w 3 {NODE} 6379"),
+    )
+    .await;
+    eprintln!(
+        "[{:>5.1}s] PING then HTTP to Redis answered {:?}",
+        t.elapsed().as_secs_f64(),
+        out.trim()
+    );
+    let f = finding(&audit, "Protocol.Mismatch").await;
+    assert!(
+        f["message"].as_str().unwrap().contains("GET / HTTP/1.1"),
+        "{f}"
+    );
+    assert_eq!(f["firewall_rule"]["name"], "api-to-cache", "{f}");
+
+    // --- web -> api with curl: the ordinary page passes; checkout posts a card number
+    // into the CDE (passes); the CDE answering with one is cut.
+    let curl = format!("timeout 10 curl -sS -m 5 http://{}:8080", api.ip);
+    let (code, out, err) = sh(&mut cri, &web, &format!("{curl}/")).await;
+    assert_eq!((code, out.trim()), (0, "ok"), "{err}");
+    let (code, _, err) = sh(
+        &mut cri,
+        &web,
+        &format!("{curl}/ -o /dev/null -w '%{{http_code}}' --data 'card={PAN}&exp=12/29'"),
+    )
+    .await;
+    assert_eq!(
+        code, 0,
+        "a card number posted into the CDE must pass: {err}"
+    );
+    let (code, out, err) = sh(&mut cri, &web, &format!("{curl}/card.html")).await;
+    eprintln!(
+        "[{:>5.1}s] fetching a page with a card number: exit {code} {}",
+        t.elapsed().as_secs_f64(),
+        err.trim()
+    );
+    assert_ne!(code, 0, "the page with a card number must be cut");
+    assert!(!out.contains(PAN), "the card number reached web: {out}");
+    let f = finding(&audit, "DLP.CreditCard").await;
+    assert_eq!(f["disposition"], "Blocked", "{f}");
+    assert_eq!(
+        f["unmapped"]["enclave"]["data"]["masked"], "411111******1111",
+        "{f}"
+    );
+    assert_eq!(f["unmapped"]["enclave"]["sent_by"], "responder", "{f}");
+    let only_one = records(&audit)
+        .iter()
+        .filter(|r| r["finding_info"]["types"][0] == "DLP.CreditCard")
+        .count();
+    assert_eq!(only_one, 1, "the checkout's card number was reported too");
+
+    // --- SQL injection in a query string.
+    let (code, _, _) = sh(
+        &mut cri,
+        &web,
+        &format!("{curl}/search?q=1%27%20OR%20%271%27%3D%271"),
+    )
+    .await;
+    assert_ne!(code, 0, "an injected query string must be cut");
+    let f = finding(&audit, "SQL.Injection").await;
+    let all: Vec<_> = records(&audit)
+        .into_iter()
+        .filter(|r| r["finding_info"]["types"][0] == "SQL.Injection")
+        .collect();
+    assert_eq!(all.len(), 2, "{f}");
+    assert!(
+        all[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("query parameter"),
+        "{}",
+        all[1]
+    );
+
+    // No full card number anywhere in the audit log.
+    let raw = std::fs::read_to_string(&audit).unwrap();
+    assert!(!raw.contains(PAN), "a full PAN in the audit log");
+    // The node's log verifies with the findings in it.
+    let out = Command::new(bin("enclavectl"))
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eprintln!("[{:>5.1}s] done", t.elapsed().as_secs_f64());
+}
