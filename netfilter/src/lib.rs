@@ -15,6 +15,7 @@
 //! - [`yaml`]: the one YAML reader of policies and inventories (values and positions).
 
 pub mod audit;
+pub mod capture;
 pub mod conntrack;
 pub mod graph;
 pub mod identity;

@@ -32,6 +32,8 @@ pub const REGISTRY_DIR: &str = "/run/enclave/workloads";
 pub const PEER_DIR: &str = "/run/enclave/peers";
 /// Default node audit log.
 pub const AUDIT_LOG: &str = "/var/log/enclave/audit.log";
+/// Default directory of the pods' packet captures (beside the audit log).
+pub const CAPTURE_DIR: &str = "/var/log/enclave/captures";
 
 /// One pod in the registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -78,6 +78,23 @@ pub struct NetworkSection {
     pub audit_sync: String,
     /// uid:gid enclave-netd drops to.
     pub netd_user: String,
+    /// Where each pod's packet captures go (`NAMESPACE_POD.pcapng`); beside the audit log
+    /// (`captures/`) when not given.
+    pub capture_dir: Option<PathBuf>,
+    /// Most bytes of captures one pod's file may hold, in MiB.
+    pub capture_max_mib: u64,
+}
+
+impl NetworkSection {
+    /// The capture directory in use.
+    pub fn capture_dir(&self) -> PathBuf {
+        self.capture_dir.clone().unwrap_or_else(|| {
+            self.audit_log
+                .parent()
+                .unwrap_or(std::path::Path::new("/var/log/enclave"))
+                .join("captures")
+        })
+    }
 }
 
 impl Default for NetworkSection {
@@ -89,6 +106,8 @@ impl Default for NetworkSection {
             audit_log: enclave_netfilter::node::AUDIT_LOG.into(),
             audit_sync: "never".into(),
             netd_user: "65534:65534".into(),
+            capture_dir: None,
+            capture_max_mib: 256,
         }
     }
 }

@@ -115,6 +115,11 @@ pub fn prepare(
         push("--control", c);
     }
     push("--audit-sync", Path::new(&net.audit_sync));
+    let captures = net
+        .capture_dir()
+        .join(format!("{}_{}.pcapng", entry.namespace, entry.name));
+    push("--capture-file", &captures);
+    push("--capture-max", Path::new(&net.capture_max_mib.to_string()));
     push("--user", Path::new(&net.netd_user));
     Ok(args)
 }

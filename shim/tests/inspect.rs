@@ -202,6 +202,35 @@ async fn sh(
     exec_sync(cri, &p.c, &["sh", "-c", script]).await
 }
 
+fn ctl(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("enclavectl")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// tshark (Debian's) on a capture file: its output; fails the test if tshark does.
+fn tshark(file: &Path, args: &[&str]) -> String {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("tshark: {e}"));
+    assert!(
+        out.status.success(),
+        "tshark -r {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Waits for a Detection Finding of `threat` and returns it.
 async fn finding(audit: &Path, threat: &str) -> serde_json::Value {
     let end = Instant::now() + Duration::from_secs(15);
@@ -229,6 +258,7 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
         ("redis-server", "/usr/bin/redis-server"),
         ("curl", "/usr/bin/curl"),
         ("runuser", "/usr/sbin/runuser"),
+        ("tshark", "/usr/bin/tshark"),
     ]) {
         return skip_or_fail(test, &e);
     }
@@ -336,6 +366,56 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
         .find(|r| r["class_uid"] == 4001 && r["unmapped"]["enclave"]["reason"] == "threat")
         .unwrap_or_else(|| panic!("no Reset record with reason threat"));
     assert_eq!(cut["activity_name"], "Reset", "{cut}");
+    // The flow's frames were captured: the record names the capture; enclavectl lists it
+    // and writes it out; tshark reads it and sees the query.
+    let cap = &f["unmapped"]["enclave"]["capture"];
+    let uid = cap["uid"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no capture in {f}"))
+        .to_string();
+    assert!(cap["frames"].as_u64().unwrap() >= 3, "{cap}");
+    let cap_dir = node.audit_log.parent().unwrap().join("captures");
+    let (ok, list) = ctl(&["capture", "list", "--dir", cap_dir.to_str().unwrap()]);
+    assert!(
+        ok && list.contains(&uid) && list.contains("SQL.Injection"),
+        "{list}"
+    );
+    let pcap = dir.join("sqli.pcapng");
+    let (ok, got) = ctl(&[
+        "capture",
+        "get",
+        &uid,
+        "-o",
+        pcap.to_str().unwrap(),
+        "--dir",
+        cap_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{got}");
+    let ts = tshark(
+        &pcap,
+        &[
+            "-Y",
+            "tcp.dstport == 5432",
+            "-T",
+            "fields",
+            "-e",
+            "frame.number",
+            "-e",
+            "tcp.flags.str",
+        ],
+    );
+    assert!(ts.lines().count() >= 2, "tshark saw: {ts}");
+    let ts = tshark(&pcap, &["-x"]);
+    assert!(
+        ts.contains("OR '1'='1") || ts.contains("OR '1'") || ts.contains("'1'='1"),
+        "tshark's hex view lacks the query:\n{ts}"
+    );
+    eprintln!(
+        "[{:>5.1}s] capture {uid}: {} frames, tshark reads it",
+        t.elapsed().as_secs_f64(),
+        cap["frames"]
+    );
+
     // A new connection is a new flow: ordinary queries still work.
     let (code, out, _) = sh(&mut cri, &api, &format!("{psql} 'SELECT 1'")).await;
     assert_eq!((code, out.trim()), (0, "1"));
@@ -396,6 +476,32 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
         "{f}"
     );
     assert_eq!(f["unmapped"]["enclave"]["sent_by"], "responder", "{f}");
+    // Its capture holds the masked number only.
+    let uid = f["unmapped"]["enclave"]["capture"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pcap = dir.join("dlp.pcapng");
+    let (ok, got) = ctl(&[
+        "capture",
+        "get",
+        &uid,
+        "-o",
+        pcap.to_str().unwrap(),
+        "--dir",
+        cap_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{got}");
+    let bytes = std::fs::read(&pcap).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("411111******1111"),
+        "the capture lacks the masked number"
+    );
+    assert!(!text.contains(PAN), "a full PAN in a capture");
+    assert!(!tshark(&pcap, &["-T", "fields", "-e", "frame.number"])
+        .trim()
+        .is_empty());
     let only_one = records(&audit)
         .iter()
         .filter(|r| r["finding_info"]["types"][0] == "DLP.CreditCard")
@@ -425,9 +531,23 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
         all[1]
     );
 
-    // No full card number anywhere in the audit log.
+    // No full card number anywhere in the audit log or in any capture.
     let raw = std::fs::read_to_string(&audit).unwrap();
     assert!(!raw.contains(PAN), "a full PAN in the audit log");
+    for e in std::fs::read_dir(&cap_dir).unwrap().flatten() {
+        let b = std::fs::read(e.path()).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&b).contains(PAN),
+            "a full PAN in {}",
+            e.path().display()
+        );
+    }
+    // The whole capture file of the api pod (several sections) opens in tshark too.
+    let all = tshark(
+        &cap_dir.join("payments_api.pcapng"),
+        &["-T", "fields", "-e", "frame.number"],
+    );
+    assert!(all.lines().count() >= 6, "{all}");
     // The node's log verifies with the findings in it.
     let out = Command::new(bin("enclavectl"))
         .args(["audit", "verify"])

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use enclave_netfilter::audit::{base_event, now_ms, AuditContext, AuditLog, RecordBuilder};
+use enclave_netfilter::capture::{self, CaptureMeta, Ring};
+use enclave_netfilter::conntrack::FlowKey;
 use enclave_netfilter::identity::ClusterPeers;
 use enclave_netfilter::matcher::{
     Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, Verdict,
@@ -88,6 +90,109 @@ pub struct AuditStats {
     pub peer_map_errors: u64,
 }
 
+/// The pod's captures: the ring of recent frames and the file sections are appended to
+/// (opened before privileges were dropped).
+pub struct Captures {
+    ring: Ring,
+    file: std::fs::File,
+    path: PathBuf,
+    written: u64,
+    max: u64,
+    /// Wall-clock nanoseconds at the gate's `t0`.
+    wall0: u64,
+    /// The last capture, reused for a second record about the same flow and frame.
+    last: Option<(FlowKey, u64, serde_json::Value)>,
+    pushes: u64,
+    interface: String,
+    /// Sections written.
+    pub count: u64,
+    /// Captures not written (the file reached its limit, or a write failed).
+    pub skipped: u64,
+}
+
+impl Captures {
+    /// Captures of the frames on `interface` (the tap), appended to `path` (created 0640 if
+    /// missing), at most `max` bytes in all.
+    pub fn open(path: PathBuf, max: u64, interface: &str) -> Result<Captures, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let wall0 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Ok(Captures {
+            ring: Ring::new(capture::RING_FRAMES),
+            file,
+            path,
+            written,
+            max,
+            wall0,
+            last: None,
+            pushes: 0,
+            interface: interface.to_string(),
+            count: 0,
+            skipped: 0,
+        })
+    }
+
+    fn push(&mut self, now: u64, dir: Direction, frame: &[u8]) {
+        self.ring.push(self.wall0 + now, dir, frame);
+        self.pushes += 1;
+    }
+
+    /// Captures the flow of `ev` for a record about `event`; what the record says of it.
+    fn take(&mut self, ev: &FlowEvent, event: &str, pod: &str) -> serde_json::Value {
+        use std::io::Write as _;
+        let key = FlowKey::new(ev.proto, ev.src, ev.sport, ev.dst, ev.dport).0;
+        if let Some((k, p, v)) = &self.last {
+            if *k == key && *p == self.pushes {
+                return v.clone();
+            }
+        }
+        let meta = CaptureMeta {
+            event: event.to_string(),
+            pod: pod.to_string(),
+            flow: format!(
+                "{} {}:{} -> {}:{}",
+                enclave_netfilter::packet::proto_name(ev.proto),
+                ev.src,
+                ev.sport,
+                ev.dst,
+                ev.dport
+            ),
+            interface: self.interface.clone(),
+        };
+        let v = match capture::capture(&self.ring, &key, &meta) {
+            None => json!({"frames": 0}),
+            Some(c) if self.written + c.bytes.len() as u64 > self.max => {
+                self.skipped += 1;
+                json!({"skipped": format!("{} reached its limit of {} bytes", self.path.display(), self.max)})
+            }
+            Some(c) => match self.file.write_all(&c.bytes) {
+                Ok(()) => {
+                    self.written += c.bytes.len() as u64;
+                    self.count += 1;
+                    json!({"uid": c.uid, "file": self.path.display().to_string(), "frames": c.frames, "numbers_masked": c.masked})
+                }
+                Err(e) => {
+                    self.skipped += 1;
+                    json!({"skipped": format!("{}: {e}", self.path.display())})
+                }
+            },
+        };
+        self.last = Some((key, self.pushes, v.clone()));
+        v
+    }
+}
+
 /// The enforcing part.
 pub struct Enforcing {
     enforcer: Enforcer,
@@ -101,6 +206,8 @@ pub struct Enforcing {
     cluster: Option<std::sync::Arc<ClusterPeers>>,
     /// Audit counters.
     pub audit: AuditStats,
+    /// Packet captures, when the pod has a capture file.
+    pub captures: Option<Captures>,
 }
 
 /// Decides frames: enforcing, or (for the benchmark's baseline) passing everything.
@@ -168,6 +275,7 @@ impl Gate {
             policy_file,
             cluster,
             audit,
+            captures: None,
         };
         e.note(&format!(
             "enclave-netd started for pod {} (zone {}, mode {}) under policy {} version {} from {}",
@@ -203,7 +311,15 @@ impl Gate {
             return true;
         };
         let now = self.t0.elapsed().as_nanos() as u64;
+        let fast_before = e.enforcer.counters().fast_path_frames;
         let d = e.enforcer.decide(dir, frame, now);
+        // Frames the full path decided go to the capture ring (the flow cache's do not:
+        // they belong to established flows that nothing inspects).
+        if let Some(c) = e.captures.as_mut() {
+            if e.enforcer.counters().fast_path_frames == fast_before {
+                c.push(now, dir, frame);
+            }
+        }
         if e.enforcer.has_findings() && !e.write_findings() && d.verdict == Verdict::Pass {
             return false;
         }
@@ -250,7 +366,11 @@ impl Enforcing {
     fn write_findings(&mut self) -> bool {
         let mut ok = true;
         for f in self.enforcer.take_findings() {
-            let rec = self.builder.finding(&f, now_ms());
+            let mut rec = self.builder.finding(&f, now_ms());
+            let pod = self.sources.pod.reference();
+            if let Some(c) = self.captures.as_mut() {
+                rec["unmapped"]["enclave"]["capture"] = c.take(&f.flow, f.threat.id(), &pod);
+            }
             match self.log.append(rec) {
                 Ok(_) => self.audit.records += 1,
                 Err(err) => {
@@ -268,7 +388,13 @@ impl Enforcing {
 
     /// Writes the record of `ev` now; false (counted, and said on stderr) if it could not be.
     fn write(&mut self, ev: &FlowEvent) -> bool {
-        let rec = self.builder.record(ev, now_ms());
+        let mut rec = self.builder.record(ev, now_ms());
+        if ev.kind == EventKind::Denied && ev.proto != 0 {
+            let pod = self.sources.pod.reference();
+            if let Some(c) = self.captures.as_mut() {
+                rec["unmapped"]["enclave"]["capture"] = c.take(ev, ev.reason.as_str(), &pod);
+            }
+        }
         match self.log.append(rec) {
             Ok(_) => {
                 self.audit.records += 1;
@@ -518,6 +644,13 @@ impl Enforcing {
             out,
             "# HELP enclave_netd_inspect_held_bytes Bytes inspected flows hold for reassembly.\n# TYPE enclave_netd_inspect_held_bytes gauge\nenclave_netd_inspect_held_bytes{{{labels}}} {held}\n# HELP enclave_netd_inspect_budget_bytes The pod's reassembly budget.\n# TYPE enclave_netd_inspect_budget_bytes gauge\nenclave_netd_inspect_budget_bytes{{{labels}}} {budget}"
         );
+        if let Some(c) = &self.captures {
+            let _ = writeln!(
+                out,
+                "# HELP enclave_netd_captures_total Packet captures written (one pcapng section each).\n# TYPE enclave_netd_captures_total counter\nenclave_netd_captures_total{{{labels}}} {}\n# HELP enclave_netd_captures_skipped_total Captures not written (the file reached its limit, or a write failed).\n# TYPE enclave_netd_captures_skipped_total counter\nenclave_netd_captures_skipped_total{{{labels}}} {}",
+                c.count, c.skipped
+            );
+        }
         let a = self.audit;
         let ft = self.enforcer.flow_stats();
         for (name, help, kind, v) in [

@@ -40,6 +40,10 @@ OPTIONS:
     --audit-log PATH   the node's audit log, shared by every netd [/var/log/enclave/audit.log]
     --audit-sync MODE  never (default): records survive netd being killed; always:
                        fdatasync each record, survives power loss
+    --capture-file PATH  append a pcapng section of the flow's recent frames here for every
+                       denial and inspection finding recorded (card numbers masked); the
+                       record names the section [none: no captures]
+    --capture-max MIB  stop capturing once the file holds this much [256]
     --control PATH     control socket: `reload`, `peers` (re-read who the peers are, keep
                        the policy), `metrics` (Prometheus text), `status`
     --user UID:GID     drop to this uid/gid once the tap and sockets are open
@@ -65,6 +69,8 @@ struct Args {
     peer_dir: PathBuf,
     audit_log: PathBuf,
     audit_sync: SyncPolicy,
+    capture_file: Option<PathBuf>,
+    capture_max_mib: u64,
     control: Option<PathBuf>,
     user: Option<(u32, u32)>,
     node: Option<String>,
@@ -85,6 +91,8 @@ fn parse() -> Result<Option<Args>, String> {
         peer_dir: node::PEER_DIR.into(),
         audit_log: node::AUDIT_LOG.into(),
         audit_sync: SyncPolicy::Never,
+        capture_file: None,
+        capture_max_mib: 256,
         control: None,
         user: None,
         node: None,
@@ -110,6 +118,13 @@ fn parse() -> Result<Option<Args>, String> {
                     "never" => SyncPolicy::Never,
                     o => return Err(format!("--audit-sync {o:?}: always or never")),
                 }
+            }
+            "--capture-file" => a.capture_file = Some(val()?.into()),
+            "--capture-max" => {
+                let v = val()?;
+                a.capture_max_mib = v
+                    .parse()
+                    .map_err(|_| format!("--capture-max {v:?}: a whole number of MiB"))?;
             }
             "--control" => a.control = Some(val()?.into()),
             "--user" => {
@@ -205,7 +220,7 @@ fn run(a: Args) -> Result<(), String> {
             let log =
                 AuditLog::open_shared(AuditLogConfig::node(a.audit_log.clone(), a.audit_sync))
                     .map_err(|e| format!("audit log: {e}"))?;
-            gate::Gate::new_enforcing(
+            let mut g = gate::Gate::new_enforcing(
                 gate::Sources {
                     policy_dir: a.policy_dir.clone(),
                     registry: a.registry.clone(),
@@ -214,7 +229,16 @@ fn run(a: Args) -> Result<(), String> {
                     node: node_name,
                 },
                 log,
-            )?
+            )?;
+            // The capture file, like the audit log, is opened now and only appended to.
+            if let (Some(path), Some(e)) = (&a.capture_file, g.enforcing_mut()) {
+                e.captures = Some(gate::Captures::open(
+                    path.clone(),
+                    a.capture_max_mib.saturating_mul(1 << 20),
+                    &a.tap,
+                )?);
+            }
+            g
         }
         _ => gate::Gate::forward_only(),
     };

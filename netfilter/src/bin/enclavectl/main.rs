@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 the thing checked is bad (policy errors, broken audit chain);
 //! 2 the command could not run (unreadable file, bad arguments).
 
+mod capture;
 mod demo;
 mod doctor;
 mod workload;
@@ -41,6 +42,9 @@ enum Cmd {
     /// This node's pods: reload their enforcement after a policy change, read counters.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Packet captures netd wrote for denials and inspection findings.
+    #[command(subcommand)]
+    Capture(capture::CaptureCmd),
 }
 
 /// Where a node keeps its policy, its pods and the cluster's.
@@ -296,6 +300,7 @@ fn main() -> ExitCode {
         Cmd::Flows(c) => flows_cmd(c),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Node(c) => node_cmd(c),
+        Cmd::Capture(c) => capture::run(c),
     };
     match r {
         Ok(code) => ExitCode::from(code),
