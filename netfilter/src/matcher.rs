@@ -22,7 +22,8 @@ use crate::packet::{
     ARP_REPLY, ARP_REQUEST, L4,
 };
 use crate::policy::{
-    AppProto, CompiledPolicy, Inspect, Lookup, Mode, OnFinding, RuleId, WorkloadIdentity, ZoneId,
+    AppProto, CompiledPolicy, Inspect, Lookup, Mode, OnFinding, ResponseAction, RuleId,
+    WorkloadIdentity, ZoneId,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -128,6 +129,8 @@ reasons! {
     /// A segment of an inspected flow that cannot be checked now (beyond the window, over
     /// the pod's inspection budget): dropped, and the sender retransmits it.
     InspectHeld => "inspect_held",
+    /// The pod is quarantined by a response rule: only the rules it keeps pass.
+    Quarantined => "quarantined",
 }
 
 impl Reason {
@@ -216,6 +219,37 @@ pub struct Finding {
     pub from_client: bool,
     /// The flow, as its initiator opened it (zones, rule, app).
     pub flow: FlowEvent,
+}
+
+/// A response rule that applies to a finding about bytes this pod sent: the caller
+/// records it and carries out what the enforcer cannot (a restart, a webhook).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseEvent {
+    /// The response rule's name.
+    pub response: String,
+    /// Its actions.
+    pub actions: Vec<ResponseAction>,
+    /// False in monitor mode: recorded as what would have been done, nothing done.
+    pub acted: bool,
+    /// The finding it answers.
+    pub threat: Threat,
+    /// What the finding saw (masked).
+    pub detail: String,
+    /// The flow.
+    pub flow: FlowEvent,
+}
+
+/// The state of a quarantined pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quarantine {
+    /// The response rule that put it there.
+    pub response: String,
+    /// The threat that set it off.
+    pub threat: Threat,
+    /// Names of the rules whose flows it keeps.
+    pub keep: Vec<String>,
+    /// When (the enforcer's clock, nanoseconds).
+    pub since: u64,
 }
 
 /// The outcome for one frame.
@@ -307,6 +341,9 @@ pub struct Enforcer {
     own_v4: Vec<u32>,
     budget: Budget,
     findings: Vec<Finding>,
+    responses: Vec<ResponseEvent>,
+    cuts: Vec<FlowEvent>,
+    quarantine: Option<Quarantine>,
 }
 
 const ALL_APPS: [Option<RuleId>; AppProto::COUNT] = [Some(RuleId(u32::MAX)); AppProto::COUNT];
@@ -402,6 +439,9 @@ impl Enforcer {
             },
             budget: Budget::new(cfg.inspect_budget),
             findings: Vec::new(),
+            responses: Vec::new(),
+            cuts: Vec::new(),
+            quarantine: None,
             policy,
             peers,
             local,
@@ -413,9 +453,117 @@ impl Enforcer {
         std::mem::take(&mut self.findings)
     }
 
-    /// Whether findings wait to be taken.
+    /// Whether findings, responses or flows cut by a quarantine wait to be taken.
     pub fn has_findings(&self) -> bool {
-        !self.findings.is_empty()
+        !self.findings.is_empty() || !self.responses.is_empty() || !self.cuts.is_empty()
+    }
+
+    /// The responses decided since the last call.
+    pub fn take_responses(&mut self) -> Vec<ResponseEvent> {
+        std::mem::take(&mut self.responses)
+    }
+
+    /// The flows a quarantine cut since the last call (each to be recorded).
+    pub fn take_cuts(&mut self) -> Vec<FlowEvent> {
+        std::mem::take(&mut self.cuts)
+    }
+
+    /// The quarantine in force, if any.
+    pub fn quarantine(&self) -> Option<&Quarantine> {
+        self.quarantine.as_ref()
+    }
+
+    /// Ends the quarantine; the pod's flows are decided by the policy again (flows cut stay
+    /// cut). Returns the quarantine that ended.
+    pub fn release(&mut self) -> Option<Quarantine> {
+        self.quarantine.take()
+    }
+
+    /// Puts the pod in quarantine by hand or by a response: every live flow whose rule is
+    /// not in `keep` is cut (and waits in [`Enforcer::take_cuts`]); new flows pass only by
+    /// a rule in `keep`.
+    pub fn enter_quarantine(&mut self, q: Quarantine) {
+        let keep: Vec<RuleId> = self
+            .policy
+            .policy()
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| q.keep.contains(&r.name))
+            .map(|(i, _)| RuleId(i as u32))
+            .collect();
+        let mode = self.mode;
+        for (k, e) in self.flows.iter_mut() {
+            if e.admission == Admission::Cut || e.rule.is_some_and(|r| keep.contains(&r)) {
+                continue;
+            }
+            e.admission = Admission::Cut;
+            if matches!(e.tcp, Some(TcpState::Closing | TcpState::Reset)) {
+                continue;
+            }
+            self.cuts
+                .push(flow_event_of(k, e, Reason::Quarantined, e.rule, mode));
+        }
+        self.quarantine = Some(q);
+    }
+
+    /// Whether a quarantine lets a new flow by `rule` through.
+    fn kept(&self, rule: Option<RuleId>) -> bool {
+        match (&self.quarantine, rule) {
+            (None, _) => true,
+            (Some(q), Some(r)) => self
+                .policy
+                .policy()
+                .rules
+                .get(r.0 as usize)
+                .is_some_and(|r| q.keep.contains(&r.name)),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// The response rules that apply to the findings from index `from` on.
+    fn respond(&mut self, from: usize, now: u64) {
+        let policy = self.policy.clone();
+        let rules = &policy.policy().responses;
+        for i in from..self.findings.len() {
+            let f = &self.findings[i];
+            // A pod answers only for bytes it sent itself (the peer's netd, if it has one,
+            // answers for the peer).
+            let local_sent = f.from_client == (f.flow.dir == Direction::Egress);
+            if !local_sent {
+                continue;
+            }
+            let (threat, detail, flow) = (f.threat, f.detail.clone(), f.flow);
+            let zone = self.zone;
+            for r in rules.iter().filter(|r| r.applies(zone, threat)) {
+                let acted = self.mode == Mode::Enforce;
+                self.responses.push(ResponseEvent {
+                    response: r.name.clone(),
+                    actions: r.actions.clone(),
+                    acted,
+                    threat,
+                    detail: detail.clone(),
+                    flow,
+                });
+                if acted
+                    && self.quarantine.is_none()
+                    && r.actions.contains(&ResponseAction::Quarantine)
+                {
+                    let keep = r
+                        .keep
+                        .iter()
+                        .filter_map(|id| policy.policy().rules.get(id.0 as usize))
+                        .map(|r| r.name.clone())
+                        .collect();
+                    self.enter_quarantine(Quarantine {
+                        response: r.name.clone(),
+                        threat,
+                        keep,
+                        since: now,
+                    });
+                }
+            }
+        }
     }
 
     /// Bytes inspected flows hold for reassembly now, and the budget.
@@ -460,6 +608,7 @@ impl Enforcer {
 
     /// Decides one frame. `now` is a monotonic time in nanoseconds.
     pub fn decide(&mut self, dir: Direction, frame: &[u8], now: u64) -> Decision {
+        let findings = self.findings.len();
         let d = match self
             .fast_path
             .then(|| self.established_fast(dir, frame, now))
@@ -468,6 +617,9 @@ impl Enforcer {
             Some(d) => d,
             None => self.decide_inner(dir, frame, now),
         };
+        if self.findings.len() > findings && !self.policy.policy().responses.is_empty() {
+            self.respond(findings, now);
+        }
         let i = d.reason as usize;
         self.counters.frames[i] += 1;
         self.counters.bytes[i] += frame.len() as u64;
@@ -514,7 +666,10 @@ impl Enforcer {
             f.get(o..o + 4)
                 .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
         };
-        if be16(12)? != crate::packet::ETHERTYPE_IPV4 || *f.get(14)? != 0x45 {
+        if be16(12)? != crate::packet::ETHERTYPE_IPV4
+            || *f.get(14)? != 0x45
+            || self.quarantine.is_some()
+        {
             return None;
         }
         let own_mac = &self.local.mac.0[..];
@@ -1081,7 +1236,31 @@ impl Enforcer {
         } else {
             (peer_zone, self.zone)
         };
-        let lookup = self.policy.lookup(from, to, ip.proto, dport);
+        let mut lookup = self.policy.lookup(from, to, ip.proto, dport);
+        if self.quarantine.is_some() {
+            // Only the rules the quarantine keeps still allow.
+            lookup = match lookup {
+                Lookup::Allowed(r) if self.kept(Some(r)) => lookup,
+                Lookup::NeedsApp(mut c) => {
+                    for slot in c.iter_mut() {
+                        if !self.kept(*slot) {
+                            *slot = None;
+                        }
+                    }
+                    if c.iter().any(Option::is_some) {
+                        Lookup::NeedsApp(c)
+                    } else {
+                        Lookup::NoRule
+                    }
+                }
+                _ => Lookup::NoRule,
+            };
+            if lookup == Lookup::NoRule && self.mode == Mode::Enforce {
+                return self
+                    .deny_ip(Reason::Quarantined, dir, eth, ip, None)
+                    .with_zones(from, to);
+            }
+        }
 
         let mut entry = FlowEntry {
             a_is_initiator: src_is_a,
@@ -1346,7 +1525,7 @@ impl Enforcer {
                 continue;
             }
             let (ia, ip_, ib, ip_b) = (k.a, k.pa, k.b, k.pb);
-            let ((src, sport), (dst, dport)) = if e.a_is_initiator {
+            let ((src, _), (dst, dport)) = if e.a_is_initiator {
                 ((ia, ip_), (ib, ip_b))
             } else {
                 ((ib, ip_b), (ia, ip_))
@@ -1423,28 +1602,7 @@ impl Enforcer {
             } else {
                 None
             };
-            events.push(FlowEvent {
-                kind: EventKind::Denied,
-                reason: Reason::FlowCut,
-                dir: if e.outbound {
-                    Direction::Egress
-                } else {
-                    Direction::Ingress
-                },
-                proto: k.proto,
-                src_mac: MacAddr::default(),
-                dst_mac: MacAddr::default(),
-                src,
-                sport,
-                dst,
-                dport,
-                src_zone: from,
-                dst_zone: to,
-                rule,
-                app_required: 0,
-                app_detected: e.app,
-                mode,
-            });
+            events.push(flow_event_of(k, e, Reason::FlowCut, rule, mode));
         }
         events
     }
@@ -1558,6 +1716,43 @@ struct FlowInfo {
     app: Option<AppProto>,
     /// Inspection cut the flow, for this reason.
     cut: Option<Reason>,
+}
+
+/// The record of a live flow, from its table entry, as its initiator opened it.
+fn flow_event_of(
+    k: &FlowKey,
+    e: &FlowEntry,
+    reason: Reason,
+    rule: Option<RuleId>,
+    mode: Mode,
+) -> FlowEvent {
+    let ((src, sport), (dst, dport)) = if e.a_is_initiator {
+        ((k.a, k.pa), (k.b, k.pb))
+    } else {
+        ((k.b, k.pb), (k.a, k.pa))
+    };
+    FlowEvent {
+        kind: EventKind::Denied,
+        reason,
+        dir: if e.outbound {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        },
+        proto: k.proto,
+        src_mac: MacAddr::default(),
+        dst_mac: MacAddr::default(),
+        src: addr_from128(src),
+        sport,
+        dst: addr_from128(dst),
+        dport,
+        src_zone: e.zones.0,
+        dst_zone: e.zones.1,
+        rule,
+        app_required: 0,
+        app_detected: e.app,
+        mode,
+    }
 }
 
 /// The inspection a rule asks for (none for no rule, or the learn-mode placeholder).

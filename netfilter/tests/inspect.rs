@@ -479,3 +479,132 @@ fn a_deny_rule_cannot_inspect_and_a_bad_action_is_located() {
     let s = format!("{e:?}");
     assert!(s.contains("unknown variant `block`"), "{s}");
 }
+
+#[test]
+fn a_response_rule_quarantines_the_pod_that_sent_the_attack_and_release_ends_it() {
+    let src = format!(
+        "{POLICY}  responses:\n    - name: isolate-api\n      zones: [api]\n      threats: [SQL.Injection]\n      minSeverity: high\n      actions: [quarantine, webhook]\n      keep: [api-corp-udp]\n"
+    );
+    let c = Arc::new(policy::load_str(&src, "r.yaml").expect("loads").compiled);
+    let mut fx = fixture();
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
+    let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
+    fx.e = Enforcer::new(
+        c,
+        peers,
+        inv.workloads[0].local(fx.mac),
+        EnforcerConfig::default(),
+    );
+
+    let mut plain = fx.connect("10.0.0.3", 9000);
+    assert_eq!(fx.send(&mut plain, b"hello").verdict, Verdict::Pass);
+    // The api pod sends an injection: the finding, the response, and the quarantine.
+    let mut c = fx.connect("10.0.0.3", 8080);
+    let d = fx.send(&mut c, b"GET /?q=1%20UNION%20SELECT%20pan HTTP/1.1\r\n\r\n");
+    assert_eq!(d.reason, Reason::ThreatDetected);
+    let r = fx.e.take_responses();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].response, "isolate-api");
+    assert!(r[0].acted);
+    let q = fx.e.quarantine().expect("quarantined").clone();
+    assert_eq!(
+        (q.threat, q.keep.as_slice()),
+        (Threat::SqlInjection, &["api-corp-udp".to_string()][..])
+    );
+    // The live flow it does not keep is cut, and recorded.
+    let cuts = fx.e.take_cuts();
+    assert!(
+        cuts.iter()
+            .any(|ev| ev.dport == 9000 && ev.reason == Reason::Quarantined),
+        "{cuts:?}"
+    );
+    assert_eq!(fx.send(&mut plain, b"more").reason, Reason::FlowCut);
+    // New flows: only the kept rule.
+    let out = build::Ends {
+        src_mac: fx.mac,
+        dst_mac: GW,
+        src: fx.ip,
+        dst: "10.0.0.3".parse().unwrap(),
+        sport: 42000,
+        dport: 9000,
+    };
+    let d = fx.decide(Direction::Egress, &build::tcp(&out, F::SYN, 1, 0, b""));
+    assert_eq!((d.verdict, d.reason), (Verdict::Drop, Reason::Quarantined));
+    let dns = build::Ends { dport: 53, ..out };
+    let d = fx.decide(
+        Direction::Egress,
+        &build::udp(
+            &dns,
+            &[
+                0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0, 0, 1, 0, 1,
+            ],
+        ),
+    );
+    assert_eq!(d.verdict, Verdict::Pass, "{d:?}");
+    // Released: the policy decides again.
+    assert_eq!(
+        fx.e.release().map(|q| q.response),
+        Some("isolate-api".into())
+    );
+    let out2 = build::Ends {
+        sport: 42001,
+        ..out
+    };
+    let d = fx.decide(Direction::Egress, &build::tcp(&out2, F::SYN, 1, 0, b""));
+    assert_eq!(d.verdict, Verdict::Pass);
+}
+
+#[test]
+fn no_response_for_bytes_the_peer_sent_and_bad_response_rules_are_located() {
+    let src =
+        format!("{POLICY}  responses:\n    - name: isolate-any\n      actions: [quarantine]\n");
+    let c = Arc::new(policy::load_str(&src, "r.yaml").expect("loads").compiled);
+    let mut fx = fixture();
+    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
+    let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
+    fx.e = Enforcer::new(
+        c,
+        peers,
+        inv.workloads[0].local(fx.mac),
+        EnforcerConfig::default(),
+    );
+    // corp answers the api pod with a card number: corp sent it, so the api pod is not
+    // quarantined (corp's own netd answers for corp).
+    let mut c = fx.connect("10.0.0.3", 8080);
+    assert_eq!(
+        fx.send(&mut c, b"GET / HTTP/1.1\r\n\r\n").verdict,
+        Verdict::Pass
+    );
+    let d = fx.reply(&mut c, b"HTTP/1.1 200 OK\r\n\r\n4111-1111-1111-1111\r\n");
+    assert_eq!(d.reason, Reason::DataLeak);
+    assert!(fx.e.take_responses().is_empty());
+    assert!(fx.e.quarantine().is_none());
+
+    for (bad, want) in [
+        (
+            "    - {name: r1, threats: [SQL.Injektion], actions: [quarantine]}",
+            "unknown threat `SQL.Injektion`",
+        ),
+        (
+            "    - {name: r1, zones: [nowhere], actions: [webhook]}",
+            "no zone named `nowhere`",
+        ),
+        (
+            "    - {name: r1, actions: [webhook], keep: [api-db]}",
+            "keep applies to quarantine",
+        ),
+        (
+            "    - {name: r1, actions: [reboot]}",
+            "unknown variant `reboot`",
+        ),
+        (
+            "    - {name: r1, minSeverity: extreme, actions: [restart]}",
+            "low, medium or high",
+        ),
+    ] {
+        let src = format!("{POLICY}  responses:\n{bad}\n");
+        let e = policy::load_str(&src, "r.yaml").expect_err("refused");
+        let s = e.to_string();
+        assert!(s.contains(want) && s.contains("r.yaml:"), "{bad}: {s}");
+    }
+}

@@ -47,6 +47,9 @@ spec:
        inspect: {threats: deny}}
     - {name: api-to-cache, from: cde-api, to: cde-data, protocol: tcp, ports: [6379], app: redis,
        inspect: {threats: deny}}
+  responses:
+    - {name: isolate-api, zones: [cde-api], threats: [SQL.Injection], actions: [quarantine, webhook],
+       keep: [api-to-cache]}
 "#;
 
 /// A server run in the node's network namespace, killed at the end.
@@ -231,14 +234,43 @@ fn tshark(file: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Waits for a Detection Finding of `threat` and returns it.
-async fn finding(audit: &Path, threat: &str) -> serde_json::Value {
+/// An HTTP receiver on loopback for the webhook: its URL, and the bodies it gets.
+fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/enclave", l.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let _ = (&c).write_all(b"HTTP/1.1 204 No Content\r\n\r\n");
+            let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+        }
+    });
+    (url, rx)
+}
+
+/// Waits for a Detection Finding of `threat` in a flow rule `rule` allowed, and returns it.
+async fn finding(audit: &Path, threat: &str, rule: &str) -> serde_json::Value {
     let end = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some(r) = records(audit)
-            .into_iter()
-            .find(|r| r["class_uid"] == 2004 && r["finding_info"]["types"][0] == threat)
-        {
+        if let Some(r) = records(audit).into_iter().find(|r| {
+            r["class_uid"] == 2004
+                && r["finding_info"]["types"][0] == threat
+                && r["firewall_rule"]["name"] == rule
+        }) {
             return r;
         }
         assert!(
@@ -330,6 +362,7 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
 
     // --- api -> db with psql: an ordinary query passes.
     let psql = format!("timeout 8 psql -X -h {NODE} -U shop -d postgres -At -c");
+    let cap_dir = node.audit_log.parent().unwrap().join("captures");
     let (code, out, err) = sh(
         &mut cri,
         &api,
@@ -337,89 +370,6 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
     )
     .await;
     assert_eq!((code, out.trim()), (0, "2"), "an ordinary query: {err}");
-    // --- ... a SQL injection through the same allowed flow is cut.
-    let (code, out, err) = sh(
-        &mut cri,
-        &api,
-        &format!("{psql} \"SELECT token FROM cards WHERE owner = '' OR '1'='1'\""),
-    )
-    .await;
-    eprintln!(
-        "[{:>5.1}s] psql with an injection: exit {code}, {}",
-        t.elapsed().as_secs_f64(),
-        err.trim()
-    );
-    assert_ne!(code, 0, "the injected query must not complete: {out}");
-    assert!(
-        !out.contains("tok_1"),
-        "the injected query's answer came back: {out}"
-    );
-    let f = finding(&audit, "SQL.Injection").await;
-    assert_eq!(f["disposition"], "Blocked", "{f}");
-    assert_eq!(f["firewall_rule"]["name"], "api-to-db", "{f}");
-    assert_eq!(f["evidences"][0]["dst_endpoint"]["zone"], "cde-data", "{f}");
-    assert_eq!(f["unmapped"]["enclave"]["src"]["pod"], "api", "{f}");
-    assert!(f["message"].as_str().unwrap().contains("tautology"), "{f}");
-    // The flow's own record says it was cut for a threat.
-    let cut = records(&audit)
-        .into_iter()
-        .find(|r| r["class_uid"] == 4001 && r["unmapped"]["enclave"]["reason"] == "threat")
-        .unwrap_or_else(|| panic!("no Reset record with reason threat"));
-    assert_eq!(cut["activity_name"], "Reset", "{cut}");
-    // The flow's frames were captured: the record names the capture; enclavectl lists it
-    // and writes it out; tshark reads it and sees the query.
-    let cap = &f["unmapped"]["enclave"]["capture"];
-    let uid = cap["uid"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no capture in {f}"))
-        .to_string();
-    assert!(cap["frames"].as_u64().unwrap() >= 3, "{cap}");
-    let cap_dir = node.audit_log.parent().unwrap().join("captures");
-    let (ok, list) = ctl(&["capture", "list", "--dir", cap_dir.to_str().unwrap()]);
-    assert!(
-        ok && list.contains(&uid) && list.contains("SQL.Injection"),
-        "{list}"
-    );
-    let pcap = dir.join("sqli.pcapng");
-    let (ok, got) = ctl(&[
-        "capture",
-        "get",
-        &uid,
-        "-o",
-        pcap.to_str().unwrap(),
-        "--dir",
-        cap_dir.to_str().unwrap(),
-    ]);
-    assert!(ok, "{got}");
-    let ts = tshark(
-        &pcap,
-        &[
-            "-Y",
-            "tcp.dstport == 5432",
-            "-T",
-            "fields",
-            "-e",
-            "frame.number",
-            "-e",
-            "tcp.flags.str",
-        ],
-    );
-    assert!(ts.lines().count() >= 2, "tshark saw: {ts}");
-    let ts = tshark(&pcap, &["-x"]);
-    assert!(
-        ts.contains("OR '1'='1") || ts.contains("OR '1'") || ts.contains("'1'='1"),
-        "tshark's hex view lacks the query:\n{ts}"
-    );
-    eprintln!(
-        "[{:>5.1}s] capture {uid}: {} frames, tshark reads it",
-        t.elapsed().as_secs_f64(),
-        cap["frames"]
-    );
-
-    // A new connection is a new flow: ordinary queries still work.
-    let (code, out, _) = sh(&mut cri, &api, &format!("{psql} 'SELECT 1'")).await;
-    assert_eq!((code, out.trim()), (0, "1"));
-
     // --- api -> cache with redis-cli: PING passes; Redis then HTTP on one connection is cut.
     let (code, out, _) = sh(
         &mut cri,
@@ -439,7 +389,7 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
         t.elapsed().as_secs_f64(),
         out.trim()
     );
-    let f = finding(&audit, "Protocol.Mismatch").await;
+    let f = finding(&audit, "Protocol.Mismatch", "api-to-cache").await;
     assert!(
         f["message"].as_str().unwrap().contains("GET / HTTP/1.1"),
         "{f}"
@@ -469,7 +419,7 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
     );
     assert_ne!(code, 0, "the page with a card number must be cut");
     assert!(!out.contains(PAN), "the card number reached web: {out}");
-    let f = finding(&audit, "DLP.CreditCard").await;
+    let f = finding(&audit, "DLP.CreditCard", "web-to-api").await;
     assert_eq!(f["disposition"], "Blocked", "{f}");
     assert_eq!(
         f["unmapped"]["enclave"]["data"]["masked"], "411111******1111",
@@ -516,19 +466,185 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
     )
     .await;
     assert_ne!(code, 0, "an injected query string must be cut");
-    let f = finding(&audit, "SQL.Injection").await;
-    let all: Vec<_> = records(&audit)
-        .into_iter()
-        .filter(|r| r["finding_info"]["types"][0] == "SQL.Injection")
-        .collect();
-    assert_eq!(all.len(), 2, "{f}");
+    let f = finding(&audit, "SQL.Injection", "web-to-api").await;
     assert!(
-        all[1]["message"]
-            .as_str()
-            .unwrap()
-            .contains("query parameter"),
-        "{}",
-        all[1]
+        f["message"].as_str().unwrap().contains("query parameter"),
+        "{f}"
+    );
+    // The storefront sent it, but the response rule is for the CDE's api pod: no response.
+    assert!(!records(&audit)
+        .iter()
+        .any(|r| r["unmapped"]["enclave"]["response"].is_object()));
+
+    // --- ... a SQL injection through the same allowed flow is cut.
+    let (code, out, err) = sh(
+        &mut cri,
+        &api,
+        &format!("{psql} \"SELECT token FROM cards WHERE owner = '' OR '1'='1'\""),
+    )
+    .await;
+    eprintln!(
+        "[{:>5.1}s] psql with an injection: exit {code}, {}",
+        t.elapsed().as_secs_f64(),
+        err.trim()
+    );
+    assert_ne!(code, 0, "the injected query must not complete: {out}");
+    assert!(
+        !out.contains("tok_1"),
+        "the injected query's answer came back: {out}"
+    );
+    let f = finding(&audit, "SQL.Injection", "api-to-db").await;
+    assert_eq!(f["disposition"], "Blocked", "{f}");
+    assert_eq!(f["evidences"][0]["dst_endpoint"]["zone"], "cde-data", "{f}");
+    assert_eq!(f["unmapped"]["enclave"]["src"]["pod"], "api", "{f}");
+    assert!(f["message"].as_str().unwrap().contains("tautology"), "{f}");
+    // The flow's own record says it was cut for a threat.
+    let cut = records(&audit)
+        .into_iter()
+        .find(|r| {
+            r["class_uid"] == 4001
+                && r["unmapped"]["enclave"]["reason"] == "threat"
+                && r["firewall_rule"]["name"] == "api-to-db"
+        })
+        .unwrap_or_else(|| panic!("no Reset record with reason threat"));
+    assert_eq!(cut["activity_name"], "Reset", "{cut}");
+    // The flow's frames were captured: the record names the capture; enclavectl lists it
+    // and writes it out; tshark reads it and sees the query.
+    let cap = &f["unmapped"]["enclave"]["capture"];
+    let uid = cap["uid"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no capture in {f}"))
+        .to_string();
+    assert!(cap["frames"].as_u64().unwrap() >= 3, "{cap}");
+    let (ok, list) = ctl(&["capture", "list", "--dir", cap_dir.to_str().unwrap()]);
+    assert!(
+        ok && list.contains(&uid) && list.contains("SQL.Injection"),
+        "{list}"
+    );
+    let pcap = dir.join("sqli.pcapng");
+    let (ok, got) = ctl(&[
+        "capture",
+        "get",
+        &uid,
+        "-o",
+        pcap.to_str().unwrap(),
+        "--dir",
+        cap_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{got}");
+    let ts = tshark(
+        &pcap,
+        &[
+            "-Y",
+            "tcp.dstport == 5432",
+            "-T",
+            "fields",
+            "-e",
+            "frame.number",
+            "-e",
+            "tcp.flags.str",
+        ],
+    );
+    assert!(ts.lines().count() >= 2, "tshark saw: {ts}");
+    let ts = tshark(&pcap, &["-x"]);
+    assert!(
+        ts.contains("OR '1'='1") || ts.contains("OR '1'") || ts.contains("'1'='1"),
+        "tshark's hex view lacks the query:\n{ts}"
+    );
+    eprintln!(
+        "[{:>5.1}s] capture {uid}: {} frames, tshark reads it",
+        t.elapsed().as_secs_f64(),
+        cap["frames"]
+    );
+
+    // The response rule quarantined the api pod: it is listed; a new connection to the
+    // database is refused, the cache (a rule it keeps) still answers, and the storefront
+    // cannot reach it; the response record went to the webhook receiver.
+    let (ok, list) = ctl(&[
+        "node",
+        "quarantine",
+        "list",
+        "--registry",
+        node.registry.to_str().unwrap(),
+    ]);
+    assert!(
+        ok && list.contains("payments/api")
+            && list.contains(
+                "quarantined response isolate-api threat SQL.Injection keep api-to-cache"
+            ),
+        "{list}"
+    );
+    let (code, _, _) = sh(&mut cri, &api, &format!("{psql} 'SELECT 1'")).await;
+    assert_ne!(code, 0, "a quarantined pod reached the database");
+    let (code, out, _) = sh(
+        &mut cri,
+        &api,
+        &format!("timeout 10 redis-cli -h {NODE} PING"),
+    )
+    .await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "PONG"),
+        "the kept rule api-to-cache"
+    );
+    let (code, _, _) = sh(&mut cri, &web, &format!("{curl}/")).await;
+    assert_ne!(code, 0, "the storefront reached a quarantined pod");
+    let resp = records(&audit)
+        .into_iter()
+        .find(|r| r["unmapped"]["enclave"]["response"]["name"] == "isolate-api")
+        .unwrap_or_else(|| panic!("no response record"));
+    assert_eq!(
+        resp["unmapped"]["enclave"]["response"]["actions"],
+        serde_json::json!(["quarantine", "webhook"]),
+        "{resp}"
+    );
+    assert!(
+        records(&audit)
+            .iter()
+            .any(|r| r["unmapped"]["enclave"]["reason"] == "quarantined"),
+        "no record of a flow the quarantine cut or refused"
+    );
+    let (hook_url, hooked) = webhook_receiver();
+    let (ok, out) = ctl(&[
+        "audit",
+        "webhook",
+        "--once",
+        "--log",
+        audit.to_str().unwrap(),
+        "--url",
+        &hook_url,
+    ]);
+    assert!(ok && out.contains("posted 1 records"), "{out}");
+    let body = hooked
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the webhook got nothing");
+    assert!(
+        body.contains("isolate-api") && body.contains("SQL.Injection"),
+        "{body}"
+    );
+    // Released: the database answers again.
+    let (ok, out) = ctl(&[
+        "node",
+        "quarantine",
+        "release",
+        "payments/api",
+        "--registry",
+        node.registry.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("released from quarantine"), "{out}");
+    let (code, out, _) = sh(&mut cri, &api, &format!("{psql} 'SELECT 1'")).await;
+    assert_eq!((code, out.trim()), (0, "1"), "after release");
+    let (ok, list) = ctl(&[
+        "node",
+        "quarantine",
+        "list",
+        "--registry",
+        node.registry.to_str().unwrap(),
+    ]);
+    assert!(ok && list.contains("no pod quarantined"), "{list}");
+    eprintln!(
+        "[{:>5.1}s] quarantine, webhook and release",
+        t.elapsed().as_secs_f64()
     );
 
     // No full card number anywhere in the audit log or in any capture.

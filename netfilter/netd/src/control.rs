@@ -194,6 +194,21 @@ fn refused(backend: &RwLock<NetBackend>, why: &str) -> String {
     }
 }
 
+/// Runs `f` on the enforcing gate under the datapath lock: its answer, or `error ...`.
+fn with_enforcing(
+    backend: &RwLock<NetBackend>,
+    f: impl FnOnce(&mut crate::gate::Enforcing) -> Result<String, String>,
+) -> String {
+    let mut b = match backend.write() {
+        Ok(b) => b,
+        Err(p) => p.into_inner(),
+    };
+    match b.gate.enforcing_mut() {
+        Some(e) => f(e).unwrap_or_else(|e| format!("error {e}\n")),
+        None => "error forward-only mode has no policy\n".into(),
+    }
+}
+
 fn serve_one(conn: UnixStream, backend: &RwLock<NetBackend>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
@@ -208,8 +223,12 @@ fn serve_one(conn: UnixStream, backend: &RwLock<NetBackend>) {
         l if l.starts_with("refused ") => refused(backend, &l["refused ".len()..]),
         "metrics" => metrics(backend),
         "status" => status(backend),
+        "quarantine" => with_enforcing(backend, |e| Ok(e.quarantine_line())),
+        "release" => with_enforcing(backend, |e| {
+            e.release("the control socket").map(|w| format!("ok {w}\n"))
+        }),
         other => format!(
-            "error unknown request {:?} (reload, peers, refused WHY, metrics, status)\n",
+            "error unknown request {:?} (reload, peers, refused WHY, metrics, status, quarantine, release)\n",
             other.chars().take(40).collect::<String>()
         ),
     };

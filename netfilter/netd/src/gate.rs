@@ -10,9 +10,10 @@ use enclave_netfilter::capture::{self, CaptureMeta, Ring};
 use enclave_netfilter::conntrack::FlowKey;
 use enclave_netfilter::identity::ClusterPeers;
 use enclave_netfilter::matcher::{
-    Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, Verdict,
+    Direction, Enforcer, EnforcerConfig, EventKind, FlowEvent, Reason, ResponseEvent, Verdict,
 };
 use enclave_netfilter::node::{NodeView, RegistryEntry};
+use enclave_netfilter::policy::ResponseAction;
 use serde_json::json;
 
 /// Denial records per second a pod may cause, and the burst: a guest spraying denied
@@ -88,7 +89,12 @@ pub struct AuditStats {
     pub peer_updates: u64,
     /// Cluster maps that could not be read (the last good one stayed in use).
     pub peer_map_errors: u64,
+    /// Response records written.
+    pub responses: u64,
 }
+
+/// netd's exit status when a response rule restarts the pod.
+pub const RESTART_EXIT: i32 = 75;
 
 /// The pod's captures: the ring of recent frames and the file sections are appended to
 /// (opened before privileges were dropped).
@@ -365,6 +371,7 @@ impl Enforcing {
     /// not be written.
     fn write_findings(&mut self) -> bool {
         let mut ok = true;
+        let mut restart = None;
         for f in self.enforcer.take_findings() {
             let mut rec = self.builder.finding(&f, now_ms());
             let pod = self.sources.pod.reference();
@@ -383,7 +390,123 @@ impl Enforcing {
                 }
             }
         }
+        for r in self.enforcer.take_responses() {
+            if r.acted && r.actions.contains(&ResponseAction::Restart) {
+                restart = Some(r.response.clone());
+            }
+            if !self.write_response(&r) {
+                ok = false;
+            }
+        }
+        for ev in self.enforcer.take_cuts() {
+            ok &= self.write(&ev);
+        }
+        if let Some(name) = restart {
+            // The shim sees netd gone, stops the VM, and the orchestrator starts the pod
+            // again (with a fresh netd): the response's record above says why.
+            eprintln!(
+                "enclave-netd: response `{name}` restarts pod {}: exiting {RESTART_EXIT}",
+                self.sources.pod.reference()
+            );
+            std::process::exit(RESTART_EXIT);
+        }
         ok
+    }
+
+    /// The record of a response (an OCSF Base Event: what was done, to which pod, about
+    /// which finding); records marked `webhook` are what `enclavectl audit webhook` sends.
+    fn write_response(&mut self, r: &ResponseEvent) -> bool {
+        let p = self.enforcer.policy().policy();
+        let actions: Vec<&str> = r.actions.iter().map(|a| a.as_str()).collect();
+        let keep = self
+            .enforcer
+            .quarantine()
+            .filter(|q| q.response == r.response)
+            .map(|q| q.keep.clone())
+            .unwrap_or_default();
+        let message = format!(
+            "response `{}` to {} in bytes pod {} sent ({}): {}{}",
+            r.response,
+            r.threat.id(),
+            self.sources.pod.reference(),
+            r.detail,
+            actions.join(", "),
+            if r.acted {
+                String::new()
+            } else {
+                " (monitor mode: recorded, not carried out)".into()
+            }
+        );
+        let mut rec = base_event(4, "High", &message, "enclave-netd");
+        rec["metadata"]["product"]["feature"] = json!({"name": "enclave-netd"});
+        rec["policy"] = json!({"name": p.name, "version": p.version});
+        rec["unmapped"] = json!({"enclave": {
+            "node": self.sources.node,
+            "pod": self.sources.pod.name,
+            "namespace": self.sources.pod.namespace,
+            "zone": self.zone_name(),
+            "response": {
+                "name": r.response,
+                "actions": actions,
+                "acted": r.acted,
+                "threat": r.threat.id(),
+                "detail": r.detail,
+                "keep": keep,
+                "flow": {
+                    "protocol": enclave_netfilter::packet::proto_name(r.flow.proto),
+                    "src": format!("{}:{}", r.flow.src, r.flow.sport),
+                    "dst": format!("{}:{}", r.flow.dst, r.flow.dport),
+                    "src_zone": p.zone_name(r.flow.src_zone),
+                    "dst_zone": p.zone_name(r.flow.dst_zone),
+                },
+            },
+            "webhook": r.actions.contains(&ResponseAction::Webhook),
+        }});
+        match self.log.append(rec) {
+            Ok(_) => {
+                self.audit.records += 1;
+                self.audit.responses += 1;
+                true
+            }
+            Err(e) => {
+                self.audit.errors += 1;
+                eprintln!("enclave-netd: audit log: {e} (a response record)");
+                false
+            }
+        }
+    }
+
+    /// Ends the pod's quarantine (the control socket's `release`), recorded; what ended.
+    pub fn release(&mut self, by: &str) -> Result<String, String> {
+        let q = self
+            .enforcer
+            .release()
+            .ok_or_else(|| format!("pod {} is not quarantined", self.sources.pod.reference()))?;
+        let what = format!(
+            "pod {} released from quarantine (response `{}`, after {}) by {by}",
+            self.sources.pod.reference(),
+            q.response,
+            q.threat.id()
+        );
+        self.note(&what)?;
+        Ok(what)
+    }
+
+    /// The quarantine in force, in one line.
+    pub fn quarantine_line(&self) -> String {
+        match self.enforcer.quarantine() {
+            Some(q) => format!(
+                "quarantined response {} threat {} keep {}\n",
+                q.response,
+                q.threat.id(),
+                if q.keep.is_empty() {
+                    "-".to_string()
+                } else {
+                    q.keep.join(",")
+                }
+            ),
+            None => "not quarantined\n".into(),
+        }
     }
 
     /// Writes the record of `ev` now; false (counted, and said on stderr) if it could not be.
@@ -643,6 +766,12 @@ impl Enforcing {
         let _ = writeln!(
             out,
             "# HELP enclave_netd_inspect_held_bytes Bytes inspected flows hold for reassembly.\n# TYPE enclave_netd_inspect_held_bytes gauge\nenclave_netd_inspect_held_bytes{{{labels}}} {held}\n# HELP enclave_netd_inspect_budget_bytes The pod's reassembly budget.\n# TYPE enclave_netd_inspect_budget_bytes gauge\nenclave_netd_inspect_budget_bytes{{{labels}}} {budget}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_responses_total Response rules carried out (or, in monitor mode, recorded).\n# TYPE enclave_netd_responses_total counter\nenclave_netd_responses_total{{{labels}}} {}\n# HELP enclave_netd_quarantined 1 while a response rule holds the pod in quarantine.\n# TYPE enclave_netd_quarantined gauge\nenclave_netd_quarantined{{{labels}}} {}",
+            self.audit.responses,
+            u64::from(self.enforcer.quarantine().is_some())
         );
         if let Some(c) = &self.captures {
             let _ = writeln!(

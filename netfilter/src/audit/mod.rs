@@ -14,11 +14,13 @@ mod log;
 pub mod record;
 pub mod seal;
 mod verify;
+mod webhook;
 
 pub use export::{rfc3339, Cursor, ExportRun, Exporter};
 pub use log::{head_path, now_ms, read_head, AuditLog, AuditLogConfig, Head, SyncPolicy};
 pub use record::{base_event, AuditContext, RecordBuilder};
 pub use verify::{read_heads, verify, At, Problem, SignedHead, VerifyOptions, VerifyReport};
+pub use webhook::{Endpoint, WebhookCursor, WebhookRun, WebhookSender};
 
 use sha2::{Digest, Sha256};
 

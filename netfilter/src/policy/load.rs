@@ -468,6 +468,89 @@ impl Ctx<'_> {
                 line: self.spans.locate(&at).line,
             });
         }
+        let rule_ids: HashMap<&str, RuleId> = rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), RuleId(i as u32)))
+            .collect();
+        let mut responses = Vec::new();
+        let mut response_names = HashSet::new();
+        for (i, r) in doc.spec.responses.into_iter().enumerate() {
+            let at = format!("spec.responses[{i}]");
+            if !is_name(&r.name) {
+                self.err(format!("{at}.name"), name_msg(&r.name));
+            } else if !response_names.insert(r.name.clone()) {
+                self.err(
+                    format!("{at}.name"),
+                    format!("response name `{}` is used twice", r.name),
+                );
+            }
+            let mut zones_of = Vec::new();
+            for (j, z) in r.zones.iter().enumerate() {
+                match zone_ids.get(z.as_str()) {
+                    Some(id) => zones_of.push(*id),
+                    None => self.err(format!("{at}.zones[{j}]"), format!("no zone named `{z}`")),
+                }
+            }
+            let mut threats = Vec::new();
+            for (j, t) in r.threats.iter().enumerate() {
+                match crate::inspect::Threat::ALL.iter().find(|x| x.id() == t) {
+                    Some(x) => threats.push(*x),
+                    None => self.err(
+                        format!("{at}.threats[{j}]"),
+                        format!(
+                            "unknown threat `{t}`; one of {}",
+                            crate::inspect::Threat::ALL
+                                .iter()
+                                .map(|x| x.id())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ),
+                }
+            }
+            let min_severity = match r.min_severity.as_deref() {
+                None | Some("low") => 2,
+                Some("medium") => 3,
+                Some("high") => 4,
+                Some(o) => {
+                    self.err(
+                        format!("{at}.minSeverity"),
+                        format!("`{o}`: low, medium or high"),
+                    );
+                    2
+                }
+            };
+            if r.actions.is_empty() {
+                self.err(
+                    format!("{at}.actions"),
+                    "no action: give quarantine, restart or webhook",
+                );
+            }
+            let mut keep = Vec::new();
+            for (j, k) in r.keep.iter().enumerate() {
+                match rule_ids.get(k.as_str()) {
+                    Some(id) => keep.push(*id),
+                    None => self.err(format!("{at}.keep[{j}]"), format!("no rule named `{k}`")),
+                }
+            }
+            if !keep.is_empty() && !r.actions.contains(&ResponseAction::Quarantine) {
+                self.err(
+                    format!("{at}.keep"),
+                    "keep applies to quarantine, which this response does not do",
+                );
+            }
+            responses.push(Response {
+                name: r.name,
+                description: r.description,
+                zones: zones_of,
+                threats,
+                min_severity,
+                actions: r.actions,
+                keep,
+                line: self.spans.locate(&at).line,
+            });
+        }
         Policy {
             name: doc.metadata.name,
             version,
@@ -475,6 +558,7 @@ impl Ctx<'_> {
             default_mode,
             zones,
             rules,
+            responses,
         }
     }
 

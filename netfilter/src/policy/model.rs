@@ -78,6 +78,88 @@ pub struct SpecDoc {
     /// Allow and deny rules; everything not allowed is denied.
     #[serde(default)]
     pub rules: Vec<RuleDoc>,
+    /// What happens to a pod that inspection catches sending an attack or card data.
+    #[serde(default)]
+    pub responses: Vec<ResponseDoc>,
+}
+
+/// A response rule as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResponseDoc {
+    /// Name, in audit records.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Zones of the pods it applies to (the pod that sent the bytes); none: every zone.
+    #[serde(default)]
+    pub zones: Vec<String>,
+    /// Threat ids it applies to (`SQL.Injection`, `DLP.CreditCard`, ...); none: all.
+    #[serde(default)]
+    pub threats: Vec<String>,
+    /// The least severity it applies to: `low`, `medium` or `high`.
+    #[serde(default)]
+    pub min_severity: Option<String>,
+    /// `quarantine`, `restart`, `webhook`.
+    pub actions: Vec<ResponseAction>,
+    /// Rules whose flows a quarantined pod keeps (new and live); none: it keeps nothing.
+    #[serde(default)]
+    pub keep: Vec<String>,
+}
+
+/// What a response does.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ResponseAction {
+    /// netd cuts the pod's flows and drops everything but the rules in `keep`; the VM
+    /// keeps running for forensics until `enclavectl node quarantine release`.
+    Quarantine,
+    /// netd records it and exits; the shim stops the pod, and the orchestrator recreates it.
+    Restart,
+    /// The record is marked for the node's webhook sender (`enclavectl audit webhook`).
+    Webhook,
+}
+
+impl ResponseAction {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseAction::Quarantine => "quarantine",
+            ResponseAction::Restart => "restart",
+            ResponseAction::Webhook => "webhook",
+        }
+    }
+}
+
+/// A validated response rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    /// Name.
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Zones it applies to (empty: all).
+    pub zones: Vec<ZoneId>,
+    /// Threats it applies to (empty: all).
+    pub threats: Vec<crate::inspect::Threat>,
+    /// Least OCSF severity id (2 low, 3 medium, 4 high).
+    pub min_severity: u8,
+    /// Its actions, in the order written.
+    pub actions: Vec<ResponseAction>,
+    /// Rules a quarantined pod keeps.
+    pub keep: Vec<RuleId>,
+    /// Line in its file.
+    pub line: usize,
+}
+
+impl Response {
+    /// Whether it applies to `threat` found in bytes a pod of zone `zone` sent.
+    pub fn applies(&self, zone: ZoneId, threat: crate::inspect::Threat) -> bool {
+        (self.zones.is_empty() || self.zones.contains(&zone))
+            && (self.threats.is_empty() || self.threats.contains(&threat))
+            && threat.severity_id() >= self.min_severity
+    }
 }
 
 /// A zone as written.
@@ -626,6 +708,8 @@ pub struct Policy {
     pub zones: Vec<Zone>,
     /// Rules; `RuleId(i)` is `rules[i]`.
     pub rules: Vec<Rule>,
+    /// Response rules, in file order (every one that applies acts).
+    pub responses: Vec<Response>,
 }
 
 impl Policy {

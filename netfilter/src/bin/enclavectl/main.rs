@@ -83,6 +83,9 @@ enum NodeCmd {
         #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
         registry: PathBuf,
     },
+    /// Pods a response rule quarantined: list them, or release one.
+    #[command(subcommand)]
+    Quarantine(QuarantineCmd),
     /// Checks what this node needs for Enclave (KVM, kernel devices, nftables, cgroups,
     /// containerd and its runtime config, binaries, the guest image, the policy, the pod
     /// registry and cluster map, the audit log, its sealing and heads) and says how to fix
@@ -90,6 +93,25 @@ enum NodeCmd {
     Doctor {
         #[command(flatten)]
         paths: doctor::Paths,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCmd {
+    /// Lists every pod on the node with its quarantine (the response, the threat, the rules
+    /// it keeps).
+    List {
+        /// The node's pod registry.
+        #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
+        registry: PathBuf,
+    },
+    /// Ends a pod's quarantine: its flows are decided by the policy again (recorded).
+    Release {
+        /// The pod, NAMESPACE/NAME.
+        pod: String,
+        /// The node's pod registry.
+        #[arg(long, default_value = enclave_netfilter::node::REGISTRY_DIR)]
+        registry: PathBuf,
     },
 }
 
@@ -254,6 +276,33 @@ enum AuditCmd {
         /// node exporter's textfile collector).
         #[arg(long)]
         metrics: Option<PathBuf>,
+    },
+    /// Posts the records response rules mark `webhook` (response records) to an HTTP
+    /// endpoint as JSON, in log order, from a cursor kept on disk; a failed POST is tried
+    /// again with a growing pause, then counted and passed over. Runs every --interval
+    /// seconds, or once.
+    Webhook {
+        /// The node's audit log.
+        #[arg(long, default_value = "/var/log/enclave/audit.log")]
+        log: PathBuf,
+        /// The endpoint, http://HOST[:PORT][/PATH].
+        #[arg(long)]
+        url: String,
+        /// The cursor file (default `<log>.webhook`).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Tries per record before it is counted as failed.
+        #[arg(long, default_value_t = 4)]
+        tries: u32,
+        /// Records looked at per run (the most one run takes from the log).
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Seconds between runs.
+        #[arg(long, default_value_t = 5)]
+        interval: u64,
+        /// One run, then exit (status 1 when a record could not be delivered).
+        #[arg(long)]
+        once: bool,
     },
 }
 
@@ -799,6 +848,46 @@ fn audit_cmd(c: AuditCmd) -> Result<u8, Fail> {
                 std::thread::sleep(std::time::Duration::from_secs(interval.max(1)));
             }
         }
+        AuditCmd::Webhook {
+            log,
+            url,
+            state,
+            tries,
+            batch,
+            interval,
+            once,
+        } => {
+            let state = state.unwrap_or_else(|| {
+                let mut s = log.as_os_str().to_owned();
+                s.push(".webhook");
+                PathBuf::from(s)
+            });
+            let mut w = audit::WebhookSender::new(&log, &url, &state).map_err(fail)?;
+            w.tries = tries;
+            loop {
+                match w.run_once(batch.max(1)) {
+                    Ok(r) => {
+                        println!(
+                            "posted {} records to {url}, {} failed; {} bytes behind; {} posted in all, {} failed",
+                            r.sent, r.failed, r.backlog, w.cursor.sent, w.cursor.failed
+                        );
+                        if let Some(e) = &r.last_error {
+                            eprintln!("last failure: {e}");
+                        }
+                        if once {
+                            return Ok(u8::from(r.failed > 0));
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("webhook: {e}");
+                        if once {
+                            return Ok(2);
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_secs(interval.max(1)));
+            }
+        }
     }
 }
 
@@ -846,6 +935,56 @@ fn node_cmd(c: NodeCmd) -> Result<u8, Fail> {
             Ok(code)
         }
         NodeCmd::Doctor { paths } => Ok(doctor::print(&doctor::run(&paths))),
+        NodeCmd::Quarantine(QuarantineCmd::List { registry }) => {
+            let (entries, problems) = node::read_registry(&registry);
+            for p in &problems {
+                println!("registry: {p}");
+            }
+            if entries.is_empty() {
+                println!("no pods: none registered in {}", registry.display());
+                return Ok(0);
+            }
+            let mut n = 0;
+            for e in &entries {
+                let st = e
+                    .control
+                    .as_deref()
+                    .map(|c| node::control_request(c, "quarantine"))
+                    .unwrap_or_else(|| Err("no control socket".into()));
+                match st {
+                    Ok(s) if s.starts_with("quarantined") => {
+                        n += 1;
+                        println!("{}\t{}", e.reference(), s.trim());
+                    }
+                    Ok(_) => {}
+                    Err(err) => println!("{}\tnetd unreachable: {err}", e.reference()),
+                }
+            }
+            if n == 0 {
+                println!("no pod quarantined ({} pods on this node)", entries.len());
+            }
+            Ok(0)
+        }
+        NodeCmd::Quarantine(QuarantineCmd::Release { pod, registry }) => {
+            let (entries, _) = node::read_registry(&registry);
+            let e = entries
+                .iter()
+                .find(|e| e.reference() == pod)
+                .ok_or_else(|| Fail(format!("no pod {pod} in {}", registry.display()), 1))?;
+            let c = e
+                .control
+                .as_deref()
+                .ok_or_else(|| fail(format!("pod {pod} has no control socket")))?;
+            let answer = node::control_request(c, "release").map_err(fail)?;
+            let answer = answer.trim();
+            match answer.strip_prefix("ok ") {
+                Some(what) => {
+                    println!("{what}");
+                    Ok(0)
+                }
+                None => Err(Fail(answer.trim_start_matches("error ").to_string(), 1)),
+            }
+        }
         NodeCmd::Status { registry } => {
             let (entries, problems) = node::read_registry(&registry);
             for p in &problems {
