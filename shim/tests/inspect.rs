@@ -205,6 +205,26 @@ async fn sh(
     exec_sync(cri, &p.c, &["sh", "-c", script]).await
 }
 
+/// `enclavectl node reload` from containerd's mount namespace (where the pods' network
+/// namespace files are mounted).
+fn node_reload(node: &CriNode) {
+    let out = Command::new("nsenter")
+        .args(["-t", &node.containerd.pid().to_string(), "-m"])
+        .arg(bin("enclavectl"))
+        .args(["node", "reload", "--policy-dir"])
+        .arg(&node.policy_dir)
+        .arg("--registry")
+        .arg(&node.registry)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "enclavectl node reload: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn ctl(args: &[&str]) -> (bool, String) {
     let out = Command::new(bin("enclavectl")).args(args).output().unwrap();
     (
@@ -644,6 +664,56 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
     assert!(ok && list.contains("no pod quarantined"), "{list}");
     eprintln!(
         "[{:>5.1}s] quarantine, webhook and release",
+        t.elapsed().as_secs_f64()
+    );
+
+    // --- A response that restarts: a new policy version asks for it on a second protocol;
+    // the api pod sends one; its netd records the response and exits, the shim stops the
+    // VM, and the container ends (the orchestrator would start the pod again).
+    let restart_policy = POLICY.replace(
+        "version: \"1\"",
+        "version: \"2\"",
+    ) + "    - {name: restart-api, zones: [cde-api], threats: [Protocol.Mismatch], actions: [restart]}\n";
+    std::fs::write(node.policy_dir.join("policy.yaml"), &restart_policy).unwrap();
+    node_reload(&node);
+    let _ = sh(
+        &mut cri,
+        &api,
+        &format!("printf 'PING\\r\\nPOST /x HTTP/1.1\\r\\nHost: cache\\r\\n\\r\\n' | timeout 5 nc -w 3 {NODE} 6379"),
+    )
+    .await;
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = cri
+            .container_status(k8s_cri::v1::ContainerStatusRequest {
+                container_id: api.c.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if st.state == k8s_cri::v1::ContainerState::ContainerExited as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the api container still runs after a restart response: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let resp = records(&audit)
+        .into_iter()
+        .find(|r| r["unmapped"]["enclave"]["response"]["name"] == "restart-api")
+        .unwrap_or_else(|| panic!("no record of the restart response"));
+    assert_eq!(
+        resp["unmapped"]["enclave"]["response"]["actions"],
+        serde_json::json!(["restart"]),
+        "{resp}"
+    );
+    eprintln!(
+        "[{:>5.1}s] restart response: netd exited, the pod's container ended",
         t.elapsed().as_secs_f64()
     );
 

@@ -1,9 +1,11 @@
 //! The inspector's parsers over arbitrary bytes: the SQL tokenizer and both injection
 //! checks, HTTP request heads and bodies, the DLP scanner (whole and streamed, and masking),
-//! DNS tunneling and TLS hello versions. Checked besides "no panic": after masking, no
+//! DNS tunneling, TLS hello versions, capture files (pcapng sections) and the masking of
+//! captured frames. Checked besides "no panic": after masking, no
 //! unmasked card number is left.
 #![no_main]
 
+use enclave_netfilter::capture;
 use enclave_netfilter::inspect::{dlp, http, proto, sqli};
 use libfuzzer_sys::fuzz_target;
 
@@ -25,6 +27,15 @@ fuzz_target!(|data: &[u8]| {
     for m in dlp::scan(&masked, true, true) {
         assert!(m.masked.contains('*') || m.kind == dlp::DataKind::Ssn, "{m:?}");
     }
+    // Capture files read back by enclavectl, and frames masked before they are saved.
+    let (secs, _) = capture::sections(data);
+    for s in secs {
+        assert!(s.offset + s.len <= data.len());
+    }
+    let _ = capture::key_of(data);
+    let mut frame = data.to_vec();
+    let _ = capture::mask_frame(&mut frame);
+    assert_eq!(frame.len(), data.len());
     let cut = data.len() / 2;
     let mut s = dlp::StreamScanner::default();
     let _ = s.feed(&data[..cut]);
