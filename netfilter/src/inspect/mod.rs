@@ -361,6 +361,7 @@ impl Client {
             Client::Lines(carry, what) => {
                 let what = *what;
                 lines(carry, b, |line| {
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
                     if proto::is_http_request_line(line) {
                         found.push(Detected::new(
                             Threat::ProtocolMismatch,
