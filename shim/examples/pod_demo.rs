@@ -89,7 +89,7 @@ async fn main() {
                 &[
                     "sh",
                     "-c",
-                    "mkdir -p /www && echo payment-api-ok > /www/index.html && exec httpd -f -p 8080 -h /www",
+                    "mkdir -p /www && echo payment-api-ok > /www/index.html && echo 'card 4111 1111 1111 1111 exp 12/29' > /www/card.html && exec httpd -f -p 8080 -h /www",
                 ]
             } else {
                 &["sleep", "1000"]
@@ -202,9 +202,41 @@ async fn main() {
     )
     .await;
     println!("  storefront -> payments-api:8080, payload not HTTP: cut by netd (app_mismatch)");
+
+    step("inside the allowed flow: netd inspects what rule web-to-api lets through");
+    let get = |path: &'static str| {
+        let (mut cri, web_c, api_ip) = (cri.clone(), web_c.clone(), api_ip.clone());
+        async move {
+            let cmd = format!(
+                "printf '%s\\r\\n\\r\\n' 'GET {path} HTTP/1.0' | timeout 6 nc -w 3 {api_ip} 8080 | tail -n 1"
+            );
+            exec_sync(&mut cri, &web_c, &["sh", "-c", &cmd]).await.1
+        }
+    };
+    let injected = get("/?q=1%27%20OR%20%271%27%3D%271").await;
+    println!(
+        "  storefront -> payments-api: GET /?q=1' OR '1'='1 -> {}",
+        if injected.is_empty() {
+            "cut (SQL.Injection)"
+        } else {
+            "ANSWERED (should be cut)"
+        }
+    );
+    let card = get("/card.html").await;
+    println!(
+        "  storefront -> payments-api: GET /card.html (a page with a card number) -> {}",
+        if card.contains("4111") {
+            "ANSWERED (should be cut)"
+        } else {
+            "cut: a card number leaving the CDE (DLP.CreditCard)"
+        }
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     println!("  the node audit log (OCSF, hash-chained), flow records:");
-    let log = std::fs::read_to_string(&node.audit_log).unwrap_or_default();
+    let log = std::fs::read_to_string(&node.audit_log).unwrap_or_else(|e| {
+        println!("  (cannot read {}: {e})", node.audit_log.display());
+        String::new()
+    });
     let mut seen = std::collections::BTreeSet::new();
     for l in log.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
@@ -228,6 +260,31 @@ async fn main() {
             );
         }
     }
+    println!("  findings (OCSF Detection Finding, class 2004), each with a packet capture:");
+    let mut findings = 0;
+    for l in log.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
+        if v["class_uid"] == 2004 {
+            findings += 1;
+            println!(
+                "    #{:<3} [{}] {} (capture {})",
+                v["metadata"]["sequence"],
+                v["unmapped"]["enclave"]["workload"]["name"]
+                    .as_str()
+                    .unwrap_or("?"),
+                v["message"].as_str().unwrap_or(""),
+                v["unmapped"]["enclave"]["capture"]["uid"]
+                    .as_str()
+                    .unwrap_or("-")
+            );
+        }
+    }
+    let inspected_ok = injected.is_empty()
+        && !card.contains("4111")
+        && findings >= 2
+        && !log.contains("4111 1111 1111 1111");
     let verify = Command::new(shim_dir.join("enclavectl"))
         .args(["audit", "verify"])
         .arg(&node.audit_log)
@@ -242,7 +299,7 @@ async fn main() {
                 .unwrap_or("")
         );
     }
-    let policy_ok = allowed == "payment-api-ok" && denied.is_empty() && verified;
+    let policy_ok = allowed == "payment-api-ok" && denied.is_empty() && verified && inspected_ok;
 
     step("StopPodSandbox, RemovePodSandbox");
     for (name, sandbox, _) in &started {
