@@ -13,7 +13,10 @@ use std::time::Duration;
 
 /// A receiver that answers each POST with the next status of `answers` (then 200), and
 /// keeps the bodies it answered 2xx.
-fn receiver(answers: Vec<u16>) -> (String, Arc<Mutex<Vec<serde_json::Value>>>, Arc<Mutex<u32>>) {
+/// What the receiver keeps: the bodies it accepted, and how many POSTs it saw.
+type Received = (Arc<Mutex<Vec<serde_json::Value>>>, Arc<Mutex<u32>>);
+
+fn receiver(answers: Vec<u16>) -> (String, Received) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hooks/enclave", l.local_addr().unwrap());
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -50,7 +53,7 @@ fn receiver(answers: Vec<u16>) -> (String, Arc<Mutex<Vec<serde_json::Value>>>, A
             let _ = write!(c, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
         }
     });
-    (url, got, hits)
+    (url, (got, hits))
 }
 
 fn log_with(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
@@ -69,7 +72,7 @@ fn marked_records_are_posted_once_in_order_with_retries() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_with(dir.path(), 9);
     // The first POST is refused (503): tried again.
-    let (url, got, hits) = receiver(vec![503]);
+    let (url, (got, hits)) = receiver(vec![503]);
     let state = dir.path().join("audit.log.webhook");
     let mut w = WebhookSender::new(&log, &url, &state).unwrap();
     w.backoff = Duration::from_millis(20);
@@ -101,7 +104,7 @@ fn marked_records_are_posted_once_in_order_with_retries() {
 fn a_receiver_that_keeps_refusing_costs_a_count_and_one_that_is_down_a_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_with(dir.path(), 3); // one marked record (i = 1)
-    let (url, got, hits) = receiver(vec![500, 500, 500]);
+    let (url, (got, hits)) = receiver(vec![500, 500, 500]);
     let state = dir.path().join("c");
     let mut w = WebhookSender::new(&log, &url, &state).unwrap();
     w.backoff = Duration::from_millis(10);
