@@ -313,10 +313,10 @@ mod tests {
                 "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
             ));
         }
-        let t = std::time::Instant::now();
+        // Refused by the bound on expanded values (what the message names), not by running
+        // out of memory; how fast is the policy benchmark's business, not a test's.
         let e = parse(&bomb).unwrap_err();
         assert!(e.message.contains("aliases repeated too often"), "{e}");
-        assert!(t.elapsed() < std::time::Duration::from_secs(2));
         let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!((e.pos.line, e.message.as_str()), (3, "duplicate key `a`"));
         assert!(parse("a: 1\n---\nb: 2\n").is_err());

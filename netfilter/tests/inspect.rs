@@ -74,8 +74,13 @@ struct Fx {
 }
 
 fn fixture() -> Fx {
+    fixture_of(POLICY)
+}
+
+/// The api-0 pod's enforcer under the policy `src`.
+fn fixture_of(src: &str) -> Fx {
     let c = Arc::new(
-        policy::load_str(POLICY, "inspect.yaml")
+        policy::load_str(src, "inspect.yaml")
             .expect("loads")
             .compiled,
     );
@@ -485,16 +490,7 @@ fn a_response_rule_quarantines_the_pod_that_sent_the_attack_and_release_ends_it(
     let src = format!(
         "{POLICY}  responses:\n    - name: isolate-api\n      zones: [api]\n      threats: [SQL.Injection]\n      minSeverity: high\n      actions: [quarantine, webhook]\n      keep: [api-corp-udp]\n"
     );
-    let c = Arc::new(policy::load_str(&src, "r.yaml").expect("loads").compiled);
-    let mut fx = fixture();
-    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
-    let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
-    fx.e = Enforcer::new(
-        c,
-        peers,
-        inv.workloads[0].local(fx.mac),
-        EnforcerConfig::default(),
-    );
+    let mut fx = fixture_of(&src);
 
     let mut plain = fx.connect("10.0.0.3", 9000);
     assert_eq!(fx.send(&mut plain, b"hello").verdict, Verdict::Pass);
@@ -558,16 +554,7 @@ fn a_response_rule_quarantines_the_pod_that_sent_the_attack_and_release_ends_it(
 fn no_response_for_bytes_the_peer_sent_and_bad_response_rules_are_located() {
     let src =
         format!("{POLICY}  responses:\n    - name: isolate-any\n      actions: [quarantine]\n");
-    let c = Arc::new(policy::load_str(&src, "r.yaml").expect("loads").compiled);
-    let mut fx = fixture();
-    let inv: Inventory = enclave_netfilter::yaml::from_str(INVENTORY).expect("inventory");
-    let peers = Arc::new(PeerDirectory::build(c.policy(), &inv.workloads));
-    fx.e = Enforcer::new(
-        c,
-        peers,
-        inv.workloads[0].local(fx.mac),
-        EnforcerConfig::default(),
-    );
+    let mut fx = fixture_of(&src);
     // corp answers the api pod with a card number: corp sent it, so the api pod is not
     // quarantined (corp's own netd answers for corp).
     let mut c = fx.connect("10.0.0.3", 8080);

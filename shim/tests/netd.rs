@@ -17,14 +17,13 @@
 //! - killing a pod's netd stops that pod's VM: its network is gone, nothing passes around.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use enclave_tests::containerd::leftovers;
 use enclave_tests::cri::{
-    container_config, cri_client, exec_sync, pod_ip, reason, records, sandbox_config, wait_record,
-    CriNode,
+    cri_client, exec_sync, reason, records, run_pod, wait_record, CriNode, PodRun, PodSpec,
 };
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -42,44 +41,8 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-struct Pod {
-    sandbox: String,
-    ip: String,
-    /// Container id of the pod's one container.
-    c: String,
-}
-
-async fn run_pod(
-    cri: &mut RuntimeServiceClient<Channel>,
-    node: &CriNode,
-    logs: &Path,
-    (name, ns, zone): (&str, &str, &str),
-    script: &str,
-    net_admin: bool,
-) -> Pod {
-    let sc = sandbox_config(name, ns, zone, logs);
-    let sandbox = enclave_tests::cri::run_sandbox(cri, &node.containerd, &sc).await;
-    let mut config = container_config(name, &["sh", "-c", script], &format!("{name}.log"));
-    if net_admin {
-        config.linux = Some(LinuxContainerConfig {
-            security_context: Some(LinuxContainerSecurityContext {
-                capabilities: Some(Capability {
-                    add_capabilities: vec!["NET_ADMIN".into(), "NET_RAW".into()],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-    let c = enclave_tests::cri::run_container(cri, &sandbox, &sc, config).await;
-    let ip = pod_ip(cri, &sandbox).await;
-    assert!(ip.starts_with("10.88.77."), "{name}: pod IP {ip:?}");
-    Pod { sandbox, ip, c }
-}
-
 /// Runs `script` with sh in the pod's container: (exit code, stdout).
-async fn sh(cri: &mut RuntimeServiceClient<Channel>, p: &Pod, script: &str) -> (i32, String) {
+async fn sh(cri: &mut RuntimeServiceClient<Channel>, p: &PodRun, script: &str) -> (i32, String) {
     let (code, out, _) = exec_sync(cri, &p.c, &["sh", "-c", script]).await;
     (code, out)
 }
@@ -94,7 +57,7 @@ fn http_get(ip: &str, timeout: u32) -> String {
 }
 
 /// The contents of `file` in the pod's container ("" if missing).
-async fn cat(cri: &RuntimeServiceClient<Channel>, p: &Pod, file: &str) -> String {
+async fn cat(cri: &RuntimeServiceClient<Channel>, p: &PodRun, file: &str) -> String {
     let mut c = cri.clone();
     sh(&mut c, p, &format!("cat {file} 2>/dev/null; true"))
         .await
@@ -187,36 +150,48 @@ async fn zone_policy_is_enforced_on_every_pod_frame() {
         &mut cri,
         &node,
         &logs,
-        ("web", "storefront", "web"),
-        serve_http,
-        false,
+        PodSpec {
+            who: ("web", "storefront", "web"),
+            image: None,
+            script: serve_http,
+            net_admin: false,
+        },
     )
     .await;
     let api = run_pod(
         &mut cri,
         &node,
         &logs,
-        ("api", "payments", "cde-api"),
-        serve_http,
-        true,
+        PodSpec {
+            who: ("api", "payments", "cde-api"),
+            image: None,
+            script: serve_http,
+            net_admin: true,
+        },
     )
     .await;
     let db = run_pod(
         &mut cri,
         &node,
         &logs,
-        ("db", "payments", "cde-db"),
-        "(while true; do nc -l -p 2222 >> /tmp/got2222; done) & while true; do nc -l -p 5432 >> /tmp/got; done",
-        false,
+        PodSpec {
+            who: ("db", "payments", "cde-db"),
+            image: None,
+            script: "(while true; do nc -l -p 2222 >> /tmp/got2222; done) & while true; do nc -l -p 5432 >> /tmp/got; done",
+            net_admin: false,
+        },
     )
     .await;
     let cache = run_pod(
         &mut cri,
         &node,
         &logs,
-        ("cache", "payments", "cde-cache"),
-        "while true; do nc -l -p 6379 >> /tmp/got; done",
-        false,
+        PodSpec {
+            who: ("cache", "payments", "cde-cache"),
+            image: None,
+            script: "while true; do nc -l -p 6379 >> /tmp/got; done",
+            net_admin: false,
+        },
     )
     .await;
     eprintln!(

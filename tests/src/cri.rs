@@ -489,3 +489,62 @@ pub async fn wait_record(
 pub fn reason(r: &serde_json::Value) -> &str {
     r["unmapped"]["enclave"]["reason"].as_str().unwrap_or("")
 }
+
+/// A pod of one container, as the tests start it.
+pub struct PodSpec<'a> {
+    /// Name, namespace and zone (the `enclave.io/zone` annotation).
+    pub who: (&'a str, &'a str, &'a str),
+    /// The container's image (the test busybox image when `None`).
+    pub image: Option<&'a str>,
+    /// What the container runs (with sh).
+    pub script: &'a str,
+    /// Give the container NET_ADMIN and NET_RAW (to forge frames).
+    pub net_admin: bool,
+}
+
+/// A pod the tests started.
+#[derive(Debug, Clone)]
+pub struct PodRun {
+    /// Sandbox id.
+    pub sandbox: String,
+    /// Pod IP.
+    pub ip: String,
+    /// Container id of the pod's one container.
+    pub c: String,
+}
+
+/// RunPodSandbox (handler `enclave`) and one container running `spec.script`, logging
+/// under `logs`; the pod's IP must be in the test subnet.
+pub async fn run_pod(
+    cri: &mut RuntimeServiceClient<Channel>,
+    node: &CriNode,
+    logs: &Path,
+    spec: PodSpec<'_>,
+) -> PodRun {
+    use k8s_cri::v1::*;
+    let (name, ns, zone) = spec.who;
+    let sc = sandbox_config(name, ns, zone, logs);
+    let sandbox = run_sandbox(cri, &node.containerd, &sc).await;
+    let mut config = container_config_of(
+        spec.image.unwrap_or(crate::containerd::IMAGE),
+        name,
+        &["sh", "-c", spec.script],
+        &format!("{name}.log"),
+    );
+    if spec.net_admin {
+        config.linux = Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                capabilities: Some(Capability {
+                    add_capabilities: vec!["NET_ADMIN".into(), "NET_RAW".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let c = run_container(cri, &sandbox, &sc, config).await;
+    let ip = pod_ip(cri, &sandbox).await;
+    assert!(ip.starts_with("10.88.77."), "{name}: pod IP {ip:?}");
+    PodRun { sandbox, ip, c }
+}

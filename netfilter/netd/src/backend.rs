@@ -96,7 +96,13 @@ pub struct NetBackend {
     pub stats: Arc<Stats>,
     /// The decision on every frame.
     pub gate: Gate,
+    /// Frames netd made for the guest (TCP resets of cut connections), sent before the
+    /// tap's next frame; at most [`TO_GUEST_MAX`].
+    to_guest: std::collections::VecDeque<Vec<u8>>,
 }
+
+/// Frames netd queues for the guest at most (more are dropped: resets are a courtesy).
+const TO_GUEST_MAX: usize = 64;
 
 impl NetBackend {
     /// A backend moving frames between the guest and `tap`, each decided by `gate`.
@@ -112,6 +118,7 @@ impl NetBackend {
             rx_buf: vec![0; MAX_FRAME],
             stats: Arc::default(),
             gate,
+            to_guest: std::collections::VecDeque::new(),
         }
     }
 
@@ -142,6 +149,13 @@ impl NetBackend {
                         .pass(Direction::Egress, &self.buf[VNET_HDR_LEN..n]) =>
                 {
                     self.stats.tx_denied.fetch_add(1, Ordering::Relaxed);
+                    let (back, on) = self.gate.take_resets();
+                    if let Some(f) = back {
+                        self.queue_to_guest(f);
+                    }
+                    if let Some(f) = on {
+                        self.write_tap(&f)?;
+                    }
                 }
                 Some(n) => {
                     self.buf[..VNET_HDR_LEN].fill(0);
@@ -166,6 +180,39 @@ impl NetBackend {
         Ok(())
     }
 
+    fn queue_to_guest(&mut self, frame: Vec<u8>) {
+        if self.to_guest.len() < TO_GUEST_MAX && frame.len() + VNET_HDR_LEN <= MAX_FRAME {
+            self.to_guest.push_back(frame);
+        }
+    }
+
+    /// Writes a frame netd made to the tap (a reset of a cut connection, to the peer).
+    fn write_tap(&mut self, frame: &[u8]) -> io::Result<()> {
+        let mut b = vec![0u8; VNET_HDR_LEN + frame.len()];
+        b[VNET_HDR_LEN..].copy_from_slice(frame);
+        match self.tap.write(&b) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The guest's header for the frame in `rx_buf`: the host kernel's (receive offloads
+    /// in use, as the guest negotiated them) or zeros.
+    fn rx_header(&mut self, from_tap: bool) {
+        if self.rx_offloads && from_tap {
+            // Without MRG_RXBUF num_buffers is 1; a legacy header is its first 10 bytes,
+            // moved up to sit right before the frame.
+            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            if self.hdr_len == LEGACY_HDR_LEN {
+                self.rx_buf.copy_within(0..LEGACY_HDR_LEN, 2);
+            }
+        } else {
+            // No offloads, or a frame netd made whole (checksums filled in): all zeros.
+            self.rx_buf[..VNET_HDR_LEN].fill(0);
+        }
+    }
+
     /// Tap → guest, while the guest has buffers.
     fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.mem.memory();
@@ -173,6 +220,15 @@ impl NetBackend {
         loop {
             let n = match self.pending.take() {
                 Some(n) => n,
+                None if !self.to_guest.is_empty() => {
+                    let Some(f) = self.to_guest.pop_front() else {
+                        break;
+                    };
+                    let n = VNET_HDR_LEN + f.len();
+                    self.rx_buf[VNET_HDR_LEN..n].copy_from_slice(&f);
+                    self.rx_header(false);
+                    n
+                }
                 None => match self.tap.read(&mut self.rx_buf) {
                     Ok(0) => break,
                     Ok(n) if n <= VNET_HDR_LEN => continue,
@@ -182,20 +238,18 @@ impl NetBackend {
                             .pass(Direction::Ingress, &self.rx_buf[VNET_HDR_LEN..n])
                         {
                             self.stats.rx_denied.fetch_add(1, Ordering::Relaxed);
+                            let (back, on) = self.gate.take_resets();
+                            if let Some(f) = back {
+                                self.write_tap(&f)?;
+                            }
+                            if let Some(f) = on {
+                                self.queue_to_guest(f);
+                            }
                             continue;
                         }
-                        if self.rx_offloads {
-                            // The host kernel's header (checksum and segmentation of a frame
-                            // netd decided as a whole), as the guest negotiated it. Without
-                            // MRG_RXBUF num_buffers is 1; a legacy header is its first 10
-                            // bytes, moved up to sit right before the frame.
-                            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
-                            if self.hdr_len == LEGACY_HDR_LEN {
-                                self.rx_buf.copy_within(0..LEGACY_HDR_LEN, 2);
-                            }
-                        } else {
-                            self.rx_buf[..VNET_HDR_LEN].fill(0);
-                        }
+                        // The host kernel's header (checksum and segmentation of a frame
+                        // netd decided as a whole), as the guest negotiated it.
+                        self.rx_header(true);
                         n
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -316,6 +370,10 @@ impl VhostUserBackendMut for NetBackend {
                 }
                 self.process_tx(tx)?;
                 if !self.event_idx || !tx.enable_notification().map_err(queue_err)? {
+                    // Resets netd made for the guest go out now, not with the tap's next frame.
+                    if !self.to_guest.is_empty() {
+                        self.process_rx(rx)?;
+                    }
                     break;
                 }
             },

@@ -220,6 +220,49 @@ pub struct Enforcing {
 pub struct Gate {
     enforcing: Option<Enforcing>,
     t0: Instant,
+    /// TCP resets for the frame just dropped: back to its sender, and on to its receiver.
+    resets: (Option<Vec<u8>>, Option<Vec<u8>>),
+    reset_budget: Budget,
+}
+
+/// Resets per second netd sends for a pod's cut flows (each answers a frame it dropped).
+const RESET_RATE_BURST: u64 = 200;
+
+/// The reset of the connection `frame` belongs to, to send back to its sender (`back`), or
+/// on to its receiver; `None` when the frame is not a TCP segment or is itself a reset.
+fn tcp_reset(frame: &[u8], back: bool) -> Option<Vec<u8>> {
+    use enclave_netfilter::packet::{build, Frame, Net, TcpFlags, L4};
+    let f = Frame::parse(frame).ok()?;
+    let Net::Ip(ip) = f.net else { return None };
+    let L4::Tcp(t) = ip.l4 else { return None };
+    if t.flags.has(TcpFlags::RST) {
+        return None;
+    }
+    let ends = build::Ends {
+        src_mac: f.eth.src,
+        dst_mac: f.eth.dst,
+        src: ip.src,
+        dst: ip.dst,
+        sport: t.sport,
+        dport: t.dport,
+    };
+    let len = t.payload.len() as u32
+        + u32::from(t.flags.has(TcpFlags::SYN))
+        + u32::from(t.flags.has(TcpFlags::FIN));
+    Some(if back {
+        // As the receiver would: from the segment's sequence space, acknowledging it.
+        let seq = if t.flags.has(TcpFlags::ACK) { t.ack } else { 0 };
+        build::tcp(
+            &ends.reversed(),
+            TcpFlags::RST | TcpFlags::ACK,
+            seq,
+            t.seq.wrapping_add(len),
+            b"",
+        )
+    } else {
+        // As the sender would, at the sequence number the receiver expects.
+        build::tcp(&ends, TcpFlags::RST | TcpFlags::ACK, t.seq, t.ack, b"")
+    })
 }
 
 impl Gate {
@@ -228,6 +271,11 @@ impl Gate {
         Gate {
             enforcing: None,
             t0: Instant::now(),
+            resets: (None, None),
+            reset_budget: Budget {
+                tokens: RESET_RATE_BURST,
+                last: 0,
+            },
         }
     }
 
@@ -296,6 +344,11 @@ impl Gate {
         Ok(Gate {
             enforcing: Some(e),
             t0: Instant::now(),
+            resets: (None, None),
+            reset_budget: Budget {
+                tokens: RESET_RATE_BURST,
+                last: 0,
+            },
         })
     }
 
@@ -334,7 +387,30 @@ impl Gate {
                 return false;
             }
         }
-        d.verdict == Verdict::Pass
+        if d.verdict == Verdict::Pass {
+            return true;
+        }
+        // A connection netd cut (inspection, an L7 mismatch, a reload, a quarantine) is
+        // reset rather than left to time out: the sender of each frame it drops gets a
+        // reset back, and when the cut happens on this frame the receiver gets one too.
+        let (back, on) = match d.reason {
+            Reason::ThreatDetected | Reason::DataLeak | Reason::AppMismatch => (true, true),
+            Reason::FlowCut | Reason::Quarantined => (true, false),
+            _ => (false, false),
+        };
+        if back && self.reset_budget.take(now) {
+            self.resets = (
+                tcp_reset(frame, true),
+                on.then(|| tcp_reset(frame, false)).flatten(),
+            );
+        }
+        false
+    }
+
+    /// The resets for the frame [`Gate::pass`] just dropped: (back to its sender, on to
+    /// its receiver).
+    pub fn take_resets(&mut self) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        std::mem::take(&mut self.resets)
     }
 }
 
@@ -437,15 +513,9 @@ impl Enforcing {
                 " (monitor mode: recorded, not carried out)".into()
             }
         );
-        let mut rec = base_event(4, "High", &message, "enclave-netd");
-        rec["metadata"]["product"]["feature"] = json!({"name": "enclave-netd"});
-        rec["policy"] = json!({"name": p.name, "version": p.version});
-        rec["unmapped"] = json!({"enclave": {
-            "node": self.sources.node,
-            "pod": self.sources.pod.name,
-            "namespace": self.sources.pod.namespace,
-            "zone": self.zone_name(),
-            "response": {
+        let mut rec = self.operational(4, "High", &message);
+        rec["unmapped"]["enclave"]["webhook"] = json!(r.actions.contains(&ResponseAction::Webhook));
+        rec["unmapped"]["enclave"]["response"] = json!({
                 "name": r.response,
                 "actions": actions,
                 "acted": r.acted,
@@ -459,9 +529,7 @@ impl Enforcing {
                     "src_zone": p.zone_name(r.flow.src_zone),
                     "dst_zone": p.zone_name(r.flow.dst_zone),
                 },
-            },
-            "webhook": r.actions.contains(&ResponseAction::Webhook),
-        }});
+        });
         match self.log.append(rec) {
             Ok(_) => {
                 self.audit.records += 1;
@@ -535,10 +603,11 @@ impl Enforcing {
         }
     }
 
-    /// An operational record (start, reload, suppression) in the same chain.
-    fn note(&mut self, message: &str) -> Result<(), String> {
+    /// A Base Event about this pod (start, reload, suppression, a response), with the
+    /// policy in force and the pod's node, name, namespace and zone.
+    fn operational(&self, severity_id: u8, severity: &str, message: &str) -> serde_json::Value {
         let p = self.enforcer.policy().policy();
-        let mut rec = base_event(1, "Informational", message, "enclave-netd");
+        let mut rec = base_event(severity_id, severity, message, "enclave-netd");
         rec["metadata"]["product"]["feature"] = json!({"name": "enclave-netd"});
         rec["policy"] = json!({"name": p.name, "version": p.version});
         rec["unmapped"] = json!({"enclave": {
@@ -547,6 +616,12 @@ impl Enforcing {
             "namespace": self.sources.pod.namespace,
             "zone": self.zone_name(),
         }});
+        rec
+    }
+
+    /// An operational record (start, reload, suppression) in the same chain.
+    fn note(&mut self, message: &str) -> Result<(), String> {
+        let rec = self.operational(1, "Informational", message);
         self.log
             .append(rec)
             .map(|_| ())
@@ -892,5 +967,42 @@ mod tests {
         // One second later: DENIAL_RATE more.
         let taken = (0..1000).filter(|_| b.take(1_000_000_000)).count() as u64;
         assert_eq!(taken, DENIAL_RATE);
+    }
+}
+
+#[cfg(test)]
+mod reset_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::tcp_reset;
+    use enclave_netfilter::packet::{build, Frame, MacAddr, Net, TcpFlags as F, L4};
+
+    fn tcp_of(frame: &[u8]) -> (std::net::IpAddr, u16, u32, u32, u8) {
+        let f = Frame::parse(frame).unwrap();
+        let Net::Ip(ip) = f.net else { panic!("not IP") };
+        let L4::Tcp(t) = ip.l4 else { panic!("not TCP") };
+        (ip.src, t.sport, t.seq, t.ack, t.flags.0)
+    }
+
+    #[test]
+    fn resets_sit_where_each_end_expects_them() {
+        let e = build::Ends {
+            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            sport: 40000,
+            dport: 5432,
+        };
+        let seg = build::tcp(&e, F::ACK | F::PSH, 1000, 7000, b"select");
+        // Back to the sender: from the receiver's side, acknowledging the segment.
+        let (src, sport, seq, ack, flags) = tcp_of(&tcp_reset(&seg, true).unwrap());
+        assert_eq!((src, sport, seq, ack), (e.dst, 5432, 7000, 1006));
+        assert_eq!(flags & (F::RST | F::ACK), F::RST | F::ACK);
+        // On to the receiver: at the sequence number it expects from the sender.
+        let (src, sport, seq, ack, _) = tcp_of(&tcp_reset(&seg, false).unwrap());
+        assert_eq!((src, sport, seq, ack), (e.src, 40000, 1000, 7000));
+        // No reset for a reset, or for what is not TCP.
+        assert!(tcp_reset(&build::tcp(&e, F::RST, 1, 0, b""), true).is_none());
+        assert!(tcp_reset(&build::udp(&e, b"x"), true).is_none());
     }
 }

@@ -528,34 +528,64 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
-/// PostgreSQL frontend messages.
+/// Length-framed messages assembled out of a stream: the bytes so far, and how much of a
+/// message too long to keep is still to be skipped.
 #[derive(Debug, Default)]
-struct PgState {
+struct Frames {
     buf: Vec<u8>,
-    started: bool,
-    /// Bytes of a long message still to skip.
     skip: u64,
 }
 
+impl Frames {
+    /// The next piece of the stream, less what is being skipped.
+    fn push(&mut self, b: &[u8]) {
+        let n = self.skip.min(b.len() as u64) as usize;
+        self.skip -= n as u64;
+        self.buf.extend_from_slice(&b[n..]);
+    }
+
+    /// Passes over a message of `total` bytes (those not here yet too): one longer than
+    /// [`MESSAGE_MAX`] is not kept.
+    fn skip_message(&mut self, total: usize) {
+        let here = self.buf.len().min(total);
+        self.skip = (total - here) as u64;
+        self.buf.drain(..here);
+    }
+}
+
+/// A SQL injection finding for query text `q` of `dialect`, if it has one.
+fn query_finding(q: &[u8], dialect: &str, found: &mut Vec<Detected>) {
+    if let Some(hit) = sqli::in_query(q) {
+        found.push(Detected::new(
+            Threat::SqlInjection,
+            format!(
+                "{} in a {dialect} query: `{}`",
+                hit.shape.as_str(),
+                http::excerpt(q, 120)
+            ),
+            true,
+        ));
+    }
+}
+
+/// PostgreSQL frontend messages.
+#[derive(Debug, Default)]
+struct PgState {
+    f: Frames,
+    started: bool,
+}
+
 impl PgState {
-    fn feed(&mut self, mut b: &[u8], found: &mut Vec<Detected>) -> bool {
+    fn feed(&mut self, b: &[u8], found: &mut Vec<Detected>) -> bool {
+        self.f.push(b);
         loop {
-            if self.skip > 0 {
-                let n = self.skip.min(b.len() as u64) as usize;
-                self.skip -= n as u64;
-                b = &b[n..];
-            }
-            if b.is_empty() && self.buf.is_empty() {
-                return false;
-            }
-            self.buf.extend_from_slice(b);
-            b = &[];
+            let buf = &self.f.buf;
             if !self.started {
                 // Untyped: length, then the protocol code.
-                if self.buf.first() == Some(&0x16) {
+                if buf.first() == Some(&0x16) {
                     return true; // TLS after an SSLRequest
                 }
-                let Some(l) = self.buf.get(..8) else {
+                let Some(l) = buf.get(..8) else {
                     return false;
                 };
                 let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
@@ -564,7 +594,7 @@ impl PgState {
                     found.push(self.violation("a startup message of impossible length"));
                     return true;
                 }
-                if self.buf.len() < len {
+                if buf.len() < len {
                     return false;
                 }
                 match code {
@@ -572,10 +602,10 @@ impl PgState {
                     196608 => self.started = true, // protocol 3.0
                     _ => return true,              // cancel request, or unknown
                 }
-                self.buf.drain(..len);
+                self.f.buf.drain(..len);
                 continue;
             }
-            let Some(h) = self.buf.get(..5) else {
+            let Some(h) = buf.get(..5) else {
                 return false;
             };
             let ty = h[0];
@@ -586,15 +616,13 @@ impl PgState {
             }
             let total = 1 + len;
             if total > MESSAGE_MAX {
-                self.skip = (total - self.buf.len().min(total)) as u64;
-                let n = self.buf.len().min(total);
-                self.buf.drain(..n);
+                self.f.skip_message(total);
                 continue;
             }
-            if self.buf.len() < total {
+            if buf.len() < total {
                 return false;
             }
-            let body = &self.buf[5..total];
+            let body = &buf[5..total];
             let query = match ty {
                 b'Q' => Some(cstr(body)),
                 b'P' => {
@@ -604,24 +632,14 @@ impl PgState {
                 _ => None,
             };
             if let Some(q) = query {
-                if let Some(hit) = sqli::in_query(q) {
-                    found.push(Detected::new(
-                        Threat::SqlInjection,
-                        format!(
-                            "{} in a PostgreSQL query: `{}`",
-                            hit.shape.as_str(),
-                            http::excerpt(q, 120)
-                        ),
-                        true,
-                    ));
-                }
+                query_finding(q, "PostgreSQL", found);
             }
-            self.buf.drain(..total);
+            self.f.buf.drain(..total);
         }
     }
 
     fn violation(&self, what: &str) -> Detected {
-        let start = &self.buf[..self.buf.len().min(80)];
+        let start = &self.f.buf[..self.f.buf.len().min(80)];
         let line = start.split(|&c| c == b'\n').next().unwrap_or(start);
         let http = if proto::is_http_request_line(line) {
             " (an HTTP request)"
@@ -646,57 +664,38 @@ fn cstr(b: &[u8]) -> &[u8] {
 /// MySQL client packets.
 #[derive(Debug, Default)]
 struct MyState {
-    buf: Vec<u8>,
+    f: Frames,
     packets: u32,
-    skip: u64,
 }
 
 impl MyState {
-    fn feed(&mut self, mut b: &[u8], found: &mut Vec<Detected>) -> bool {
+    fn feed(&mut self, b: &[u8], found: &mut Vec<Detected>) -> bool {
+        self.f.push(b);
         loop {
-            if self.skip > 0 {
-                let n = self.skip.min(b.len() as u64) as usize;
-                self.skip -= n as u64;
-                b = &b[n..];
-            }
-            self.buf.extend_from_slice(b);
-            b = &[];
-            let Some(h) = self.buf.get(..4) else {
+            let buf = &self.f.buf;
+            let Some(h) = buf.get(..4) else {
                 return false;
             };
             let len = usize::from(h[0]) | usize::from(h[1]) << 8 | usize::from(h[2]) << 16;
             let seq = h[3];
             let total = 4 + len;
-            self.packets += 1;
-            if self.packets == 1 && len == 32 {
+            if self.packets == 0 && len == 32 {
                 return true; // an SSL request: TLS follows
             }
             if total > MESSAGE_MAX {
-                self.skip = (total - self.buf.len().min(total)) as u64;
-                let n = self.buf.len().min(total);
-                self.buf.drain(..n);
+                self.f.skip_message(total);
+                self.packets += 1;
                 continue;
             }
-            if self.buf.len() < total {
-                self.packets -= 1;
+            if buf.len() < total {
                 return false;
             }
-            let p = &self.buf[4..total];
+            self.packets += 1;
+            let p = &buf[4..total];
             if self.packets > 1 && seq == 0 && matches!(p.first(), Some(0x03 | 0x16)) {
-                let q = &p[1..];
-                if let Some(hit) = sqli::in_query(q) {
-                    found.push(Detected::new(
-                        Threat::SqlInjection,
-                        format!(
-                            "{} in a MySQL query: `{}`",
-                            hit.shape.as_str(),
-                            http::excerpt(q, 120)
-                        ),
-                        true,
-                    ));
-                }
+                query_finding(&p[1..], "MySQL", found);
             }
-            self.buf.drain(..total);
+            self.f.buf.drain(..total);
         }
     }
 }
