@@ -1156,7 +1156,10 @@ impl Enforcer {
             // The rule is known now: inspect as it says (the candidates' strictest until
             // then).
             if let Some(fi) = e.inspect.as_mut() {
-                let cfg = rule_inspect(&self.policy, e.rule);
+                let cfg = self
+                    .policy
+                    .policy()
+                    .flow_inspect(e.rule, e.zones.0, e.zones.1);
                 fi.set_app(app);
                 fi.set_cfg(
                     cfg,
@@ -1349,9 +1352,9 @@ impl Enforcer {
         // rules that could still allow the flow asks).
         let cfg = match (self.mode, lookup) {
             (Mode::Learn, _) => Inspect::default(),
-            (_, Lookup::Allowed(r)) => rule_inspect(&self.policy, Some(r)),
+            (_, Lookup::Allowed(r)) => self.policy.policy().flow_inspect(Some(r), from, to),
             (_, Lookup::NeedsApp(c)) => c.iter().fold(Inspect::default(), |a, r| {
-                a.merge(rule_inspect(&self.policy, *r))
+                a.merge(self.policy.policy().flow_inspect(*r, from, to))
             }),
             _ => Inspect::default(),
         };
@@ -1562,7 +1565,7 @@ impl Enforcer {
                 _ => false,
             };
             if allowed {
-                let cfg = rule_inspect(&pol, e.rule);
+                let cfg = pol.policy().flow_inspect(e.rule, from, to);
                 let sides = pol.policy().dlp_sides(cfg, from, to);
                 match (e.inspect.as_mut(), cfg.any()) {
                     (Some(fi), true) => fi.set_cfg(cfg, sides),
@@ -1755,12 +1758,6 @@ fn flow_event_of(
     }
 }
 
-/// The inspection a rule asks for (none for no rule, or the learn-mode placeholder).
-fn rule_inspect(policy: &CompiledPolicy, rule: Option<RuleId>) -> Inspect {
-    rule.and_then(|r| policy.policy().rules.get(r.0 as usize))
-        .map_or(Inspect::default(), |r| r.inspect)
-}
-
 /// The flow of a packet as its initiator opened it, for a finding's record.
 fn finding_flow(ip: &IpPacket<'_>, orig: bool, info: &FlowInfo, mode: Mode) -> FlowEvent {
     let (sport, dport) = ip.l4.ports();
@@ -1884,7 +1881,13 @@ fn step_l7(e: &mut FlowEntry, orig: bool, ip: &IpPacket<'_>, mode: Mode) -> L7St
     let take = payload.len().min(DETECT_BYTES - held);
     p.buf[side_i][held..held + take].copy_from_slice(&payload[..take]);
     p.len[side_i] = (held + take) as u8;
-    let data = &p.buf[side_i][..held + take];
+    // A datagram is judged whole: a DNS query whose name runs past the first 64 bytes is
+    // still DNS (a stream's first bytes are all a detector gets).
+    let data = if datagram {
+        payload
+    } else {
+        &p.buf[side_i][..held + take]
+    };
 
     if mode == Mode::Learn {
         let app = l7::identify(side, data, datagram);

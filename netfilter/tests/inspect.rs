@@ -51,7 +51,7 @@ spec:
       inspect: {dlp: deny}
     - {name: api-corp-plain, from: api, to: corp, protocol: tcp, ports: [9000]}
     - {name: api-corp-leaving, from: api, to: corp, protocol: tcp, ports: [8081], inspect: {dlp: deny, dlpFlows: leaving-cde}}
-    - {name: api-corp-udp, from: api, to: corp, protocol: udp, ports: [53], inspect: {threats: deny}}
+    - {name: api-corp-udp, from: api, to: corp, protocol: udp, ports: [53], app: dns, inspect: {threats: deny}}
     - {name: api-corp-frag, from: api, to: corp, protocol: udp, ports: [7000]}
 "#;
 
@@ -594,4 +594,64 @@ fn no_response_for_bytes_the_peer_sent_and_bad_response_rules_are_located() {
         let s = e.to_string();
         assert!(s.contains(want) && s.contains("r.yaml:"), "{bad}: {s}");
     }
+}
+
+#[test]
+fn a_zones_inspect_applies_to_every_allowed_flow_into_or_out_of_it() {
+    // api-corp-plain asks for nothing; the corp zone asks for threats: deny.
+    let src = POLICY.replace(
+        "    - {name: corp, selector: {namespaces: [corp]}}",
+        "    - {name: corp, selector: {namespaces: [corp]}, inspect: {threats: deny}}",
+    );
+    assert_ne!(src, POLICY);
+    let mut fx = fixture_of(&src);
+    let mut c = fx.connect("10.0.0.3", 9000);
+    let d = fx.send(
+        &mut c,
+        b"GET /?id=1%20UNION%20SELECT%20pan HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Drop, Reason::ThreatDetected)
+    );
+    // Under the original policy the same flow is not inspected.
+    let mut fy = fixture();
+    let mut c = fy.connect("10.0.0.3", 9000);
+    let d = fy.send(
+        &mut c,
+        b"GET /?id=1%20UNION%20SELECT%20pan HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(d.verdict, Verdict::Pass);
+}
+
+#[test]
+fn a_dns_query_with_a_long_name_is_still_dns() {
+    // Found through busybox's nslookup: the app detector saw only the first 64 bytes of a
+    // datagram, so a query whose name ran past them was cut as not DNS.
+    let mut fx = fixture();
+    let out = build::Ends {
+        src_mac: fx.mac,
+        dst_mac: GW,
+        src: fx.ip,
+        dst: "10.0.0.3".parse().unwrap(),
+        sport: 5300,
+        dport: 53,
+    };
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for l in [
+        "payments-api-7f9c",
+        "payments",
+        "svc",
+        "cluster",
+        "local",
+        "example",
+    ] {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    assert!(q.len() > 64);
+    let d = fx.decide(Direction::Egress, &build::udp(&out, &q));
+    assert_eq!(d.verdict, Verdict::Pass, "{d:?}");
+    assert!(fx.findings().is_empty());
 }

@@ -45,6 +45,8 @@ spec:
        inspect: {threats: deny}}
     - {name: api-to-cache, from: cde-api, to: cde-data, protocol: tcp, ports: [6379], app: redis,
        inspect: {threats: deny}}
+    - {name: api-to-dns, from: cde-api, to: cde-data, protocol: udp, ports: [53], app: dns,
+       inspect: {threats: deny}}
   responses:
     - {name: isolate-api, zones: [cde-api], threats: [SQL.Injection], actions: [quarantine, webhook],
        keep: [api-to-cache]}
@@ -408,6 +410,24 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
         "{f}"
     );
     assert_eq!(f["firewall_rule"]["name"], "api-to-cache", "{f}");
+
+    // --- api -> DNS with busybox's nslookup: a query carrying data in a 55-byte label.
+    let label = "a".repeat(55);
+    let _ = sh(
+        &mut cri,
+        &api,
+        &format!("timeout 2 nslookup {label}.t.example {NODE}; true"),
+    )
+    .await;
+    let f = finding(&audit, "DNS.Tunneling", "api-to-dns").await;
+    assert!(
+        f["message"].as_str().unwrap().contains("label of 55"),
+        "{f}"
+    );
+    eprintln!(
+        "[{:>5.1}s] nslookup with data in its labels: DNS.Tunneling",
+        t.elapsed().as_secs_f64()
+    );
 
     // --- web -> api with curl: the ordinary page passes; checkout posts a card number
     // into the CDE (passes); the CDE answering with one is cut.

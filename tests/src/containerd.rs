@@ -268,6 +268,8 @@ pub fn tools_image(dir: &Path, bins: &[(&str, &str)]) -> Result<PathBuf, String>
     let rootfs = dir.join("tools-rootfs");
     let _ = std::fs::remove_dir_all(&rootfs);
     busybox_rootfs(&rootfs)?;
+    // busybox's own DNS client (a query the test's netd judges).
+    let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin/nslookup"));
     let copy = |from: &Path, to: &Path| -> Result<(), String> {
         if let Some(d) = to.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;

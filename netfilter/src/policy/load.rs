@@ -393,6 +393,7 @@ impl Ctx<'_> {
                 scope: z.scope,
                 selector: z.selector,
                 cidrs,
+                inspect: z.inspect.unwrap_or_default(),
             });
         }
 

@@ -183,6 +183,10 @@ pub struct ZoneDoc {
     /// Addresses outside the cluster that belong to the zone.
     #[serde(default)]
     pub cidrs: Vec<String>,
+    /// Inspection of every allowed flow into or out of the zone, on top of what each rule
+    /// asks (the stricter of the two applies).
+    #[serde(default)]
+    pub inspect: Option<Inspect>,
 }
 
 /// A zone's place in a PCI DSS assessment.
@@ -271,11 +275,13 @@ impl Inspect {
         Inspect {
             threats: max(self.threats, o.threats),
             dlp: max(self.dlp, o.dlp),
-            // Reading more is the stricter choice.
-            dlp_flows: if self.dlp_flows == o.dlp_flows {
-                self.dlp_flows
-            } else {
-                DlpFlows::CrossingZones
+            // Only a side that reads card data has a say; between two that do, reading
+            // more is the stricter choice.
+            dlp_flows: match (self.dlp, o.dlp) {
+                (Some(_), None) => self.dlp_flows,
+                (None, Some(_)) => o.dlp_flows,
+                _ if self.dlp_flows == o.dlp_flows => self.dlp_flows,
+                _ => DlpFlows::CrossingZones,
             },
         }
     }
@@ -666,6 +672,8 @@ pub struct Zone {
     pub selector: Option<Selector>,
     /// External networks.
     pub cidrs: Vec<Cidr>,
+    /// Inspection of every allowed flow into or out of the zone.
+    pub inspect: Inspect,
 }
 
 /// A validated rule.
@@ -713,6 +721,22 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// What netd inspects in a flow from zone `from` to zone `to` that `rule` allows: the
+    /// rule's `inspect`, made stricter by either zone's (none without a rule).
+    pub fn flow_inspect(&self, rule: Option<RuleId>, from: ZoneId, to: ZoneId) -> Inspect {
+        let Some(r) = rule.and_then(|r| self.rules.get(r.0 as usize)) else {
+            return Inspect::default();
+        };
+        let zone = |z: ZoneId| match z.0 {
+            0 => Inspect::default(),
+            n => self
+                .zones
+                .get(usize::from(n) - 1)
+                .map_or(Inspect::default(), |z| z.inspect),
+        };
+        r.inspect.merge(zone(from)).merge(zone(to))
+    }
+
     /// The PCI DSS scope of a zone, if the policy gives one (`unknown` has none).
     pub fn zone_scope(&self, id: ZoneId) -> Option<Scope> {
         match id.0 {
