@@ -180,24 +180,9 @@ async fn sh(
     exec_sync(cri, &p.c, &["sh", "-c", script]).await
 }
 
-/// `enclavectl node reload` from containerd's mount namespace (where the pods' network
-/// namespace files are mounted).
-fn node_reload(node: &CriNode) {
-    let out = Command::new("nsenter")
-        .args(["-t", &node.containerd.pid().to_string(), "-m"])
-        .arg(bin("enclavectl"))
-        .args(["node", "reload", "--policy-dir"])
-        .arg(&node.policy_dir)
-        .arg("--registry")
-        .arg(&node.registry)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "enclavectl node reload: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// `enclavectl node reload` on the test's node.
+fn node_reload(node: &CriNode) -> String {
+    node.reload(&bin("enclavectl"))
 }
 
 fn ctl(args: &[&str]) -> (bool, String) {

@@ -76,25 +76,9 @@ fn enclavectl(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// `enclavectl node reload` from containerd's mount namespace (where the pods' network
-/// namespace files are mounted).
+/// `enclavectl node reload` on the test's node.
 fn node_reload(node: &CriNode) -> String {
-    let out = Command::new("nsenter")
-        .args(["-t", &node.containerd.pid().to_string(), "-m"])
-        .arg(bin("enclavectl"))
-        .args(["node", "reload", "--policy-dir"])
-        .arg(&node.policy_dir)
-        .arg("--registry")
-        .arg(&node.registry)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "enclavectl node reload:\n{text}");
-    text
+    node.reload(&bin("enclavectl"))
 }
 
 /// A PostgreSQL StartupMessage (length 23, protocol 3.0, user=postgres), as printf escapes.

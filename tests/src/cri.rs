@@ -186,6 +186,28 @@ impl CriNode {
 }
 
 impl CriNode {
+    /// `enclavectl node reload` (the binary at `enclavectl`) from containerd's mount
+    /// namespace, where the pods' network namespace files are mounted; its output. Fails
+    /// the test if the reload fails.
+    pub fn reload(&self, enclavectl: &Path) -> String {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.containerd.pid().to_string(), "-m"])
+            .arg(enclavectl)
+            .args(["node", "reload", "--policy-dir"])
+            .arg(&self.policy_dir)
+            .arg("--registry")
+            .arg(&self.registry)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "enclavectl node reload:\n{text}");
+        text
+    }
+
     /// Imports an OCI image layout tarball into this node's containerd (CRI's namespace).
     pub fn import_image(&self, tarball: &Path) {
         self.containerd
