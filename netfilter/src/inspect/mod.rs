@@ -431,7 +431,11 @@ impl HttpState {
                 HttpPhase::Head => {
                     let before = self.buf.len();
                     self.buf.extend_from_slice(b);
-                    let Some(end) = find(&self.buf, b"\r\n\r\n").map(|i| i + 4) else {
+                    // Only the new bytes (and the three before them) can complete the
+                    // blank line: a head trickled in byte by byte costs linear time.
+                    let from = before.saturating_sub(3);
+                    let Some(end) = find(&self.buf[from..], b"\r\n\r\n").map(|i| from + i + 4)
+                    else {
                         if self.buf.len() > MESSAGE_MAX {
                             return true;
                         }
@@ -742,6 +746,18 @@ mod tests {
         // The second half first (out of order), then the first.
         assert!(ids(f.segment(true, 1 + a.len() as u32, None, b)).is_empty());
         assert_eq!(ids(f.segment(true, 1, None, a)), ["SQL.Injection"]);
+    }
+
+    #[test]
+    fn an_http_head_trickled_in_byte_by_byte_is_read_whole() {
+        let mut f = inspector(BOTH);
+        let req =
+            b"GET /a HTTP/1.1\r\n\r\nGET /?q=1%20UNION%20SELECT%20pan HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut got = Vec::new();
+        for (i, c) in req.iter().enumerate() {
+            got.extend(ids(f.segment(true, 1 + i as u32, None, &[*c])));
+        }
+        assert_eq!(got, ["SQL.Injection"]);
     }
 
     #[test]
