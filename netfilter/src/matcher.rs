@@ -131,6 +131,8 @@ reasons! {
     InspectHeld => "inspect_held",
     /// The pod is quarantined by a response rule: only the rules it keeps pass.
     Quarantined => "quarantined",
+    /// A request the rule does not allow inside its protocol: the flow is cut.
+    RequestDenied => "request_denied",
 }
 
 impl Reason {
@@ -1160,12 +1162,15 @@ impl Enforcer {
                     .policy
                     .policy()
                     .flow_inspect(e.rule, e.zones.0, e.zones.1);
+                let requests = rule_requests(&self.policy, e.rule);
+                let keep = cfg.any() || requests.any();
+                fi.set_requests(requests);
                 fi.set_app(app);
                 fi.set_cfg(
                     cfg,
                     self.policy.policy().dlp_sides(cfg, e.zones.0, e.zones.1),
                 );
-                if !cfg.any() {
+                if !keep {
                     e.inspect = None;
                 }
             }
@@ -1358,11 +1363,25 @@ impl Enforcer {
             }),
             _ => Inspect::default(),
         };
+        // Rules that allow only some requests inside their protocol need the inspector too.
+        let requests = match (self.mode, lookup) {
+            (Mode::Learn, _) => None,
+            (_, Lookup::Allowed(r)) => Some(rule_requests(&self.policy, Some(r))),
+            (_, Lookup::NeedsApp(c)) => c
+                .iter()
+                .map(|r| rule_requests(&self.policy, *r))
+                .find(|q| q.any()),
+            _ => None,
+        };
         let mut syn_found = Vec::new();
-        if cfg.any() && matches!(ip.l4, L4::Tcp(_) | L4::Udp(_)) {
+        let wants_requests = requests.as_ref().is_some_and(|q| q.any());
+        if (cfg.any() || wants_requests) && matches!(ip.l4, L4::Tcp(_) | L4::Udp(_)) {
             let tcp = matches!(ip.l4, L4::Tcp(_));
             let sides = self.policy.policy().dlp_sides(cfg, from, to);
             let mut fi = FlowInspector::new(cfg, tcp, sides, dport, &self.budget);
+            if let (Lookup::Allowed(_), Some(q)) = (lookup, requests) {
+                fi.set_requests(q);
+            }
             if let L4::Tcp(t) = &ip.l4 {
                 fi.syn(true, t.seq);
                 if !t.payload.is_empty() && cfg.threats.is_some() {
@@ -1567,7 +1586,12 @@ impl Enforcer {
             if allowed {
                 let cfg = pol.policy().flow_inspect(e.rule, from, to);
                 let sides = pol.policy().dlp_sides(cfg, from, to);
-                match (e.inspect.as_mut(), cfg.any()) {
+                let requests = rule_requests(&pol, e.rule);
+                let wanted = cfg.any() || requests.any();
+                if let Some(fi) = e.inspect.as_mut() {
+                    fi.set_requests(requests.clone());
+                }
+                match (e.inspect.as_mut(), wanted) {
                     (Some(fi), true) => fi.set_cfg(cfg, sides),
                     (Some(_), false) => e.inspect = None,
                     (None, true) if matches!(k.proto, proto::TCP | proto::UDP) => {
@@ -1580,6 +1604,7 @@ impl Enforcer {
                             &self.budget,
                         );
                         fi.set_app(e.app);
+                        fi.set_requests(requests);
                         e.inspect = Some(Box::new(fi));
                     }
                     _ => {}
@@ -1758,6 +1783,15 @@ fn flow_event_of(
     }
 }
 
+/// What a rule allows inside its protocol (nothing said for no rule).
+fn rule_requests(
+    policy: &CompiledPolicy,
+    rule: Option<RuleId>,
+) -> Arc<crate::policy::RequestRules> {
+    rule.and_then(|r| policy.policy().rules.get(r.0 as usize))
+        .map_or_else(Arc::default, |r| r.requests.clone())
+}
+
 /// The flow of a packet as its initiator opened it, for a finding's record.
 fn finding_flow(ip: &IpPacket<'_>, orig: bool, info: &FlowInfo, mode: Mode) -> FlowEvent {
     let (sport, dport) = ip.l4.ports();
@@ -1801,7 +1835,11 @@ fn report(
 ) -> Option<Reason> {
     let mut cut = None;
     for d in found {
-        let action = if d.threat.is_dlp() {
+        let action = if d.threat == Threat::RequestDenied {
+            // The rule's own terms: a request outside them is refused whatever `inspect`
+            // says.
+            Some(OnFinding::Deny)
+        } else if d.threat.is_dlp() {
             cfg.dlp
         } else {
             cfg.threats
@@ -1815,10 +1853,10 @@ fn report(
         };
         counters.findings[d.threat as usize] += 1;
         if action == OnFinding::Deny {
-            let r = if d.threat.is_dlp() {
-                Reason::DataLeak
-            } else {
-                Reason::ThreatDetected
+            let r = match d.threat {
+                t if t.is_dlp() => Reason::DataLeak,
+                Threat::RequestDenied => Reason::RequestDenied,
+                _ => Reason::ThreatDetected,
             };
             cut = Some(cut.map_or(r, |c: Reason| if c == Reason::DataLeak { c } else { r }));
         }

@@ -655,3 +655,163 @@ fn a_dns_query_with_a_long_name_is_still_dns() {
     assert_eq!(d.verdict, Verdict::Pass, "{d:?}");
     assert!(fx.findings().is_empty());
 }
+
+const REQUESTS: &str = r#"
+apiVersion: enclave.io/v1alpha1
+kind: ZonePolicy
+metadata: {name: requests, version: 1}
+spec:
+  zones:
+    - {name: api, selector: {namespaces: [api]}}
+    - {name: db, selector: {namespaces: [db]}}
+    - {name: corp, selector: {namespaces: [corp]}}
+  rules:
+    - name: payments
+      from: api
+      to: corp
+      protocol: tcp
+      ports: [8080]
+      app: http
+      http:
+        - {methods: [GET], paths: ["/v1/payments", "/v1/payments/*"]}
+        - {methods: [POST], paths: ["/v1/payments"], hosts: ["*.psp.example"]}
+    - name: cache
+      from: api
+      to: db
+      protocol: tcp
+      ports: [6379]
+      app: redis
+      redis: {commands: [GET, SET, PING]}
+    - name: database
+      from: api
+      to: db
+      protocol: tcp
+      ports: [5432]
+      app: postgres
+      postgres: {databases: [cards], users: [shop]}
+"#;
+
+fn resp(args: &[&str]) -> Vec<u8> {
+    let mut m = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        m.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    m
+}
+
+#[test]
+fn http_requests_outside_the_rule_are_refused_one_by_one() {
+    let mut fx = fixture_of(REQUESTS);
+    let mut c = fx.connect("10.0.0.3", 8080);
+    // Allowed requests on one keep-alive connection, then one the rule does not allow.
+    for req in [
+        "GET /v1/payments HTTP/1.1\r\nHost: api\r\n\r\n",
+        "GET /v1/payments/42 HTTP/1.1\r\nHost: api\r\n\r\n",
+        "POST /v1/payments HTTP/1.1\r\nHost: eu.psp.example\r\nContent-Length: 2\r\n\r\n{}",
+    ] {
+        assert_eq!(
+            fx.send(&mut c, req.as_bytes()).verdict,
+            Verdict::Pass,
+            "{req}"
+        );
+    }
+    assert!(fx.findings().is_empty());
+    let d = fx.send(
+        &mut c,
+        b"DELETE /v1/payments/42 HTTP/1.1\r\nHost: api\r\n\r\n",
+    );
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Drop, Reason::RequestDenied)
+    );
+    let f = fx.findings();
+    assert_eq!(f[0].threat, Threat::RequestDenied);
+    assert!(
+        f[0].detail.contains("`DELETE /v1/payments/42`"),
+        "{}",
+        f[0].detail
+    );
+    // A POST to a host the rule does not name, and a path outside the prefix.
+    for bad in [
+        "POST /v1/payments HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n",
+        "GET /v1/paymentsX HTTP/1.1\r\n\r\n",
+        "GET /admin HTTP/1.1\r\n\r\n",
+    ] {
+        let mut fy = fixture_of(REQUESTS);
+        let mut c = fy.connect("10.0.0.3", 8080);
+        let d = fy.send(&mut c, bad.as_bytes());
+        assert_eq!(d.reason, Reason::RequestDenied, "{bad}");
+    }
+}
+
+#[test]
+fn redis_commands_and_postgres_sessions_outside_the_rule_are_refused() {
+    let mut fx = fixture_of(REQUESTS);
+    let mut c = fx.connect("10.0.0.2", 6379);
+    assert_eq!(fx.send(&mut c, &resp(&["PING"])).verdict, Verdict::Pass);
+    // A binary argument with CRLF inside does not shift the framing.
+    assert_eq!(
+        fx.send(&mut c, &resp(&["SET", "k", "a\r\n*1\r\n$8\r\nFLUSHALL"]))
+            .verdict,
+        Verdict::Pass
+    );
+    assert!(fx.findings().is_empty());
+    let d = fx.send(&mut c, &resp(&["FLUSHALL"]));
+    assert_eq!(d.reason, Reason::RequestDenied);
+    assert!(fx.findings()[0].detail.contains("`FLUSHALL`"));
+    // Inline commands too.
+    let mut fy = fixture_of(REQUESTS);
+    let mut c = fy.connect("10.0.0.2", 6379);
+    assert_eq!(fy.send(&mut c, b"PING\r\n").verdict, Verdict::Pass);
+    assert_eq!(
+        fy.send(&mut c, b"config set dir /tmp\r\n").reason,
+        Reason::RequestDenied
+    );
+
+    let startup = |user: &str, db: &str| {
+        let params = format!("user\0{user}\0database\0{db}\0\0");
+        let mut m = ((params.len() + 8) as u32).to_be_bytes().to_vec();
+        m.extend_from_slice(&196608u32.to_be_bytes());
+        m.extend_from_slice(params.as_bytes());
+        m
+    };
+    let mut fz = fixture_of(REQUESTS);
+    let mut c = fz.connect("10.0.0.2", 5432);
+    assert_eq!(
+        fz.send(&mut c, &startup("shop", "cards")).verdict,
+        Verdict::Pass
+    );
+    let mut fz = fixture_of(REQUESTS);
+    let mut c = fz.connect("10.0.0.2", 5432);
+    let d = fz.send(&mut c, &startup("postgres", "cards"));
+    assert_eq!(d.reason, Reason::RequestDenied);
+    assert!(fz.findings()[0].detail.contains("user `postgres`"));
+}
+
+#[test]
+fn request_rules_are_checked_against_their_app_and_located() {
+    for (from, to, want) in [
+        (
+            "app: redis\n      redis: {commands: [GET, SET, PING]}",
+            "redis: {commands: [GET, SET, PING]}",
+            "`redis` rules need `app: redis`",
+        ),
+        (
+            "paths: [\"/v1/payments\", \"/v1/payments/*\"]",
+            "paths: [\"v1/*/x\"]",
+            "a path starts with `/`",
+        ),
+        (
+            "methods: [GET]",
+            "methods: [FETCH]",
+            "`FETCH` is not an HTTP method",
+        ),
+    ] {
+        let src = REQUESTS.replacen(from, to, 1);
+        assert_ne!(src, REQUESTS, "{from}");
+        let e = policy::load_str(&src, "q.yaml")
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains(want) && e.contains("q.yaml:"), "{e}");
+    }
+}

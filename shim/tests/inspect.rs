@@ -40,11 +40,12 @@ spec:
     - {name: cde-data, scope: cde, description: "PostgreSQL and Redis on the node", cidrs: [10.88.77.1/32]}
   rules:
     - {name: web-to-api, from: web, to: cde-api, protocol: tcp, ports: [8080], app: http,
-       inspect: {threats: deny, dlp: deny, dlpFlows: leaving-cde}}
+       inspect: {threats: deny, dlp: deny, dlpFlows: leaving-cde},
+       http: [{methods: [GET, POST], paths: [/, /card.html, /search]}]}
     - {name: api-to-db, from: cde-api, to: cde-data, protocol: tcp, ports: [5432], app: postgres,
        inspect: {threats: deny}}
     - {name: api-to-cache, from: cde-api, to: cde-data, protocol: tcp, ports: [6379], app: redis,
-       inspect: {threats: deny}}
+       inspect: {threats: deny}, redis: {commands: [PING, GET, SET]}}
     - {name: api-to-dns, from: cde-api, to: cde-data, protocol: udp, ports: [53], app: dns,
        inspect: {threats: deny}}
   responses:
@@ -259,12 +260,18 @@ fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<String>) {
 
 /// Waits for a Detection Finding of `threat` in a flow rule `rule` allowed, and returns it.
 async fn finding(audit: &Path, threat: &str, rule: &str) -> serde_json::Value {
+    finding_saying(audit, threat, rule, "").await
+}
+
+/// As [`finding`], the first whose message contains `text`.
+async fn finding_saying(audit: &Path, threat: &str, rule: &str, text: &str) -> serde_json::Value {
     let end = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(r) = records(audit).into_iter().find(|r| {
             r["class_uid"] == 2004
                 && r["finding_info"]["types"][0] == threat
                 && r["firewall_rule"]["name"] == rule
+                && r["message"].as_str().is_some_and(|m| m.contains(text))
         }) {
             return r;
         }
@@ -396,6 +403,37 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
     );
     assert_eq!(f["firewall_rule"]["name"], "api-to-cache", "{f}");
 
+    // --- Requests inside allowed flows: the cache rule allows PING, GET and SET only.
+    let (code, out, _) = sh(
+        &mut cri,
+        &api,
+        &format!("timeout 10 redis-cli -h {NODE} SET k v"),
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "OK"), "SET is allowed");
+    let (code, out, err) = sh(
+        &mut cri,
+        &api,
+        &format!("timeout 10 redis-cli -h {NODE} FLUSHALL"),
+    )
+    .await;
+    assert!(
+        code != 0 || !out.contains("OK"),
+        "FLUSHALL went through: {out} {err}"
+    );
+    finding_saying(&audit, "Policy.Request", "api-to-cache", "`FLUSHALL`").await;
+    let (_, out, _) = sh(
+        &mut cri,
+        &api,
+        &format!("timeout 10 redis-cli -h {NODE} GET k"),
+    )
+    .await;
+    assert_eq!(out.trim(), "v", "FLUSHALL must not have run");
+    eprintln!(
+        "[{:>5.1}s] redis-cli FLUSHALL refused, SET/GET allowed",
+        t.elapsed().as_secs_f64()
+    );
+
     // --- api -> DNS with busybox's nslookup: a query carrying data in a 55-byte label.
     let label = "a".repeat(55);
     let _ = sh(
@@ -419,6 +457,13 @@ async fn attacks_and_card_data_inside_allowed_flows_are_cut_with_real_clients() 
     let curl = format!("timeout 10 curl -sS -m 5 http://{}:8080", api.ip);
     let (code, out, err) = sh(&mut cri, &web, &format!("{curl}/")).await;
     assert_eq!((code, out.trim()), (0, "ok"), "{err}");
+    // The rule allows GET and POST only: DELETE is refused, and named in the finding.
+    let (code, _, err) = sh(&mut cri, &web, &format!("{curl}/ -X DELETE")).await;
+    assert!(
+        code != 0 && code != 28,
+        "DELETE was not refused at once: {code} {err}"
+    );
+    finding_saying(&audit, "Policy.Request", "web-to-api", "`DELETE /`").await;
     let (code, _, err) = sh(
         &mut cri,
         &web,

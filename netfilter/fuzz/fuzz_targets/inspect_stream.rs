@@ -6,7 +6,9 @@
 
 use enclave_netfilter::inspect::stream::Budget;
 use enclave_netfilter::inspect::{FlowInspector, Step};
-use enclave_netfilter::policy::{AppProto, Inspect, OnFinding};
+use enclave_netfilter::policy::{
+    AppProto, HttpRequestsDoc, Inspect, OnFinding, PostgresDoc, RequestRules,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,9 +20,27 @@ fuzz_target!(|data: &[u8]| {
             ..Inspect::default()
         };
         let mut f = FlowInspector::new(cfg, true, [true, data.len() % 2 == 0], 5432, &budget);
-        if data.first().is_some_and(|b| b & 1 == 1) {
-            f.set_app(Some(AppProto::Postgres));
-        }
+        // The framers with the rule's request checks on: which one by the first byte.
+        let app = match data.first().map(|b| b % 4) {
+            Some(1) => Some(AppProto::Postgres),
+            Some(2) => Some(AppProto::Redis),
+            Some(3) => Some(AppProto::Http),
+            _ => None,
+        };
+        f.set_app(app);
+        f.set_requests(std::sync::Arc::new(RequestRules {
+            http: vec![HttpRequestsDoc {
+                methods: vec!["GET".into()],
+                paths: vec!["/v1/*".into()],
+                hosts: vec!["*.example".into()],
+                headers: vec![],
+            }],
+            redis: Some(vec!["GET".into(), "SET".into()]),
+            postgres: Some(PostgresDoc {
+                databases: vec!["cards".into()],
+                users: vec![],
+            }),
+        }));
         f.syn(true, 1000);
         f.syn(false, 9000);
         let mut i = 1;

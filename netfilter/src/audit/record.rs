@@ -119,7 +119,8 @@ impl RecordBuilder {
                 crate::matcher::Reason::AppMismatch
                 | crate::matcher::Reason::FlowCut
                 | crate::matcher::Reason::ThreatDetected
-                | crate::matcher::Reason::DataLeak,
+                | crate::matcher::Reason::DataLeak
+                | crate::matcher::Reason::RequestDenied,
             ) => (3, "Reset"),
             (EventKind::Denied, _) => (5, "Refuse"),
             _ => (1, "Open"),
@@ -368,6 +369,9 @@ impl RecordBuilder {
             }
             (EventKind::Denied, "threat") => {
                 format!("cut{rule}: inspection found a threat (see the finding record)")
+            }
+            (EventKind::Denied, "request_denied") => {
+                format!("cut{rule}: a request the rule does not allow (see the finding record)")
             }
             (EventKind::Denied, "data_leak") => {
                 format!("cut{rule}: inspection found card data or an SSN (see the finding record)")

@@ -31,6 +31,14 @@ pub enum BodyKind {
 pub struct Head {
     /// The request line, for records (at most 120 bytes, printable).
     pub line: String,
+    /// The method.
+    pub method: String,
+    /// The path (the target without its query string).
+    pub path: String,
+    /// The Host header, if any.
+    pub host: Option<String>,
+    /// The names of the headers it carries.
+    pub header_names: Vec<String>,
     /// How the body is framed.
     pub body: Body,
     /// What the body is.
@@ -136,6 +144,10 @@ pub fn head(h: &[u8]) -> Option<Head> {
     for v in params(query, b'&') {
         check(&mut sqli, "query parameter", &v);
     }
+    let method =
+        String::from_utf8_lossy(line.split(|&b| b == b' ').next().unwrap_or(b"")).into_owned();
+    let mut host = None;
+    let mut header_names = Vec::new();
     let mut lengths: Vec<&[u8]> = Vec::new();
     let mut te: Option<&[u8]> = None;
     let mut kind = BodyKind::Other;
@@ -159,6 +171,10 @@ pub fn head(h: &[u8]) -> Option<Head> {
                 format!("a header name with white space: `{}`", excerpt(name, 60))
             });
             continue;
+        }
+        header_names.push(String::from_utf8_lossy(name).into_owned());
+        if name.eq_ignore_ascii_case(b"host") {
+            host = Some(String::from_utf8_lossy(value).into_owned());
         }
         if name.eq_ignore_ascii_case(b"content-length") {
             lengths.push(value);
@@ -233,6 +249,10 @@ pub fn head(h: &[u8]) -> Option<Head> {
     };
     Some(Head {
         line: excerpt(line, 120),
+        method,
+        path: String::from_utf8_lossy(path).into_owned(),
+        host,
+        header_names,
         body,
         kind,
         smuggling,

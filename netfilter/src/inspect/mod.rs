@@ -16,7 +16,8 @@ pub mod proto;
 pub mod sqli;
 pub mod stream;
 
-use crate::policy::{AppProto, Inspect};
+use crate::policy::{AppProto, Inspect, RequestRules};
+use std::sync::Arc;
 use stream::{Budget, HalfStream, Outcome, Refusal};
 
 /// Bytes of one protocol message (a query, a request head, a form body) the inspector
@@ -74,6 +75,9 @@ threats! {
     CreditCard => "DLP.CreditCard", 4, true,
     /// A US Social Security number in cleartext.
     Ssn => "DLP.SSN", 4, true,
+    /// A request the rule does not allow inside its protocol (`http:`, `redis:`,
+    /// `postgres:` on the rule): always refused in enforce mode.
+    RequestDenied => "Policy.Request", 3, false,
 }
 
 impl Threat {
@@ -136,6 +140,7 @@ pub struct FlowInspector {
     reported: u32,
     app: Option<AppProto>,
     dport: u16,
+    requests: Arc<RequestRules>,
 }
 
 impl FlowInspector {
@@ -159,7 +164,13 @@ impl FlowInspector {
             reported: 0,
             app: None,
             dport,
+            requests: Arc::default(),
         }
+    }
+
+    /// What the flow's rule allows inside its protocol (checked on every request).
+    pub fn set_requests(&mut self, r: Arc<RequestRules>) {
+        self.requests = r;
     }
 
     /// A new configuration (after a policy reload, or once the rule is known);
@@ -255,8 +266,8 @@ impl FlowInspector {
         if self.dlp_on[side] {
             found.extend(dlp_found(self.dlp[side].feed(b), client));
         }
-        if client && self.cfg.threats.is_some() {
-            self.client.feed(b, self.app, &mut found);
+        if client && (self.cfg.threats.is_some() || self.requests.any()) {
+            self.client.feed(b, self.app, &self.requests, &mut found);
         }
         found
     }
@@ -290,6 +301,8 @@ enum Client {
     Mysql(MyState),
     /// TLS: the first record, then nothing (encrypted).
     Tls(Vec<u8>),
+    /// Redis: RESP commands (by their lengths) and inline commands.
+    Redis(RespState),
     /// A line protocol (Redis inline, SMTP...) or one not recognised: each line is checked
     /// for an HTTP request.
     Lines(Vec<u8>, &'static str),
@@ -298,7 +311,27 @@ enum Client {
 }
 
 impl Client {
-    fn feed(&mut self, b: &[u8], app: Option<AppProto>, found: &mut Vec<Detected>) {
+    /// The framer can no longer follow the stream (too long a message, encryption, bytes
+    /// that are not the protocol): nothing more is read. When the rule allows only some
+    /// requests, that is a refusal: a request netd cannot read is not one it allows.
+    fn lost(&mut self, rules: &RequestRules, what: &str, found: &mut Vec<Detected>) {
+        if rules.any() {
+            found.push(Detected::new(
+                Threat::RequestDenied,
+                format!("netd can no longer read this flow's {what} requests, and the rule allows only some"),
+                true,
+            ));
+        }
+        *self = Client::Done;
+    }
+
+    fn feed(
+        &mut self,
+        b: &[u8],
+        app: Option<AppProto>,
+        rules: &RequestRules,
+        found: &mut Vec<Detected>,
+    ) {
         if let Client::Start(buf) = self {
             buf.extend_from_slice(b);
             let side = crate::l7::Side::Client;
@@ -319,20 +352,25 @@ impl Client {
                 Some(AppProto::Tls) => Client::Tls(Vec::new()),
                 Some(AppProto::Postgres) => Client::Postgres(PgState::default()),
                 Some(AppProto::Mysql) => Client::Mysql(MyState::default()),
-                Some(AppProto::Redis) => Client::Lines(Vec::new(), "redis"),
+                Some(AppProto::Redis) => Client::Redis(RespState::default()),
                 Some(AppProto::Dns) | None => Client::Lines(Vec::new(), "this"),
             };
-            return self.feed(&first, app, found);
+            return self.feed(&first, app, rules, found);
         }
         match self {
             Client::Http(h) => {
-                if h.feed(b, found) {
-                    *self = Client::Done;
+                if h.feed(b, rules, found) {
+                    self.lost(rules, "HTTP", found);
                 }
             }
             Client::Postgres(p) => {
-                if p.feed(b, found) {
-                    *self = Client::Done;
+                if p.feed(b, rules, found) {
+                    self.lost(rules, "PostgreSQL", found);
+                }
+            }
+            Client::Redis(r) => {
+                if r.feed(b, rules, found) {
+                    self.lost(rules, "Redis", found);
                 }
             }
             Client::Mysql(m) => {
@@ -425,7 +463,7 @@ enum HttpPhase {
 
 impl HttpState {
     /// True when the stream can no longer be followed.
-    fn feed(&mut self, mut b: &[u8], found: &mut Vec<Detected>) -> bool {
+    fn feed(&mut self, mut b: &[u8], rules: &RequestRules, found: &mut Vec<Detected>) -> bool {
         while !b.is_empty() {
             match &mut self.phase {
                 HttpPhase::Head => {
@@ -466,6 +504,21 @@ impl HttpState {
                         found.push(Detected::new(
                             Threat::HttpSmuggling,
                             format!("{s} in `{}`", h.line),
+                            true,
+                        ));
+                    }
+                    if !rules.http_allows(&h.method, &h.path, h.host.as_deref(), &h.header_names) {
+                        found.push(Detected::new(
+                            Threat::RequestDenied,
+                            format!(
+                                "`{} {}`{} is not a request the rule allows",
+                                h.method,
+                                http::excerpt(h.path.as_bytes(), 80),
+                                h.host
+                                    .as_deref()
+                                    .map(|x| format!(" (host {})", http::excerpt(x.as_bytes(), 60)))
+                                    .unwrap_or_default()
+                            ),
                             true,
                         ));
                     }
@@ -572,6 +625,126 @@ fn query_finding(q: &[u8], dialect: &str, found: &mut Vec<Detected>) {
     }
 }
 
+/// Redis client commands: RESP arrays of bulk strings, read by their lengths (so binary
+/// arguments cannot shift the framing), and inline commands (a line of words). Each
+/// command's name is checked against the rule; an inline line that is an HTTP request is a
+/// second protocol.
+#[derive(Debug, Default)]
+struct RespState {
+    f: Frames,
+    /// Elements of the current array still to read, and whether the next is its first.
+    left: u64,
+    first: bool,
+    commands: u32,
+}
+
+impl RespState {
+    /// The line at the start of the buffer (without CRLF) and its length with it, if whole.
+    fn line(buf: &[u8]) -> Option<(&[u8], usize)> {
+        let nl = buf.iter().position(|&c| c == b'\n')?;
+        let l = &buf[..nl];
+        Some((l.strip_suffix(b"\r").unwrap_or(l), nl + 1))
+    }
+
+    fn command(&mut self, name: &[u8], rules: &RequestRules, found: &mut Vec<Detected>) {
+        self.commands += 1;
+        let name = String::from_utf8_lossy(name);
+        if !rules.redis_allows(&name) {
+            found.push(Detected::new(
+                Threat::RequestDenied,
+                format!(
+                    "Redis command `{}` is not one the rule allows",
+                    http::excerpt(name.as_bytes(), 40)
+                ),
+                true,
+            ));
+        }
+    }
+
+    fn feed(&mut self, b: &[u8], rules: &RequestRules, found: &mut Vec<Detected>) -> bool {
+        const LINE_MAX: usize = 64 * 1024;
+        self.f.push(b);
+        loop {
+            let buf = &self.f.buf;
+            if self.left == 0 {
+                let Some((line, n)) = Self::line(buf) else {
+                    return buf.len() > LINE_MAX;
+                };
+                if let Some(count) = line.strip_prefix(b"*") {
+                    let Some(count) = std::str::from_utf8(count)
+                        .ok()
+                        .and_then(|c| c.parse::<u64>().ok())
+                    else {
+                        found.push(Detected::new(
+                            Threat::ProtocolMismatch,
+                            format!(
+                                "a RESP array header that is not a count: `{}`",
+                                http::excerpt(line, 40)
+                            ),
+                            true,
+                        ));
+                        return true;
+                    };
+                    (self.left, self.first) = (count, true);
+                } else if !line.is_empty() {
+                    // Inline command.
+                    if proto::is_http_request_line(line) {
+                        found.push(Detected::new(
+                            Threat::ProtocolMismatch,
+                            format!(
+                                "an HTTP request (`{}`) inside redis flow",
+                                http::excerpt(line, 80)
+                            ),
+                            true,
+                        ));
+                    }
+                    let name = line.split(|&c| c == b' ').next().unwrap_or(line).to_vec();
+                    self.command(&name, rules, found);
+                }
+                self.f.buf.drain(..n);
+                continue;
+            }
+            // An element: `$len` then len bytes and CRLF.
+            let Some((line, n)) = Self::line(buf) else {
+                return buf.len() > LINE_MAX;
+            };
+            let len = line
+                .strip_prefix(b"$")
+                .and_then(|l| std::str::from_utf8(l).ok()?.parse::<u64>().ok());
+            let Some(len) = len else {
+                found.push(Detected::new(
+                    Threat::ProtocolMismatch,
+                    format!(
+                        "a RESP element that is not a bulk string: `{}`",
+                        http::excerpt(line, 40)
+                    ),
+                    true,
+                ));
+                return true;
+            };
+            let total = n as u64 + len + 2;
+            if self.first {
+                // The command name: short, kept whole (no command has a longer one).
+                if len > 64 {
+                    self.command(b"(a name over 64 bytes)", rules, found);
+                    return true;
+                }
+                if total as usize > buf.len() {
+                    return false;
+                }
+                let name = buf[n..n + len as usize].to_vec();
+                self.f.buf.drain(..total as usize);
+                self.command(&name, rules, found);
+                self.first = false;
+            } else {
+                let total = usize::try_from(total).unwrap_or(usize::MAX);
+                self.f.skip_message(total);
+            }
+            self.left -= 1;
+        }
+    }
+}
+
 /// PostgreSQL frontend messages.
 #[derive(Debug, Default)]
 struct PgState {
@@ -580,7 +753,7 @@ struct PgState {
 }
 
 impl PgState {
-    fn feed(&mut self, b: &[u8], found: &mut Vec<Detected>) -> bool {
+    fn feed(&mut self, b: &[u8], rules: &RequestRules, found: &mut Vec<Detected>) -> bool {
         self.f.push(b);
         loop {
             let buf = &self.f.buf;
@@ -602,9 +775,33 @@ impl PgState {
                     return false;
                 }
                 match code {
-                    80877103 | 80877104 => {}      // SSL or GSS request: startup follows
-                    196608 => self.started = true, // protocol 3.0
-                    _ => return true,              // cancel request, or unknown
+                    80877103 | 80877104 => {} // SSL or GSS request: startup follows
+                    196608 => {
+                        // Protocol 3.0: key\0value\0 pairs; the database defaults to the user.
+                        self.started = true;
+                        let mut kv = buf[8..len].split(|&c| c == 0);
+                        let (mut user, mut db) = (String::new(), None);
+                        while let (Some(k), Some(v)) = (kv.next(), kv.next()) {
+                            match k {
+                                b"user" => user = String::from_utf8_lossy(v).into_owned(),
+                                b"database" => db = Some(String::from_utf8_lossy(v).into_owned()),
+                                _ => {}
+                            }
+                        }
+                        let db = db.unwrap_or_else(|| user.clone());
+                        if !rules.postgres_allows(&user, &db) {
+                            found.push(Detected::new(
+                                Threat::RequestDenied,
+                                format!(
+                                    "a PostgreSQL session as user `{}` on database `{}` is not one the rule allows",
+                                    http::excerpt(user.as_bytes(), 60),
+                                    http::excerpt(db.as_bytes(), 60)
+                                ),
+                                true,
+                            ));
+                        }
+                    }
+                    _ => return true, // cancel request, or unknown
                 }
                 self.f.buf.drain(..len);
                 continue;

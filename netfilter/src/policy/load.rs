@@ -449,6 +449,7 @@ impl Ctx<'_> {
                     );
                 }
             }
+            let requests = self.request_rules(&r, &at);
             let inspect = r.inspect.unwrap_or_default();
             if inspect.any() && r.action == Action::Deny {
                 self.err(
@@ -466,6 +467,7 @@ impl Ctx<'_> {
                 ports,
                 app: r.app,
                 inspect,
+                requests: std::sync::Arc::new(requests),
                 line: self.spans.locate(&at).line,
             });
         }
@@ -590,6 +592,79 @@ impl Ctx<'_> {
                     self.err(field, format!("no zone named `{n}`{hint}"));
                 }
             }
+        }
+        out
+    }
+
+    /// A rule's `http`, `redis` and `postgres`, checked against its app and action.
+    fn request_rules(&mut self, r: &RuleDoc, at: &str) -> RequestRules {
+        const METHODS: &[&str] = &[
+            "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+        ];
+        let mut out = RequestRules::default();
+        let needs = |app: AppProto, what: &str| -> Option<String> {
+            (r.app != Some(app)).then(|| format!("`{what}` rules need `app: {app}` on the rule"))
+        };
+        if !r.http.is_empty() {
+            if let Some(m) = needs(AppProto::Http, "http") {
+                self.err(format!("{at}.http"), m);
+            }
+            for (i, h) in r.http.iter().enumerate() {
+                for (j, m) in h.methods.iter().enumerate() {
+                    if !METHODS.contains(&m.to_ascii_uppercase().as_str()) {
+                        self.err(
+                            format!("{at}.http[{i}].methods[{j}]"),
+                            format!("`{m}` is not an HTTP method; one of {}", METHODS.join(", ")),
+                        );
+                    }
+                }
+                for (j, p) in h.paths.iter().enumerate() {
+                    let star_inside = p.trim_end_matches('*').contains('*');
+                    if !p.starts_with('/') || star_inside {
+                        self.err(
+                            format!("{at}.http[{i}].paths[{j}]"),
+                            format!("`{p}`: a path starts with `/` and may end with `*` (a prefix), nowhere else"),
+                        );
+                    }
+                }
+            }
+            out.http = r.http.clone();
+        }
+        if let Some(rd) = &r.redis {
+            if let Some(m) = needs(AppProto::Redis, "redis") {
+                self.err(format!("{at}.redis"), m);
+            }
+            for (j, c) in rd.commands.iter().enumerate() {
+                if c.is_empty()
+                    || !c
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphabetic() || ch == '.' || ch == '_')
+                {
+                    self.err(
+                        format!("{at}.redis.commands[{j}]"),
+                        format!("`{c}` is not a Redis command name"),
+                    );
+                }
+            }
+            if rd.commands.is_empty() {
+                self.err(
+                    format!("{at}.redis.commands"),
+                    "no command: the rule would refuse every one",
+                );
+            }
+            out.redis = Some(rd.commands.iter().map(|c| c.to_ascii_uppercase()).collect());
+        }
+        if let Some(pg) = &r.postgres {
+            if let Some(m) = needs(AppProto::Postgres, "postgres") {
+                self.err(format!("{at}.postgres"), m);
+            }
+            out.postgres = Some(pg.clone());
+        }
+        if out.any() && r.action == Action::Deny {
+            self.err(
+                at.to_string(),
+                "a deny rule cannot allow requests inside a protocol: it denies the whole flow",
+            );
         }
         out
     }

@@ -230,6 +230,123 @@ pub struct RuleDoc {
     /// Inspection of the allowed flows' bytes.
     #[serde(default)]
     pub inspect: Option<Inspect>,
+    /// HTTP requests the rule allows (any of them); others are refused (needs `app: http`).
+    #[serde(default)]
+    pub http: Vec<HttpRequestsDoc>,
+    /// Redis commands the rule allows; others are refused (needs `app: redis`).
+    #[serde(default)]
+    pub redis: Option<RedisCommandsDoc>,
+    /// PostgreSQL databases and users the rule allows (needs `app: postgres`).
+    #[serde(default)]
+    pub postgres: Option<PostgresDoc>,
+}
+
+/// One kind of HTTP request a rule allows: any of `methods` (none: any), to any of
+/// `paths` (exact, or a prefix ending in `*`; none: any), for any of `hosts` (`*.x`
+/// wildcards; none: any), carrying every header in `headers`.
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRequestsDoc {
+    /// Methods.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Paths.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Hosts.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Headers that must be present.
+    #[serde(default)]
+    pub headers: Vec<String>,
+}
+
+/// The Redis commands a rule allows.
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisCommandsDoc {
+    /// Command names (case does not matter).
+    pub commands: Vec<String>,
+}
+
+/// The PostgreSQL databases and users a rule allows (none: any).
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresDoc {
+    /// Databases.
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// Users.
+    #[serde(default)]
+    pub users: Vec<String>,
+}
+
+/// What a rule allows inside its protocol, validated: checked on every request of a flow.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestRules {
+    /// HTTP: any of these (none: no HTTP rule).
+    pub http: Vec<HttpRequestsDoc>,
+    /// Redis: these commands, upper case.
+    pub redis: Option<Vec<String>>,
+    /// PostgreSQL: these databases and users.
+    pub postgres: Option<PostgresDoc>,
+}
+
+impl RequestRules {
+    /// Whether the rule says anything inside its protocol.
+    pub fn any(&self) -> bool {
+        !self.http.is_empty() || self.redis.is_some() || self.postgres.is_some()
+    }
+
+    /// Whether an HTTP request passes (`headers`: the names the request carries).
+    pub fn http_allows(
+        &self,
+        method: &str,
+        path: &str,
+        host: Option<&str>,
+        headers: &[String],
+    ) -> bool {
+        if self.http.is_empty() {
+            return true;
+        }
+        let host = host.map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase());
+        self.http.iter().any(|r| {
+            let method_ok =
+                r.methods.is_empty() || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method));
+            let path_ok = r.paths.is_empty()
+                || r.paths.iter().any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => path == p,
+                });
+            let host_ok = r.hosts.is_empty()
+                || host.as_deref().is_some_and(|h| {
+                    r.hosts.iter().any(|w| match w.strip_prefix("*.") {
+                        Some(base) => h.len() > base.len() + 1 && h.ends_with(&format!(".{base}")),
+                        None => h == w.to_ascii_lowercase(),
+                    })
+                });
+            let headers_ok = r
+                .headers
+                .iter()
+                .all(|want| headers.iter().any(|h| h.eq_ignore_ascii_case(want)));
+            method_ok && path_ok && host_ok && headers_ok
+        })
+    }
+
+    /// Whether a Redis command passes.
+    pub fn redis_allows(&self, command: &str) -> bool {
+        self.redis
+            .as_ref()
+            .map_or(true, |c| c.iter().any(|x| x.eq_ignore_ascii_case(command)))
+    }
+
+    /// Whether a PostgreSQL session for `user` on `database` passes.
+    pub fn postgres_allows(&self, user: &str, database: &str) -> bool {
+        self.postgres.as_ref().map_or(true, |p| {
+            (p.users.is_empty() || p.users.iter().any(|u| u == user))
+                && (p.databases.is_empty() || p.databases.iter().any(|d| d == database))
+        })
+    }
 }
 
 /// What a rule asks netd to look for inside the flows it allows, and what to do on a
@@ -697,6 +814,8 @@ pub struct Rule {
     pub app: Option<AppProto>,
     /// Inspection of the allowed flows' bytes.
     pub inspect: Inspect,
+    /// What the rule allows inside its protocol.
+    pub requests: std::sync::Arc<RequestRules>,
     /// Line of the rule in its source file (0 when built in code).
     pub line: usize,
 }
