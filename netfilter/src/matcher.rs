@@ -1114,14 +1114,7 @@ impl Enforcer {
                         && !t.flags.has(TcpFlags::ACK);
                     if let (true, Some(fi)) = (split, e.inspect.as_ref()) {
                         if fi.cfg.threats.is_some() {
-                            let info = FlowInfo {
-                                rule: e.rule,
-                                required: 0,
-                                zones: e.zones,
-                                outbound: e.outbound,
-                                app: e.app,
-                                cut: None,
-                            };
+                            let info = FlowInfo::of(e, 0);
                             let found = vec![Detected::new(
                                 Threat::TcpSplitHandshake,
                                 "the responder answered the SYN with a SYN of its own".into(),
@@ -1175,14 +1168,7 @@ impl Enforcer {
                 }
             }
         }
-        let mut info = FlowInfo {
-            rule: e.rule,
-            required,
-            zones: e.zones,
-            outbound: e.outbound,
-            app: e.app,
-            cut: None,
-        };
+        let mut info = FlowInfo::of(e, required);
         let inspected = !matches!(step, L7Step::Reorder) && e.admission != Admission::Cut;
         if let (true, Some(fi)) = (inspected, e.inspect.as_mut()) {
             let s = match &ip.l4 {
@@ -1355,23 +1341,23 @@ impl Enforcer {
         }
         // Inspection as the rule asks (while the app is detected, as the strictest of the
         // rules that could still allow the flow asks).
-        let cfg = match (self.mode, lookup) {
-            (Mode::Learn, _) => Inspect::default(),
-            (_, Lookup::Allowed(r)) => self.policy.policy().flow_inspect(Some(r), from, to),
-            (_, Lookup::NeedsApp(c)) => c.iter().fold(Inspect::default(), |a, r| {
-                a.merge(self.policy.policy().flow_inspect(*r, from, to))
-            }),
-            _ => Inspect::default(),
-        };
         // Rules that allow only some requests inside their protocol need the inspector too.
-        let requests = match (self.mode, lookup) {
-            (Mode::Learn, _) => None,
-            (_, Lookup::Allowed(r)) => Some(rule_requests(&self.policy, Some(r))),
-            (_, Lookup::NeedsApp(c)) => c
-                .iter()
-                .map(|r| rule_requests(&self.policy, *r))
-                .find(|q| q.any()),
-            _ => None,
+        let pol = self.policy.policy();
+        let (cfg, requests) = match (self.mode, lookup) {
+            (Mode::Learn, _) => (Inspect::default(), None),
+            (_, Lookup::Allowed(r)) => (
+                pol.flow_inspect(Some(r), from, to),
+                Some(rule_requests(&self.policy, Some(r))),
+            ),
+            (_, Lookup::NeedsApp(c)) => (
+                c.iter().fold(Inspect::default(), |a, r| {
+                    a.merge(pol.flow_inspect(*r, from, to))
+                }),
+                c.iter()
+                    .map(|r| rule_requests(&self.policy, *r))
+                    .find(|q| q.any()),
+            ),
+            _ => (Inspect::default(), None),
         };
         let mut syn_found = Vec::new();
         let wants_requests = requests.as_ref().is_some_and(|q| q.any());
@@ -1394,14 +1380,7 @@ impl Enforcer {
             }
             entry.inspect = Some(Box::new(fi));
         }
-        let info = FlowInfo {
-            rule: entry.rule,
-            required: required_of(lookup),
-            zones: (from, to),
-            outbound: entry.outbound,
-            app: None,
-            cut: None,
-        };
+        let info = FlowInfo::of(&entry, required_of(lookup));
         if !syn_found.is_empty() {
             let flow = finding_flow(ip, true, &info, self.mode);
             if let Some(r) = report(&mut self.findings, &mut self.counters, syn_found, cfg, flow) {
@@ -1454,15 +1433,8 @@ impl Enforcer {
                 if let InspectStep::Pass(found) = fi.datagram(true, u.payload) {
                     if !found.is_empty() {
                         let cfg = fi.cfg;
-                        let flow = finding_flow(
-                            ip,
-                            true,
-                            &FlowInfo {
-                                app: entry.app,
-                                ..info
-                            },
-                            self.mode,
-                        );
+                        let flow =
+                            finding_flow(ip, true, &FlowInfo::of(&entry, info.required), self.mode);
                         if let Some(r) =
                             report(&mut self.findings, &mut self.counters, found, cfg, flow)
                         {
@@ -1744,6 +1716,20 @@ struct FlowInfo {
     app: Option<AppProto>,
     /// Inspection cut the flow, for this reason.
     cut: Option<Reason>,
+}
+
+impl FlowInfo {
+    /// What `e` says of its flow (`required`: the apps its rules asked for).
+    fn of(e: &FlowEntry, required: u8) -> FlowInfo {
+        FlowInfo {
+            rule: e.rule,
+            required,
+            zones: e.zones,
+            outbound: e.outbound,
+            app: e.app,
+            cut: None,
+        }
+    }
 }
 
 /// The record of a live flow, from its table entry, as its initiator opened it.

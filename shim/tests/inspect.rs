@@ -187,15 +187,7 @@ fn node_reload(node: &CriNode) -> String {
 }
 
 fn ctl(args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("enclavectl")).args(args).output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    enclave_tests::outcome(Command::new(bin("enclavectl")).args(args))
 }
 
 /// `enclavectl capture get UID` into `out`; fails the test if it fails.

@@ -65,15 +65,7 @@ async fn cat(cri: &RuntimeServiceClient<Channel>, p: &PodRun, file: &str) -> Str
 }
 
 fn enclavectl(args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("enclavectl")).args(args).output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    enclave_tests::outcome(Command::new(bin("enclavectl")).args(args))
 }
 
 /// `enclavectl node reload` on the test's node.

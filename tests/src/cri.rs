@@ -190,21 +190,16 @@ impl CriNode {
     /// namespace, where the pods' network namespace files are mounted; its output. Fails
     /// the test if the reload fails.
     pub fn reload(&self, enclavectl: &Path) -> String {
-        let out = Command::new("nsenter")
-            .args(["-t", &self.containerd.pid().to_string(), "-m"])
-            .arg(enclavectl)
-            .args(["node", "reload", "--policy-dir"])
-            .arg(&self.policy_dir)
-            .arg("--registry")
-            .arg(&self.registry)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let (ok, text) = crate::outcome(
+            Command::new("nsenter")
+                .args(["-t", &self.containerd.pid().to_string(), "-m"])
+                .arg(enclavectl)
+                .args(["node", "reload", "--policy-dir"])
+                .arg(&self.policy_dir)
+                .arg("--registry")
+                .arg(&self.registry),
         );
-        assert!(out.status.success(), "enclavectl node reload:\n{text}");
+        assert!(ok, "enclavectl node reload:\n{text}");
         text
     }
 

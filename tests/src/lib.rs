@@ -149,6 +149,22 @@ pub fn skip_or_fail_privileged(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
 }
 
+/// Runs `cmd` to its end: whether it succeeded, and its standard output then error.
+#[allow(clippy::panic)] // a command that cannot even start fails the calling test
+pub fn outcome(cmd: &mut std::process::Command) -> (bool, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Skips a test with a reason, or fails it when `ENCLAVE_REQUIRE_VM=1` (set by CI).
 #[allow(clippy::panic)] // failing the calling test is the point
 pub fn skip_or_fail(test: &str, why: &str) {

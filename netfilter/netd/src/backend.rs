@@ -58,6 +58,16 @@ fn queue_err(e: virtio_queue::Error) -> io::Error {
     io::Error::other(format!("virtqueue: {e:?}"))
 }
 
+/// Writes one frame (with its virtio-net header) to the tap: true if it went, false if the
+/// tap's queue was full (the frame is dropped, as a full NIC ring would drop it).
+fn tap_send(tap: &mut File, b: &[u8]) -> io::Result<bool> {
+    match tap.write(b) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Counters.
 #[derive(Default, Debug)]
 pub struct Stats {
@@ -159,13 +169,8 @@ impl NetBackend {
                 }
                 Some(n) => {
                     self.buf[..VNET_HDR_LEN].fill(0);
-                    match self.tap.write(&self.buf[..n]) {
-                        Ok(_) => {
-                            self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // A full tap queue drops the frame, as a full NIC ring would.
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
+                    if tap_send(&mut self.tap, &self.buf[..n])? {
+                        self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 None => {
@@ -190,11 +195,7 @@ impl NetBackend {
     fn write_tap(&mut self, frame: &[u8]) -> io::Result<()> {
         let mut b = vec![0u8; VNET_HDR_LEN + frame.len()];
         b[VNET_HDR_LEN..].copy_from_slice(frame);
-        match self.tap.write(&b) {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(e),
-        }
+        tap_send(&mut self.tap, &b).map(|_| ())
     }
 
     /// The guest's header for the frame in `rx_buf`: the host kernel's (receive offloads

@@ -228,15 +228,21 @@ pub struct Gate {
 /// Resets per second netd sends for a pod's cut flows (each answers a frame it dropped).
 const RESET_RATE_BURST: u64 = 200;
 
-/// The reset of the connection `frame` belongs to, to send back to its sender (`back`), or
-/// on to its receiver; `None` when the frame is not a TCP segment or is itself a reset.
-fn tcp_reset(frame: &[u8], back: bool) -> Option<Vec<u8>> {
+/// The resets of the connection `frame` belongs to: back to its sender, and (with `on`)
+/// on to its receiver; none when the frame is not a TCP segment or is itself a reset.
+fn tcp_resets(frame: &[u8], on: bool) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     use enclave_netfilter::packet::{build, Frame, Net, TcpFlags, L4};
-    let f = Frame::parse(frame).ok()?;
-    let Net::Ip(ip) = f.net else { return None };
-    let L4::Tcp(t) = ip.l4 else { return None };
+    let Ok(f) = Frame::parse(frame) else {
+        return (None, None);
+    };
+    let Net::Ip(ip) = f.net else {
+        return (None, None);
+    };
+    let L4::Tcp(t) = ip.l4 else {
+        return (None, None);
+    };
     if t.flags.has(TcpFlags::RST) {
-        return None;
+        return (None, None);
     }
     let ends = build::Ends {
         src_mac: f.eth.src,
@@ -249,20 +255,18 @@ fn tcp_reset(frame: &[u8], back: bool) -> Option<Vec<u8>> {
     let len = t.payload.len() as u32
         + u32::from(t.flags.has(TcpFlags::SYN))
         + u32::from(t.flags.has(TcpFlags::FIN));
-    Some(if back {
-        // As the receiver would: from the segment's sequence space, acknowledging it.
-        let seq = if t.flags.has(TcpFlags::ACK) { t.ack } else { 0 };
-        build::tcp(
-            &ends.reversed(),
-            TcpFlags::RST | TcpFlags::ACK,
-            seq,
-            t.seq.wrapping_add(len),
-            b"",
-        )
-    } else {
-        // As the sender would, at the sequence number the receiver expects.
-        build::tcp(&ends, TcpFlags::RST | TcpFlags::ACK, t.seq, t.ack, b"")
-    })
+    // Back: as the receiver would, from the segment's sequence space, acknowledging it.
+    let seq = if t.flags.has(TcpFlags::ACK) { t.ack } else { 0 };
+    let back = build::tcp(
+        &ends.reversed(),
+        TcpFlags::RST | TcpFlags::ACK,
+        seq,
+        t.seq.wrapping_add(len),
+        b"",
+    );
+    // On: as the sender would, at the sequence number the receiver expects.
+    let forward = on.then(|| build::tcp(&ends, TcpFlags::RST | TcpFlags::ACK, t.seq, t.ack, b""));
+    (Some(back), forward)
 }
 
 impl Gate {
@@ -399,10 +403,7 @@ impl Gate {
             _ => (false, false),
         };
         if back && self.reset_budget.take(now) {
-            self.resets = (
-                tcp_reset(frame, true),
-                on.then(|| tcp_reset(frame, false)).flatten(),
-            );
+            self.resets = tcp_resets(frame, on);
         }
         false
     }
@@ -973,7 +974,7 @@ mod tests {
 #[cfg(test)]
 mod reset_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::tcp_reset;
+    use super::tcp_resets;
     use enclave_netfilter::packet::{build, Frame, MacAddr, Net, TcpFlags as F, L4};
 
     fn tcp_of(frame: &[u8]) -> (std::net::IpAddr, u16, u32, u32, u8) {
@@ -994,15 +995,23 @@ mod reset_tests {
             dport: 5432,
         };
         let seg = build::tcp(&e, F::ACK | F::PSH, 1000, 7000, b"select");
+        let (back, on) = tcp_resets(&seg, true);
         // Back to the sender: from the receiver's side, acknowledging the segment.
-        let (src, sport, seq, ack, flags) = tcp_of(&tcp_reset(&seg, true).unwrap());
+        let (src, sport, seq, ack, flags) = tcp_of(&back.unwrap());
         assert_eq!((src, sport, seq, ack), (e.dst, 5432, 7000, 1006));
         assert_eq!(flags & (F::RST | F::ACK), F::RST | F::ACK);
         // On to the receiver: at the sequence number it expects from the sender.
-        let (src, sport, seq, ack, _) = tcp_of(&tcp_reset(&seg, false).unwrap());
+        let (src, sport, seq, ack, _) = tcp_of(&on.unwrap());
+        assert!(
+            tcp_resets(&seg, false).1.is_none(),
+            "no reset on without `on`"
+        );
         assert_eq!((src, sport, seq, ack), (e.src, 40000, 1000, 7000));
         // No reset for a reset, or for what is not TCP.
-        assert!(tcp_reset(&build::tcp(&e, F::RST, 1, 0, b""), true).is_none());
-        assert!(tcp_reset(&build::udp(&e, b"x"), true).is_none());
+        assert_eq!(
+            tcp_resets(&build::tcp(&e, F::RST, 1, 0, b""), true),
+            (None, None)
+        );
+        assert_eq!(tcp_resets(&build::udp(&e, b"x"), true), (None, None));
     }
 }

@@ -302,11 +302,6 @@ impl StreamScanner {
         }
         found
     }
-
-    /// Bytes held between pieces.
-    pub fn held(&self) -> usize {
-        self.carry.capacity()
-    }
 }
 
 #[cfg(test)]

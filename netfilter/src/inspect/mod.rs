@@ -185,11 +185,6 @@ impl FlowInspector {
         self.app = app.or(self.app);
     }
 
-    /// Bytes held for reassembly.
-    pub fn held(&self) -> usize {
-        self.halves.iter().flatten().map(HalfStream::held).sum()
-    }
-
     /// A SYN of side `client` (true: the initiator's).
     pub fn syn(&mut self, client: bool, isn: u32) {
         if let Some(h) = self.halves[usize::from(!client)].as_mut() {
@@ -400,21 +395,26 @@ impl Client {
                 let what = *what;
                 lines(carry, b, |line| {
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    if proto::is_http_request_line(line) {
-                        found.push(Detected::new(
-                            Threat::ProtocolMismatch,
-                            format!(
-                                "an HTTP request (`{}`) inside {what} flow",
-                                http::excerpt(line, 80)
-                            ),
-                            true,
-                        ));
-                    }
+                    found.extend(http_inside(line, what));
                 });
             }
             Client::Start(_) | Client::Done => {}
         }
     }
+}
+
+/// A second protocol: `line` (of a `what` flow) is an HTTP request line.
+fn http_inside(line: &[u8], what: &str) -> Option<Detected> {
+    proto::is_http_request_line(line).then(|| {
+        Detected::new(
+            Threat::ProtocolMismatch,
+            format!(
+                "an HTTP request (`{}`) inside {what} flow",
+                http::excerpt(line, 80)
+            ),
+            true,
+        )
+    })
 }
 
 /// Calls `f` on every complete line of `carry` + `b`; keeps the unfinished end (at most
@@ -688,16 +688,7 @@ impl RespState {
                     (self.left, self.first) = (count, true);
                 } else if !line.is_empty() {
                     // Inline command.
-                    if proto::is_http_request_line(line) {
-                        found.push(Detected::new(
-                            Threat::ProtocolMismatch,
-                            format!(
-                                "an HTTP request (`{}`) inside redis flow",
-                                http::excerpt(line, 80)
-                            ),
-                            true,
-                        ));
-                    }
+                    found.extend(http_inside(line, "redis"));
                     let name = line.split(|&c| c == b' ').next().unwrap_or(line).to_vec();
                     self.command(&name, rules, found);
                 }

@@ -187,25 +187,15 @@ pub fn tokenize(s: &[u8], quote: Option<u8>) -> Vec<Token> {
                 i += 2;
                 Tok::LogicOp
             }
-            b'(' => {
-                i += 1;
-                Tok::Open
-            }
-            b')' => {
-                i += 1;
-                Tok::Close
-            }
-            b',' => {
-                i += 1;
-                Tok::Comma
-            }
-            b';' => {
-                i += 1;
-                Tok::Semi
-            }
             _ => {
                 i += 1;
-                Tok::Op
+                match c {
+                    b'(' => Tok::Open,
+                    b')' => Tok::Close,
+                    b',' => Tok::Comma,
+                    b';' => Tok::Semi,
+                    _ => Tok::Op,
+                }
             }
         };
         out.push(Token { tok, at, spaced });
