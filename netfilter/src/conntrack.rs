@@ -364,7 +364,7 @@ pub struct L7Pending {
     /// The first payload bytes of each side (client, server).
     pub buf: [[u8; DETECT_BYTES]; 2],
     /// Bytes held per side.
-    pub len: [u8; 2],
+    pub len: [u16; 2],
     /// Next expected TCP sequence number per side, once known.
     pub next_seq: [Option<u32>; 2],
 }
@@ -399,7 +399,7 @@ pub struct FlowEntry {
     /// The app detected, once known.
     pub app: Option<AppProto>,
     /// Detection under way.
-    pub l7: Option<L7Pending>,
+    pub l7: Option<Box<L7Pending>>,
     /// Zone of the initiator and of the responder.
     pub zones: (ZoneId, ZoneId),
     /// Frames and bytes from the initiator and from the responder.

@@ -197,7 +197,7 @@ pub struct FlowEvent {
     /// The rule that decided, if any.
     pub rule: Option<RuleId>,
     /// Apps a rule required (bit per [`AppProto::index`]).
-    pub app_required: u8,
+    pub app_required: u32,
     /// App detected from the payload.
     pub app_detected: Option<AppProto>,
     /// Mode of the workload's zone.
@@ -1148,25 +1148,7 @@ impl Enforcer {
                 EventKind::WouldDeny => e.admission = Admission::Monitored,
                 _ => {}
             }
-            // The rule is known now: inspect as it says (the candidates' strictest until
-            // then).
-            if let Some(fi) = e.inspect.as_mut() {
-                let cfg = self
-                    .policy
-                    .policy()
-                    .flow_inspect(e.rule, e.zones.0, e.zones.1);
-                let requests = rule_requests(&self.policy, e.rule);
-                let keep = cfg.any() || requests.any();
-                fi.set_requests(requests);
-                fi.set_app(app);
-                fi.set_cfg(
-                    cfg,
-                    self.policy.policy().dlp_sides(cfg, e.zones.0, e.zones.1),
-                );
-                if !keep {
-                    e.inspect = None;
-                }
-            }
+            settle_inspection(&self.policy, e, app);
         }
         let mut info = FlowInfo::of(e, required);
         let inspected = !matches!(step, L7Step::Reorder) && e.admission != Admission::Cut;
@@ -1191,7 +1173,11 @@ impl Enforcer {
                 InspectStep::Pass(found) if !found.is_empty() => {
                     let flow = finding_flow(ip, orig, &info, mode);
                     info.cut = report(&mut self.findings, &mut self.counters, found, cfg, flow);
-                    if info.cut.is_some() {
+                    // A refused DNS query drops that datagram; the flow goes on for the
+                    // names the rule allows (resolvers reuse one socket for many queries).
+                    let one_datagram =
+                        matches!(ip.l4, L4::Udp(_)) && info.cut == Some(Reason::RequestDenied);
+                    if info.cut.is_some() && !one_datagram {
                         e.admission = Admission::Cut;
                     }
                 }
@@ -1281,7 +1267,7 @@ impl Enforcer {
                     Lookup::Allowed(r) | Lookup::Denied(r) => Some(r),
                     _ => None,
                 };
-                entry.l7 = Some(L7Pending::new(ALL_APPS));
+                entry.l7 = Some(Box::new(L7Pending::new(ALL_APPS)));
                 ev.kind = EventKind::Learned;
                 ev.reason = Reason::Learned;
                 ev.rule = entry.rule;
@@ -1299,7 +1285,7 @@ impl Enforcer {
                 (Reason::NewFlowAllowed, true)
             }
             (_, Lookup::NeedsApp(c)) => {
-                entry.l7 = Some(L7Pending::new(c));
+                entry.l7 = Some(Box::new(L7Pending::new(c)));
                 entry.rule = c.iter().flatten().next().copied();
                 (Reason::AppPending, false)
             }
@@ -1401,6 +1387,7 @@ impl Enforcer {
             {
                 entry.l7 = None;
                 entry.app = app;
+                settle_inspection(&self.policy, &mut entry, app);
                 ev.kind = kind;
                 ev.reason = reason;
                 ev.rule = entry.rule;
@@ -1438,7 +1425,9 @@ impl Enforcer {
                         if let Some(r) =
                             report(&mut self.findings, &mut self.counters, found, cfg, flow)
                         {
-                            entry.admission = Admission::Cut;
+                            if r != Reason::RequestDenied {
+                                entry.admission = Admission::Cut;
+                            }
                             let mut ev = flow;
                             ev.kind = EventKind::Denied;
                             ev.reason = r;
@@ -1627,14 +1616,14 @@ fn quiet(reason: Reason) -> Decision {
     }
 }
 
-fn app_mask(c: &[Option<RuleId>; AppProto::COUNT]) -> u8 {
+fn app_mask(c: &[Option<RuleId>; AppProto::COUNT]) -> u32 {
     c.iter()
         .enumerate()
         .filter(|(_, r)| r.is_some())
         .fold(0, |m, (i, _)| m | 1 << i)
 }
 
-fn required_of(l: Lookup) -> u8 {
+fn required_of(l: Lookup) -> u32 {
     match l {
         Lookup::NeedsApp(c) => app_mask(&c),
         _ => 0,
@@ -1710,7 +1699,7 @@ enum Tracked {
 /// What an event about a tracked flow needs from its entry.
 struct FlowInfo {
     rule: Option<RuleId>,
-    required: u8,
+    required: u32,
     zones: (ZoneId, ZoneId),
     outbound: bool,
     app: Option<AppProto>,
@@ -1720,7 +1709,7 @@ struct FlowInfo {
 
 impl FlowInfo {
     /// What `e` says of its flow (`required`: the apps its rules asked for).
-    fn of(e: &FlowEntry, required: u8) -> FlowInfo {
+    fn of(e: &FlowEntry, required: u32) -> FlowInfo {
         FlowInfo {
             rule: e.rule,
             required,
@@ -1766,6 +1755,22 @@ fn flow_event_of(
         app_required: 0,
         app_detected: e.app,
         mode,
+    }
+}
+
+/// Once detection names the flow's rule: inspect as that rule says (the candidates'
+/// strictest until then), with its request rules; no inspector if it asks for nothing.
+fn settle_inspection(policy: &CompiledPolicy, e: &mut FlowEntry, app: Option<AppProto>) {
+    if let Some(fi) = e.inspect.as_mut() {
+        let cfg = policy.policy().flow_inspect(e.rule, e.zones.0, e.zones.1);
+        let requests = rule_requests(policy, e.rule);
+        let keep = cfg.any() || requests.any();
+        fi.set_requests(requests);
+        fi.set_app(app);
+        fi.set_cfg(cfg, policy.policy().dlp_sides(cfg, e.zones.0, e.zones.1));
+        if !keep {
+            e.inspect = None;
+        }
     }
 }
 
@@ -1904,7 +1909,7 @@ fn step_l7(e: &mut FlowEntry, orig: bool, ip: &IpPacket<'_>, mode: Mode) -> L7St
     }
     let take = payload.len().min(DETECT_BYTES - held);
     p.buf[side_i][held..held + take].copy_from_slice(&payload[..take]);
-    p.len[side_i] = (held + take) as u8;
+    p.len[side_i] = (held + take) as u16;
     // A datagram is judged whole: a DNS query whose name runs past the first 64 bytes is
     // still DNS (a stream's first bytes are all a detector gets).
     let data = if datagram {

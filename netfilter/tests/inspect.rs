@@ -689,6 +689,15 @@ spec:
       ports: [5432]
       app: postgres
       postgres: {databases: [cards], users: [shop]}
+    - name: payments-grpc
+      from: api
+      to: corp
+      protocol: tcp
+      ports: [50051]
+      app: grpc
+      grpc: [{service: payments.v1.Payments, methods: [Authorize, Capture]}]
+    - {name: names, from: api, to: corp, protocol: udp, ports: [53], app: dns, dns: {names: ["*.psp.example", api.acquirer.example]}}
+    - {name: psp-tls, from: api, to: corp, protocol: tcp, ports: [443], app: tls, tls: {sni: ["*.psp.example"]}}
 "#;
 
 fn resp(args: &[&str]) -> Vec<u8> {
@@ -805,6 +814,180 @@ fn request_rules_are_checked_against_their_app_and_located() {
             "methods: [GET]",
             "methods: [FETCH]",
             "`FETCH` is not an HTTP method",
+        ),
+    ] {
+        let src = REQUESTS.replacen(from, to, 1);
+        assert_ne!(src, REQUESTS, "{from}");
+        let e = policy::load_str(&src, "q.yaml")
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains(want) && e.contains("q.yaml:"), "{e}");
+    }
+}
+
+fn capture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/corpus/l7")
+            .join(name),
+    )
+    .expect(name)
+}
+
+/// A HEADERS frame on `stream` for a gRPC call to `path` (literals, no Huffman).
+fn grpc_headers(stream: u8, path: &str) -> Vec<u8> {
+    let mut blk = vec![0x83, 0x86, 0x04, path.len() as u8];
+    blk.extend_from_slice(path.as_bytes());
+    blk.extend_from_slice(&[0x0f, 0x10, 16]);
+    blk.extend_from_slice(b"application/grpc");
+    let mut f = vec![0, 0, blk.len() as u8, 1, 4, 0, 0, 0, stream];
+    f.extend_from_slice(&blk);
+    f
+}
+
+#[test]
+fn grpc_calls_outside_the_rule_are_refused_on_a_connection_it_allowed() {
+    let mut fx = fixture_of(REQUESTS);
+    let mut c = fx.connect("10.0.0.3", 50051);
+    // grpcio's own opening (preface, SETTINGS, HEADERS with Huffman and indexing, DATA)
+    // calling /payments.v1.Payments/Authorize.
+    let real = capture("grpc-grpcio.bin");
+    let d = fx.send(&mut c, &real);
+    assert_eq!(d.verdict, Verdict::Pass, "{d:?}");
+    assert!(fx.findings().is_empty());
+    assert_eq!(
+        fx.send(&mut c, &grpc_headers(3, "/payments.v1.Payments/Capture"))
+            .verdict,
+        Verdict::Pass
+    );
+    let d = fx.send(&mut c, &grpc_headers(5, "/payments.v1.Payments/Refund"));
+    assert_eq!(d.reason, Reason::RequestDenied);
+    let f = fx.findings();
+    assert!(
+        f[0].detail.contains("`payments.v1.Payments/Refund`"),
+        "{}",
+        f[0].detail
+    );
+    // Plain HTTP/2 (curl's opening) is not gRPC: the rule's app refuses it.
+    let mut fy = fixture_of(REQUESTS);
+    let mut c = fy.connect("10.0.0.3", 50051);
+    let d = fy.send(&mut c, &capture("http2-curl.bin"));
+    assert_eq!(d.reason, Reason::AppMismatch, "{d:?}");
+}
+
+#[test]
+fn dns_names_outside_the_rule_are_dropped_query_by_query() {
+    let mut fx = fixture_of(REQUESTS);
+    let out = build::Ends {
+        src_mac: fx.mac,
+        dst_mac: GW,
+        src: fx.ip,
+        dst: "10.0.0.3".parse().unwrap(),
+        sport: 5300,
+        dport: 53,
+    };
+    let query = |name: &str| {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q
+    };
+    // busybox nslookup's real query for api.acquirer.example.
+    let real = capture("dns-busybox-nslookup.bin");
+    assert_eq!(
+        fx.decide(Direction::Egress, &build::udp(&out, &real))
+            .verdict,
+        Verdict::Pass
+    );
+    let d = fx.decide(
+        Direction::Egress,
+        &build::udp(&out, &query("exfil.attacker.example")),
+    );
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Drop, Reason::RequestDenied)
+    );
+    let f = fx.findings();
+    assert!(
+        f[0].detail.contains("`exfil.attacker.example`"),
+        "{}",
+        f[0].detail
+    );
+    // The same socket goes on asking for names the rule allows, and a second refused name
+    // is reported again.
+    for name in ["eu.psp.example", "API.Acquirer.Example"] {
+        let d = fx.decide(Direction::Egress, &build::udp(&out, &query(name)));
+        assert_eq!(d.verdict, Verdict::Pass, "{name}: {d:?}");
+    }
+    for name in ["psp.example", "acquirer.example"] {
+        let d = fx.decide(Direction::Egress, &build::udp(&out, &query(name)));
+        assert_eq!(d.reason, Reason::RequestDenied, "{name}");
+    }
+    assert_eq!(fx.findings().len(), 2);
+    // A refused name as the flow's very first datagram.
+    let mut fy = fixture_of(REQUESTS);
+    let d = fy.decide(
+        Direction::Egress,
+        &build::udp(&out, &query("exfil.attacker.example")),
+    );
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Drop, Reason::RequestDenied)
+    );
+    let d = fy.decide(
+        Direction::Egress,
+        &build::udp(&out, &query("eu.psp.example")),
+    );
+    assert_eq!(d.verdict, Verdict::Pass, "{d:?}");
+}
+
+#[test]
+fn tls_hellos_for_server_names_outside_the_rule_are_refused() {
+    // openssl s_client -servername api.psp.example: a real ClientHello.
+    let real = capture("tls-openssl.bin");
+    let mut fx = fixture_of(REQUESTS);
+    let mut c = fx.connect("10.0.0.3", 443);
+    assert_eq!(fx.send(&mut c, &real).verdict, Verdict::Pass);
+    assert!(fx.findings().is_empty());
+    // The same hello naming another server (same length, so every length stays right).
+    let at = real
+        .windows(15)
+        .position(|w| w == b"api.psp.example")
+        .expect("the SNI is in the hello");
+    let mut other = real.clone();
+    other[at..at + 15].copy_from_slice(b"api.evil.exampl");
+    let mut fy = fixture_of(REQUESTS);
+    let mut c = fy.connect("10.0.0.3", 443);
+    let d = fy.send(&mut c, &other);
+    assert_eq!(d.reason, Reason::RequestDenied, "{d:?}");
+    assert!(fy.findings()[0].detail.contains("`api.evil.exampl`"));
+}
+
+#[test]
+fn grpc_dns_and_sni_rules_are_checked_as_written() {
+    for (from, to, want) in [
+        (
+            "service: payments.v1.Payments",
+            "service: \"payments v1\"",
+            "is not a gRPC service name",
+        ),
+        (
+            "api.acquirer.example]",
+            "\"api.*.example\"]",
+            "is not a DNS name or pattern",
+        ),
+        (
+            "app: tls, tls:",
+            "app: http, tls:",
+            "`tls` rules need `app: tls`",
+        ),
+        (
+            "names: [\"*.psp.example\", api.acquirer.example]",
+            "names: []",
+            "no name",
         ),
     ] {
         let src = REQUESTS.replacen(from, to, 1);

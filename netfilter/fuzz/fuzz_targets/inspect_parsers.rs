@@ -20,6 +20,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = http::url_decode(data);
     let _ = proto::dns_tunnel(data);
     let _ = proto::hello_version(data);
+    let _ = proto::hello_sni(data);
+    let _ = proto::dns_query_name(data);
+    let _ = proto::read_name(data, usize::from(data.first().copied().unwrap_or(0)));
     let _ = proto::is_http_request_line(data);
 
     let mut masked = data.to_vec();

@@ -232,10 +232,36 @@ impl FlowInspector {
                 found.push(Detected::new(Threat::DnsTunneling, d, client));
             }
         }
+        if client && self.requests.dns.is_some() {
+            let refused = match proto::dns_query_name(payload) {
+                Some(n) if self.requests.dns_allows(&n) => None,
+                Some(n) => Some(format!(
+                    "a DNS query for `{}` is not one the rule allows",
+                    http::excerpt(n.as_bytes(), 120)
+                )),
+                None => Some("a datagram that is not a DNS query netd can read (the rule allows only some names)".into()),
+            };
+            if let Some(d) = refused {
+                found.push(Detected::new(Threat::RequestDenied, d, client));
+            }
+        }
         if self.dlp_on[usize::from(!client)] {
             found.extend(dlp_found(dlp::scan(payload, true, true), client));
         }
-        Step::Pass(self.fresh_findings(found))
+        // Each query is judged: a refused name is reported every time (the datagram is
+        // dropped, the flow goes on for the names the rule allows).
+        let requests = found
+            .iter()
+            .filter(|d| d.threat == Threat::RequestDenied)
+            .cloned();
+        let again: Vec<Detected> = requests.collect();
+        let mut out = self.fresh_findings(found);
+        for d in again {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        Step::Pass(out)
     }
 
     /// Each threat is reported once per flow (a deny cuts the flow at the first).
@@ -298,6 +324,8 @@ enum Client {
     Tls(Vec<u8>),
     /// Redis: RESP commands (by their lengths) and inline commands.
     Redis(RespState),
+    /// HTTP/2 with prior knowledge (gRPC too): each request's header block.
+    H2(Box<crate::l7::h2::RequestReader>),
     /// A line protocol (Redis inline, SMTP...) or one not recognised: each line is checked
     /// for an HTTP request.
     Lines(Vec<u8>, &'static str),
@@ -333,6 +361,8 @@ impl Client {
             let is = |a| crate::l7::detect(a, side, buf, false) == crate::l7::Detection::Match;
             let chosen = match app {
                 Some(AppProto::Mysql) => Some(AppProto::Mysql),
+                Some(a @ (AppProto::Grpc | AppProto::Http2)) => Some(a),
+                _ if buf.starts_with(crate::l7::h2::PREFACE) => Some(AppProto::Http2),
                 _ if is(AppProto::Http) => Some(AppProto::Http),
                 _ if is(AppProto::Tls) => Some(AppProto::Tls),
                 _ if is(AppProto::Postgres) => Some(AppProto::Postgres),
@@ -348,7 +378,20 @@ impl Client {
                 Some(AppProto::Postgres) => Client::Postgres(PgState::default()),
                 Some(AppProto::Mysql) => Client::Mysql(MyState::default()),
                 Some(AppProto::Redis) => Client::Redis(RespState::default()),
-                Some(AppProto::Dns) | None => Client::Lines(Vec::new(), "this"),
+                Some(AppProto::Grpc | AppProto::Http2) => Client::H2(Box::default()),
+                // Text protocols: each line is checked for an HTTP request inside.
+                Some(
+                    AppProto::Dns
+                    | AppProto::Smtp
+                    | AppProto::Nats
+                    | AppProto::Memcached
+                    | AppProto::Sip
+                    | AppProto::Rtsp
+                    | AppProto::Syslog,
+                )
+                | None => Client::Lines(Vec::new(), "this"),
+                // Binary protocols, or encrypted ones: nothing netd reads further.
+                Some(_) => Client::Done,
             };
             return self.feed(&first, app, rules, found);
         }
@@ -368,6 +411,17 @@ impl Client {
                     self.lost(rules, "Redis", found);
                 }
             }
+            Client::H2(r) => match r.feed(b) {
+                Ok(reqs) => {
+                    for q in reqs {
+                        h2_request(&q, rules, found);
+                    }
+                }
+                Err(e) => {
+                    let e = format!("HTTP/2 ({e})");
+                    self.lost(rules, &e, found);
+                }
+            },
             Client::Mysql(m) => {
                 if m.feed(b, found) {
                     *self = Client::Done;
@@ -380,6 +434,9 @@ impl Client {
                     .map(|l| 5 + usize::from(u16::from_be_bytes([l[0], l[1]])));
                 let sslv2 = buf.first().is_some_and(|c| c & 0x80 != 0);
                 if sslv2 || need.is_some_and(|n| buf.len() >= n) || buf.len() >= MESSAGE_MAX {
+                    if rules.sni.is_some() {
+                        sni_check(buf, rules, found);
+                    }
                     if let Some((ssl, detail)) = proto::hello_version(buf) {
                         let t = if ssl {
                             Threat::SslVersion
@@ -401,6 +458,55 @@ impl Client {
             Client::Start(_) | Client::Done => {}
         }
     }
+}
+
+/// Checks one HTTP/2 request against the rule's `grpc` and `http` lists.
+fn h2_request(q: &crate::l7::h2::Request, rules: &RequestRules, found: &mut Vec<Detected>) {
+    let path = http::excerpt(q.path.as_bytes(), 100);
+    if !rules.grpc.is_empty() {
+        let refused = match q.grpc_call().filter(|_| q.is_grpc()) {
+            Some((service, method)) if rules.grpc_allows(service, method) => None,
+            Some((service, method)) => Some(format!(
+                "gRPC call `{}/{}` is not one the rule allows",
+                http::excerpt(service.as_bytes(), 80),
+                http::excerpt(method.as_bytes(), 60)
+            )),
+            None => Some(format!(
+                "`{} {path}` over HTTP/2 is not a gRPC call",
+                q.method
+            )),
+        };
+        if let Some(d) = refused {
+            found.push(Detected::new(Threat::RequestDenied, d, true));
+            return;
+        }
+    }
+    if !rules.http_allows(&q.method, &q.path, q.authority.as_deref(), &q.headers) {
+        found.push(Detected::new(
+            Threat::RequestDenied,
+            format!(
+                "`{} {path}` (HTTP/2) is not a request the rule allows",
+                http::excerpt(q.method.as_bytes(), 20)
+            ),
+            true,
+        ));
+    }
+}
+
+/// Checks a ClientHello's server name against the rule's `tls.sni`.
+fn sni_check(hello: &[u8], rules: &RequestRules, found: &mut Vec<Detected>) {
+    let detail = match proto::hello_sni(hello) {
+        proto::Sni::Name(n) if rules.sni_allows(Some(&n)) => return,
+        proto::Sni::Name(n) => format!("TLS server name `{n}` is not one the rule allows"),
+        proto::Sni::Absent => {
+            "a TLS hello without a server name (the rule allows only some)".into()
+        }
+        proto::Sni::Invalid => "a TLS hello whose server name is not a DNS name".into(),
+        proto::Sni::NotHello => {
+            "not a TLS hello netd can read (the rule allows only some server names)".into()
+        }
+    };
+    found.push(Detected::new(Threat::RequestDenied, detail, true));
 }
 
 /// A second protocol: `line` (of a `what` flow) is an HTTP request line.

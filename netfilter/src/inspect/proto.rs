@@ -54,8 +54,8 @@ pub fn hello_version(data: &[u8]) -> Option<(bool, String)> {
     }
 }
 
-/// The highest version in a ClientHello's supported_versions extension.
-fn supported_versions(d: &[u8]) -> Option<u16> {
+/// The body of extension `want` in a ClientHello record.
+fn hello_extension(d: &[u8], want: u16) -> Option<&[u8]> {
     // record(5) handshake type(1) len(3) version(2) random(32)
     let mut i = 5 + 4 + 2 + 32;
     let sid = usize::from(*d.get(i)?);
@@ -71,18 +71,117 @@ fn supported_versions(d: &[u8]) -> Option<u16> {
         let ty = u16::from_be_bytes([d[i], d[i + 1]]);
         let len = usize::from(u16::from_be_bytes([d[i + 2], d[i + 3]]));
         let body = d.get(i + 4..i + 4 + len)?;
-        if ty == 43 {
-            let n = usize::from(*body.first()?);
-            return body
-                .get(1..1 + n)?
-                .chunks_exact(2)
-                .map(|c| u16::from_be_bytes([c[0], c[1]]))
-                .filter(|v| v & 0x0f0f != 0x0a0a) // GREASE
-                .max();
+        if ty == want {
+            return Some(body);
         }
         i += 4 + len;
     }
     None
+}
+
+/// The highest version in a ClientHello's supported_versions extension.
+fn supported_versions(d: &[u8]) -> Option<u16> {
+    let body = hello_extension(d, 43)?;
+    let n = usize::from(*body.first()?);
+    body.get(1..1 + n)?
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .filter(|v| v & 0x0f0f != 0x0a0a) // GREASE
+        .max()
+}
+
+/// What a ClientHello says about the server it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sni {
+    /// Not a ClientHello netd can read.
+    NotHello,
+    /// A hello without a server_name extension (or with no host name in it).
+    Absent,
+    /// The host name (RFC 6066 §3), lower case.
+    Name(String),
+    /// A server_name that is not a valid DNS host name.
+    Invalid,
+}
+
+/// The server name in a ClientHello record (the first record: a hello is one record).
+pub fn hello_sni(d: &[u8]) -> Sni {
+    if d.len() < 11 || d[0] != 0x16 || d[1] != 3 || d[5] != 1 {
+        return Sni::NotHello;
+    }
+    let Some(body) = hello_extension(d, 0) else {
+        return Sni::Absent;
+    };
+    // server_name_list length, then (type 0 = host_name, length, name).
+    let name = body
+        .get(2)
+        .filter(|t| **t == 0)
+        .and_then(|_| body.get(3..5))
+        .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])))
+        .and_then(|l| body.get(5..5 + l));
+    match name {
+        None => Sni::Absent,
+        Some(n)
+            if !n.is_empty()
+                && n.len() <= 253
+                && n.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_')) =>
+        {
+            Sni::Name(String::from_utf8_lossy(n).to_ascii_lowercase())
+        }
+        Some(_) => Sni::Invalid,
+    }
+}
+
+/// The question name of a DNS query message, lower case, without the final dot; `None`
+/// when the message is not a query with one question.
+pub fn dns_query_name(msg: &[u8]) -> Option<String> {
+    if msg.len() < 12 || msg[2] & 0x80 != 0 || u16::from_be_bytes([msg[4], msg[5]]) != 1 {
+        return None;
+    }
+    let (name, _) = read_name(msg, 12)?;
+    Some(name)
+}
+
+/// Reads a (possibly compressed) domain name at `i`: the name and the offset after it in
+/// the message (after the first pointer, if any). At most 255 bytes and 32 pointers.
+pub fn read_name(msg: &[u8], mut i: usize) -> Option<(String, usize)> {
+    let mut out = String::new();
+    let mut after = None;
+    let mut jumps = 0;
+    loop {
+        let l = *msg.get(i)?;
+        match l {
+            0 => {
+                return Some((out, after.unwrap_or(i + 1)));
+            }
+            1..=63 => {
+                let label = msg.get(i + 1..i + 1 + usize::from(l))?;
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                for &c in label {
+                    if !(c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+                        return None;
+                    }
+                    out.push(char::from(c.to_ascii_lowercase()));
+                }
+                if out.len() > 253 {
+                    return None;
+                }
+                i += 1 + usize::from(l);
+            }
+            0xc0..=0xff => {
+                let off = usize::from(u16::from_be_bytes([l, *msg.get(i + 1)?]) & 0x3fff);
+                after.get_or_insert(i + 2);
+                jumps += 1;
+                if jumps > 32 || off >= msg.len() {
+                    return None;
+                }
+                i = off;
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// Signs of data tunneled through DNS queries: `Some(detail)` when a query (a DNS message

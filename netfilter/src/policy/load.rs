@@ -429,16 +429,17 @@ impl Ctx<'_> {
                         "a deny rule cannot name an app: it denies the ports whatever the payload",
                     );
                 }
+                let (tcp, udp) = crate::l7::transports(app);
                 let ok = match r.protocol {
-                    Protocol::Tcp => true,
-                    Protocol::Udp => app == AppProto::Dns,
+                    Protocol::Tcp => tcp,
+                    Protocol::Udp => udp,
                     _ => false,
                 };
                 if !ok {
-                    let want = if app == AppProto::Dns {
-                        "tcp or udp"
-                    } else {
-                        "tcp"
+                    let want = match (tcp, udp) {
+                        (true, true) => "tcp or udp",
+                        (true, false) => "tcp",
+                        _ => "udp",
                     };
                     self.err(
                         format!("{at}.app"),
@@ -660,6 +661,48 @@ impl Ctx<'_> {
             }
             out.postgres = Some(pg.clone());
         }
+        if !r.grpc.is_empty() {
+            if let Some(m) = needs(AppProto::Grpc, "grpc") {
+                self.err(format!("{at}.grpc"), m);
+            }
+            for (i, g) in r.grpc.iter().enumerate() {
+                let ident = |s: &str| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                };
+                if !ident(&g.service) || g.service.starts_with('.') || g.service.ends_with('.') {
+                    self.err(
+                        format!("{at}.grpc[{i}].service"),
+                        format!(
+                            "`{}` is not a gRPC service name (`package.Service`)",
+                            g.service
+                        ),
+                    );
+                }
+                for (j, m) in g.methods.iter().enumerate() {
+                    if !ident(m) || m.contains('.') {
+                        self.err(
+                            format!("{at}.grpc[{i}].methods[{j}]"),
+                            format!("`{m}` is not a gRPC method name"),
+                        );
+                    }
+                }
+            }
+            out.grpc = r.grpc.clone();
+        }
+        if let Some(d) = &r.dns {
+            if let Some(m) = needs(AppProto::Dns, "dns") {
+                self.err(format!("{at}.dns"), m);
+            }
+            out.dns = Some(self.name_patterns(&d.names, &format!("{at}.dns.names")));
+        }
+        if let Some(t) = &r.tls {
+            if let Some(m) = needs(AppProto::Tls, "tls") {
+                self.err(format!("{at}.tls"), m);
+            }
+            out.sni = Some(self.name_patterns(&t.sni, &format!("{at}.tls.sni")));
+        }
         if out.any() && r.action == Action::Deny {
             self.err(
                 at.to_string(),
@@ -667,6 +710,22 @@ impl Ctx<'_> {
             );
         }
         out
+    }
+
+    /// DNS name patterns, each checked; lower case.
+    fn name_patterns(&mut self, names: &[String], at: &str) -> Vec<String> {
+        if names.is_empty() {
+            self.err(at.to_string(), "no name: the rule would refuse every one");
+        }
+        for (j, n) in names.iter().enumerate() {
+            if let Err(e) = super::model::check_name_pattern(n) {
+                self.err(format!("{at}[{j}]"), e);
+            }
+        }
+        names
+            .iter()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .collect()
     }
 
     fn ports(&mut self, r: &RuleDoc, at: &str) -> Vec<PortRange> {

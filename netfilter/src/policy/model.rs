@@ -239,6 +239,84 @@ pub struct RuleDoc {
     /// PostgreSQL databases and users the rule allows (needs `app: postgres`).
     #[serde(default)]
     pub postgres: Option<PostgresDoc>,
+    /// gRPC services and methods the rule allows (needs `app: grpc`).
+    #[serde(default)]
+    pub grpc: Vec<GrpcDoc>,
+    /// DNS names the rule lets a pod ask about (needs `app: dns`).
+    #[serde(default)]
+    pub dns: Option<NamesDoc>,
+    /// TLS server names (SNI) the rule allows (needs `app: tls`).
+    #[serde(default)]
+    pub tls: Option<SniDoc>,
+}
+
+/// gRPC calls a rule allows: any method of `service` (none listed), or those listed.
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcDoc {
+    /// Full service name, `package.Service`.
+    pub service: String,
+    /// Method names (none: any).
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// DNS names a rule allows queries for: exact names, `*.x` (any name under `x`), or `*`.
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamesDoc {
+    /// Names or patterns.
+    pub names: Vec<String>,
+}
+
+/// TLS server names a rule allows in the ClientHello's SNI (same patterns as DNS names).
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniDoc {
+    /// Server names or patterns.
+    pub sni: Vec<String>,
+}
+
+/// Whether DNS name `name` matches `pattern`: equal ignoring case and a final dot; `*.x`
+/// matches every name under `x` (not `x` itself); `*` matches every name.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    let p = pattern.trim_end_matches('.');
+    let n = name.trim_end_matches('.');
+    if p == "*" {
+        return true;
+    }
+    match p.strip_prefix("*.") {
+        Some(base) => {
+            n.len() > base.len() + 1
+                && n.as_bytes()[n.len() - base.len() - 1] == b'.'
+                && n[n.len() - base.len()..].eq_ignore_ascii_case(base)
+        }
+        None => n.eq_ignore_ascii_case(p),
+    }
+}
+
+/// Checks a DNS name pattern as written: labels of letters, digits, `-` and `_`, a `*.`
+/// prefix at most.
+pub fn check_name_pattern(p: &str) -> Result<(), String> {
+    if p == "*" {
+        return Ok(());
+    }
+    let body = p.strip_prefix("*.").unwrap_or(p).trim_end_matches('.');
+    let ok = !body.is_empty()
+        && body.len() <= 253
+        && body.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{p}` is not a DNS name or pattern: labels of letters, digits, `-` and `_`, `*.` only at the start"
+        ))
+    }
 }
 
 /// One kind of HTTP request a rule allows: any of `methods` (none: any), to any of
@@ -290,12 +368,46 @@ pub struct RequestRules {
     pub redis: Option<Vec<String>>,
     /// PostgreSQL: these databases and users.
     pub postgres: Option<PostgresDoc>,
+    /// gRPC: any of these (none: no gRPC rule).
+    pub grpc: Vec<GrpcDoc>,
+    /// DNS: queries only for these names.
+    pub dns: Option<Vec<String>>,
+    /// TLS: hellos only for these server names.
+    pub sni: Option<Vec<String>>,
 }
 
 impl RequestRules {
     /// Whether the rule says anything inside its protocol.
     pub fn any(&self) -> bool {
-        !self.http.is_empty() || self.redis.is_some() || self.postgres.is_some()
+        !self.http.is_empty()
+            || self.redis.is_some()
+            || self.postgres.is_some()
+            || !self.grpc.is_empty()
+            || self.dns.is_some()
+            || self.sni.is_some()
+    }
+
+    /// Whether a gRPC call passes.
+    pub fn grpc_allows(&self, service: &str, method: &str) -> bool {
+        self.grpc.is_empty()
+            || self.grpc.iter().any(|g| {
+                g.service == service
+                    && (g.methods.is_empty() || g.methods.iter().any(|m| m == method))
+            })
+    }
+
+    /// Whether a DNS query for `name` passes.
+    pub fn dns_allows(&self, name: &str) -> bool {
+        self.dns
+            .as_ref()
+            .map_or(true, |ns| ns.iter().any(|p| name_matches(p, name)))
+    }
+
+    /// Whether a TLS hello for server name `sni` (none sent: `None`) passes.
+    pub fn sni_allows(&self, sni: Option<&str>) -> bool {
+        self.sni.as_ref().map_or(true, |ns| {
+            sni.is_some_and(|s| ns.iter().any(|p| name_matches(p, s)))
+        })
     }
 
     /// Whether an HTTP request passes (`headers`: the names the request carries).
@@ -605,20 +717,81 @@ pub enum AppProto {
     Postgres,
     /// MySQL client/server protocol (server greeting).
     Mysql,
+    /// gRPC: HTTP/2 whose first request has `content-type: application/grpc`.
+    Grpc,
+    /// HTTP/2 with prior knowledge (the connection preface).
+    Http2,
+    /// SSH (the client's `SSH-2.0-` identification).
+    Ssh,
+    /// Apache Kafka (a request header with a known API key).
+    Kafka,
+    /// MongoDB wire protocol (OP_MSG, OP_QUERY or OP_COMPRESSED).
+    Mongodb,
+    /// Microsoft SQL Server TDS (PRELOGIN, LOGIN7 or a SQL batch).
+    Mssql,
+    /// Oracle Net TNS (a CONNECT packet).
+    Oracle,
+    /// Cassandra CQL native protocol (OPTIONS or STARTUP).
+    Cassandra,
+    /// memcached, text or binary protocol.
+    Memcached,
+    /// AMQP 0-9-1 or 1.0 (the protocol header).
+    Amqp,
+    /// MQTT 3.1, 3.1.1 or 5 (a CONNECT packet).
+    Mqtt,
+    /// NATS (the server's `INFO {` greeting).
+    Nats,
+    /// Apache ZooKeeper (a ConnectRequest or a four-letter word).
+    Zookeeper,
+    /// LDAP (a BER LDAPMessage with a request operation).
+    Ldap,
+    /// SMTP (the server's 220 greeting).
+    Smtp,
+    /// SIP (a request line ending `SIP/2.0`).
+    Sip,
+    /// RTSP (a request line ending `RTSP/1.0`).
+    Rtsp,
+    /// NTP over UDP (a client-mode packet).
+    Ntp,
+    /// DHCP over UDP (a BOOTREQUEST with the magic cookie).
+    Dhcp,
+    /// Syslog (`<PRI>` then an RFC 5424 or RFC 3164 header).
+    Syslog,
 }
 
 impl AppProto {
-    /// All of them, in index order.
-    pub const ALL: [AppProto; 6] = [
+    /// All of them, in index order (also the order learn mode tries them in: the more
+    /// specific first, gRPC before HTTP/2 before HTTP).
+    pub const ALL: [AppProto; AppProto::COUNT] = [
         AppProto::Http,
         AppProto::Tls,
         AppProto::Dns,
         AppProto::Redis,
         AppProto::Postgres,
         AppProto::Mysql,
+        AppProto::Grpc,
+        AppProto::Http2,
+        AppProto::Ssh,
+        AppProto::Kafka,
+        AppProto::Mongodb,
+        AppProto::Mssql,
+        AppProto::Oracle,
+        AppProto::Cassandra,
+        AppProto::Memcached,
+        AppProto::Amqp,
+        AppProto::Mqtt,
+        AppProto::Nats,
+        AppProto::Zookeeper,
+        AppProto::Ldap,
+        AppProto::Smtp,
+        AppProto::Sip,
+        AppProto::Rtsp,
+        AppProto::Ntp,
+        AppProto::Dhcp,
+        AppProto::Syslog,
     ];
     /// Number of variants.
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 26;
 
     /// Dense index, for per-app arrays.
     pub fn index(self) -> usize {
@@ -634,6 +807,26 @@ impl AppProto {
             AppProto::Redis => "redis",
             AppProto::Postgres => "postgres",
             AppProto::Mysql => "mysql",
+            AppProto::Grpc => "grpc",
+            AppProto::Http2 => "http2",
+            AppProto::Ssh => "ssh",
+            AppProto::Kafka => "kafka",
+            AppProto::Mongodb => "mongodb",
+            AppProto::Mssql => "mssql",
+            AppProto::Oracle => "oracle",
+            AppProto::Cassandra => "cassandra",
+            AppProto::Memcached => "memcached",
+            AppProto::Amqp => "amqp",
+            AppProto::Mqtt => "mqtt",
+            AppProto::Nats => "nats",
+            AppProto::Zookeeper => "zookeeper",
+            AppProto::Ldap => "ldap",
+            AppProto::Smtp => "smtp",
+            AppProto::Sip => "sip",
+            AppProto::Rtsp => "rtsp",
+            AppProto::Ntp => "ntp",
+            AppProto::Dhcp => "dhcp",
+            AppProto::Syslog => "syslog",
         }
     }
 

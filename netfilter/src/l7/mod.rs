@@ -6,6 +6,10 @@
 //! a valid prefix too short to tell. Detectors are total over arbitrary bytes and allocate
 //! nothing.
 
+pub mod h2;
+pub mod hpack;
+mod wire;
+
 use crate::policy::AppProto;
 
 /// Which end of the flow sent the bytes.
@@ -30,12 +34,12 @@ pub enum Detection {
 
 /// Bytes of a flow's first payload kept for detection; a flow still undecided after this
 /// many bytes does not match.
-pub const DETECT_BYTES: usize = 64;
+pub const DETECT_BYTES: usize = 512;
 
 /// The side that sends first in `app`.
 pub fn first_speaker(app: AppProto) -> Side {
     match app {
-        AppProto::Mysql => Side::Server,
+        AppProto::Mysql | AppProto::Nats | AppProto::Smtp => Side::Server,
         _ => Side::Client,
     }
 }
@@ -59,6 +63,26 @@ pub fn detect(app: AppProto, side: Side, data: &[u8], datagram: bool) -> Detecti
         AppProto::Redis => redis(data),
         AppProto::Postgres => postgres(data),
         AppProto::Mysql => mysql(data),
+        AppProto::Grpc => h2::grpc(data),
+        AppProto::Http2 => h2::http2(data),
+        AppProto::Ssh => wire::ssh(data),
+        AppProto::Kafka => wire::kafka(data),
+        AppProto::Mongodb => wire::mongodb(data),
+        AppProto::Mssql => wire::mssql(data),
+        AppProto::Oracle => wire::oracle(data),
+        AppProto::Cassandra => wire::cassandra(data),
+        AppProto::Memcached => wire::memcached(data),
+        AppProto::Amqp => wire::amqp(data),
+        AppProto::Mqtt => wire::mqtt(data),
+        AppProto::Nats => wire::nats(data),
+        AppProto::Zookeeper => wire::zookeeper(data),
+        AppProto::Ldap => wire::ldap(data),
+        AppProto::Smtp => wire::smtp(data),
+        AppProto::Sip => wire::sip(data),
+        AppProto::Rtsp => wire::rtsp(data),
+        AppProto::Ntp => wire::ntp(data),
+        AppProto::Dhcp => wire::dhcp(data),
+        AppProto::Syslog => wire::syslog(data),
     };
     if datagram && d == Detection::NeedMore {
         Detection::NoMatch
@@ -67,15 +91,48 @@ pub fn detect(app: AppProto, side: Side, data: &[u8], datagram: bool) -> Detecti
     }
 }
 
-/// The first app (in [`AppProto::ALL`] order) that the bytes match, for learn mode.
+/// Learn mode's order: the specific before the general (gRPC is HTTP/2, which the `http`
+/// detector accepts too).
+const IDENTIFY_ORDER: [AppProto; AppProto::COUNT] = {
+    let mut o = AppProto::ALL;
+    // Move gRPC and HTTP/2 (indices 6 and 7) to the front.
+    let mut i = 7;
+    while i >= 2 {
+        o[i] = o[i - 2];
+        i -= 1;
+    }
+    o[0] = AppProto::Grpc;
+    o[1] = AppProto::Http2;
+    o
+};
+
+/// The app the bytes are, for learn mode: the first in a specific-first order that
+/// matches. `None` while gRPC or HTTP/2 still need bytes (an HTTP/2 preface is HTTP too,
+/// but the request after it tells whether it is gRPC), unless `data` is all there will be
+/// (a datagram, or [`DETECT_BYTES`] held).
 pub fn identify(side: Side, data: &[u8], datagram: bool) -> Option<AppProto> {
-    AppProto::ALL
-        .into_iter()
-        .find(|a| detect(*a, side, data, datagram) == Detection::Match)
+    let last = datagram || data.len() >= DETECT_BYTES;
+    for (i, a) in IDENTIFY_ORDER.into_iter().enumerate() {
+        match detect(a, side, data, datagram) {
+            Detection::Match => return Some(a),
+            Detection::NeedMore if !last && i < 2 => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The transports an app runs over: (TCP, UDP).
+pub fn transports(app: AppProto) -> (bool, bool) {
+    match app {
+        AppProto::Dns | AppProto::Syslog | AppProto::Sip => (true, true),
+        AppProto::Ntp | AppProto::Dhcp => (false, true),
+        _ => (true, false),
+    }
 }
 
 /// `Match` when `data` starts with `lit`, `NeedMore` when `data` is a prefix of it.
-fn literal(data: &[u8], lit: &[u8]) -> Detection {
+pub(crate) fn literal(data: &[u8], lit: &[u8]) -> Detection {
     let n = data.len().min(lit.len());
     if data[..n] != lit[..n] {
         Detection::NoMatch
@@ -467,5 +524,46 @@ mod tests {
             Some(Redis)
         );
         assert_eq!(identify(Side::Client, b"\x00\x01\x02garbage", false), None);
+    }
+
+    #[test]
+    fn protocols_without_a_captured_client_match_their_specification() {
+        // SMTP (RFC 5321 §4.2) and NATS greet first.
+        let smtp = b"220 mail.example.org ESMTP Postfix (Debian/GNU)\r\n";
+        assert_eq!(detect(Smtp, Side::Server, smtp, false), Match);
+        assert_eq!(detect(Smtp, Side::Client, smtp, false), NoMatch);
+        assert_eq!(detect(Smtp, Side::Server, b"220", false), NeedMore);
+        assert_eq!(detect(Smtp, Side::Server, b"200 OK\r\n", false), NoMatch);
+        // SIP (RFC 3261 §7.1), over UDP.
+        let sip = b"REGISTER sip:registrar.example.com SIP/2.0\r\nVia: SIP/2.0/UDP x\r\n";
+        assert_eq!(detect(Sip, Side::Client, sip, true), Match);
+        assert_eq!(
+            detect(Sip, Side::Client, b"REGISTER sip:x HTTP/1.1\r\n", true),
+            NoMatch
+        );
+        // RTSP (RFC 2326 §6.1).
+        let rtsp = b"OPTIONS rtsp://cam.example.com/stream RTSP/1.0\r\nCSeq: 1\r\n";
+        assert_eq!(c(Rtsp, rtsp), Match);
+        assert_eq!(c(Http, rtsp), NoMatch);
+        // DHCP (RFC 2131 §2): a DISCOVER.
+        let mut dhcp = vec![1u8, 1, 6, 0, 0x39, 0x03, 0xf3, 0x26];
+        dhcp.resize(236, 0);
+        dhcp.extend_from_slice(&[0x63, 0x82, 0x53, 0x63, 53, 1, 1, 0xff]);
+        assert_eq!(detect(Dhcp, Side::Client, &dhcp, true), Match);
+        dhcp[236] = 0;
+        assert_eq!(detect(Dhcp, Side::Client, &dhcp, true), NoMatch);
+        // UDP-only and TCP-only protocols say so.
+        assert_eq!(transports(Ntp), (false, true));
+        assert_eq!(transports(Kafka), (true, false));
+    }
+
+    #[test]
+    fn learn_mode_waits_for_the_request_that_tells_grpc_from_http2() {
+        let g = h2::tests::client_bytes("/a.B/C", "application/grpc");
+        assert_eq!(identify(Side::Client, &g[..30], false), None);
+        assert_eq!(identify(Side::Client, &g, false), Some(Grpc));
+        let h = h2::tests::client_bytes("/index.html", "text/html");
+        assert_eq!(identify(Side::Client, &h, false), Some(Http2));
+        const { assert!(AppProto::COUNT >= 24) };
     }
 }
