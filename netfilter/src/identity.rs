@@ -123,6 +123,11 @@ impl PeerDirectory {
         self.by_ip.iter().map(|(ip, p)| (*ip, p))
     }
 
+    /// Whether `ip` is a workload's (a pod the directory knows).
+    pub fn is_workload(&self, ip: IpAddr) -> bool {
+        self.by_ip.contains_key(&ip)
+    }
+
     /// The zone of `ip`: a known workload's, else a CIDR zone's, else `unknown`.
     #[inline]
     pub fn zone_of(&self, policy: &CompiledPolicy, ip: IpAddr) -> ZoneId {

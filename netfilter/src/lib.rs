@@ -23,6 +23,7 @@ pub mod inspect;
 pub mod l7;
 pub mod learn;
 pub mod matcher;
+pub mod names;
 pub mod nft;
 pub mod node;
 pub mod packet;

@@ -346,6 +346,7 @@ pub struct Enforcer {
     responses: Vec<ResponseEvent>,
     cuts: Vec<FlowEvent>,
     quarantine: Option<Quarantine>,
+    names: crate::names::NameTable,
 }
 
 const ALL_APPS: [Option<RuleId>; AppProto::COUNT] = [Some(RuleId(u32::MAX)); AppProto::COUNT];
@@ -444,10 +445,22 @@ impl Enforcer {
             responses: Vec::new(),
             cuts: Vec::new(),
             quarantine: None,
+            names: crate::names::NameTable::new(policy.policy()),
             policy,
             peers,
             local,
         }
+    }
+
+    /// Addresses learned from DNS answers, or used by a new flow, since the last call
+    /// (what the nftables name sets must hold).
+    pub fn take_learned_names(&mut self) -> Vec<crate::names::Learned> {
+        self.names.take_learned()
+    }
+
+    /// The pod's learned names, for reports and metrics.
+    pub fn names(&self) -> &crate::names::NameTable {
+        &self.names
     }
 
     /// The inspection findings since the last call (the caller records them).
@@ -699,6 +712,9 @@ impl Enforcer {
             return None;
         }
         let (sport, dport) = (be16(34)?, be16(36)?);
+        if proto == proto::UDP && self.names.active() && (sport == 53 || dport == 53) {
+            return None; // DNS answers teach name zones: the full path reads them.
+        }
         if proto == proto::TCP {
             let doff = usize::from(*f.get(46)? >> 4) * 4;
             let flags = *f.get(47)?;
@@ -1034,6 +1050,38 @@ impl Enforcer {
             }
         }
         let (key, src_is_a) = Self::key_of(ip);
+        if self.names.active() {
+            if let L4::Udp(u) = &ip.l4 {
+                // DNS to and from the pod's resolvers: queries remembered, answers learned
+                // (only frames the rest of the path lets through).
+                let d = self.flow_decision(dir, eth, ip, key, src_is_a, now);
+                if d.verdict == Verdict::Pass {
+                    match dir {
+                        Direction::Egress if u.dport == 53 => {
+                            self.names.query(ip.dst, u.sport, u.payload, now);
+                        }
+                        Direction::Ingress if u.sport == 53 => {
+                            self.names.answer(ip.src, u.dport, u.payload, now);
+                        }
+                        _ => {}
+                    }
+                }
+                return d;
+            }
+        }
+        self.flow_decision(dir, eth, ip, key, src_is_a, now)
+    }
+
+    #[inline]
+    fn flow_decision(
+        &mut self,
+        dir: Direction,
+        eth: &EthernetHeader,
+        ip: &IpPacket<'_>,
+        key: FlowKey,
+        src_is_a: bool,
+        now: u64,
+    ) -> Decision {
         let outcome = self.track(&key, src_is_a, ip, now);
         let (orig, step, info) = match outcome {
             Tracked::Quiet(r) => return quiet(r),
@@ -1210,7 +1258,22 @@ impl Enforcer {
         } else {
             ip.src
         };
-        let peer_zone = self.peers.zone_of(&self.policy, peer);
+        let mut peer_zone = self.peers.zone_of(&self.policy, peer);
+        if dir == Direction::Egress && self.names.active() && !self.peers.is_workload(peer) {
+            // An address this pod resolved from a name zone's name is in that zone (for
+            // this pod), ahead of CIDR zones: the first such zone a rule allows.
+            let from = self.zone;
+            let allowed = self.names.zones_of(peer, now).map(|(z, _, _)| z).find(|z| {
+                !matches!(
+                    self.policy.lookup(from, *z, ip.proto, dport),
+                    Lookup::NoRule | Lookup::Denied(_)
+                )
+            });
+            if let Some(z) = allowed {
+                peer_zone = z;
+                self.names.touch(peer, z, now);
+            }
+        }
         let (from, to) = if dir == Direction::Egress {
             (self.zone, peer_zone)
         } else {
@@ -1491,6 +1554,7 @@ impl Enforcer {
         adopt_identity(&mut self.local, &peers);
         self.zone = policy.policy().zone_of_workload(&self.local.identity);
         self.mode = policy.policy().zone_mode(self.zone);
+        self.names.set_policy(policy.policy());
         // Counters are monotonic (Prometheus): a rule keeps its count across a reload when
         // the new policy has a rule of the same name.
         let old = std::mem::take(&mut self.counters.rule_flows);

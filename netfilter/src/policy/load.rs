@@ -317,6 +317,7 @@ impl Ctx<'_> {
             );
         }
         let default_mode = doc.spec.default_mode;
+        let names_ttl = self.names_ttl(doc.spec.names);
 
         if doc.spec.zones.is_empty() {
             self.err("spec.zones", "at least one zone is required");
@@ -363,15 +364,26 @@ impl Ctx<'_> {
                     }
                 }
             }
-            if z.selector.is_none() && z.cidrs.is_empty() {
+            if z.selector.is_none() && z.cidrs.is_empty() && z.names.is_empty() {
                 self.err(
                     at.clone(),
                     format!(
-                        "zone `{}` selects nothing: give a `selector`, `cidrs` or both",
+                        "zone `{}` selects nothing: give a `selector`, `cidrs`, `names`, or a selector with cidrs",
                         z.name
                     ),
                 );
             }
+            if z.selector.is_some() && !z.names.is_empty() {
+                self.err(
+                    format!("{at}.names"),
+                    "a zone of workloads (`selector`) cannot also be DNS names: give the names their own zone",
+                );
+            }
+            let names = if z.names.is_empty() {
+                Vec::new()
+            } else {
+                self.name_patterns(&z.names, &format!("{at}.names"))
+            };
             let mut cidrs = Vec::new();
             for (j, c) in z.cidrs.iter().enumerate() {
                 match Cidr::parse(c) {
@@ -393,6 +405,7 @@ impl Ctx<'_> {
                 scope: z.scope,
                 selector: z.selector,
                 cidrs,
+                names,
                 inspect: z.inspect.unwrap_or_default(),
             });
         }
@@ -563,7 +576,31 @@ impl Ctx<'_> {
             zones,
             rules,
             responses,
+            names_ttl,
         }
+    }
+
+    /// `spec.names`: TTL bounds of learned addresses, floor below cap, cap at most a week.
+    fn names_ttl(&mut self, doc: Option<NamesTtlDoc>) -> NamesTtl {
+        let d = NamesTtl::default();
+        let Some(doc) = doc else { return d };
+        let t = NamesTtl {
+            min: doc.min_ttl_seconds.unwrap_or(d.min),
+            max: doc.max_ttl_seconds.unwrap_or(d.max),
+        };
+        if t.max > 7 * 86_400 {
+            self.err(
+                "spec.names.maxTtlSeconds",
+                format!("{} is more than a week (604800)", t.max),
+            );
+        }
+        if t.min > t.max {
+            self.err(
+                "spec.names.minTtlSeconds",
+                format!("the floor {} is above the cap {}", t.min, t.max),
+            );
+        }
+        t
     }
 
     fn zone_refs(

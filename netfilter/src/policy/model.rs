@@ -81,6 +81,40 @@ pub struct SpecDoc {
     /// What happens to a pod that inspection catches sending an attack or card data.
     #[serde(default)]
     pub responses: Vec<ResponseDoc>,
+    /// How long an address learned from a DNS answer stays in its name zone.
+    #[serde(default)]
+    pub names: Option<NamesTtlDoc>,
+}
+
+/// The TTL bounds of addresses learned from DNS answers, in seconds.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamesTtlDoc {
+    /// Floor: an answer's TTL below this counts as this (clients cache answers longer than
+    /// they say). Default 60.
+    #[serde(default)]
+    pub min_ttl_seconds: Option<u32>,
+    /// Cap: an answer's TTL above this counts as this. Default 86,400.
+    #[serde(default)]
+    pub max_ttl_seconds: Option<u32>,
+}
+
+/// The TTL bounds in force (validated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamesTtl {
+    /// Floor, seconds.
+    pub min: u32,
+    /// Cap, seconds.
+    pub max: u32,
+}
+
+impl Default for NamesTtl {
+    fn default() -> Self {
+        NamesTtl {
+            min: 60,
+            max: 86_400,
+        }
+    }
 }
 
 /// A response rule as written.
@@ -183,6 +217,10 @@ pub struct ZoneDoc {
     /// Addresses outside the cluster that belong to the zone.
     #[serde(default)]
     pub cidrs: Vec<String>,
+    /// DNS names (`api.acquirer.example`, `*.psp.example`) whose addresses belong to the
+    /// zone, for each pod, once that pod's own DNS answers resolve them.
+    #[serde(default)]
+    pub names: Vec<String>,
     /// Inspection of every allowed flow into or out of the zone, on top of what each rule
     /// asks (the stricter of the two applies).
     #[serde(default)]
@@ -982,6 +1020,8 @@ pub struct Zone {
     pub selector: Option<Selector>,
     /// External networks.
     pub cidrs: Vec<Cidr>,
+    /// DNS names and patterns (lower case) whose resolved addresses join the zone, per pod.
+    pub names: Vec<String>,
     /// Inspection of every allowed flow into or out of the zone.
     pub inspect: Inspect,
 }
@@ -1030,6 +1070,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Response rules, in file order (every one that applies acts).
     pub responses: Vec<Response>,
+    /// TTL bounds of addresses learned from DNS answers.
+    pub names_ttl: NamesTtl,
 }
 
 impl Policy {
