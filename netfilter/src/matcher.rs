@@ -458,6 +458,11 @@ impl Enforcer {
         self.names.take_learned()
     }
 
+    /// Queues every learned address again (the nftables table was rendered anew).
+    pub fn replay_names(&mut self, now: u64) {
+        self.names.replay(now);
+    }
+
     /// The pod's learned names, for reports and metrics.
     pub fn names(&self) -> &crate::names::NameTable {
         &self.names

@@ -303,6 +303,23 @@ impl NameTable {
         std::mem::take(&mut self.outbox)
     }
 
+    /// Every address still held, again (after the nftables table was replaced).
+    pub fn replay(&mut self, now: u64) {
+        let all: Vec<Learned> = self
+            .by_ip
+            .iter()
+            .flat_map(|(ip, es)| {
+                es.iter().filter(|e| e.expires > now).map(move |e| Learned {
+                    ip: *ip,
+                    zone: e.zone,
+                    name: e.name.clone(),
+                    ttl: u32::try_from((e.expires - now).div_ceil(SEC)).unwrap_or(u32::MAX),
+                })
+            })
+            .collect();
+        self.outbox.extend(all);
+    }
+
     /// Tells the nftables set again about an address a new flow uses (the table may have
     /// been replaced since it was learned).
     pub fn touch(&mut self, ip: IpAddr, zone: ZoneId, now: u64) {

@@ -537,3 +537,136 @@ spec:
     assert!(a.contains("flags interval"), "{a}");
     assert_eq!(a, b, "netlink installed:\n{a}\nthe text installs:\n{b}");
 }
+
+const NAMES_POLICY: &str = r#"
+apiVersion: enclave.io/v1alpha1
+kind: ZonePolicy
+metadata: {name: nft-names, version: 1}
+spec:
+  zones:
+    - {name: app, selector: {namespaces: [shop]}}
+    - {name: acquirer, names: [api.acquirer.example]}
+    - {name: internet, cidrs: [0.0.0.0/0]}
+  rules:
+    - {name: app-to-acquirer, from: app, to: acquirer, protocol: tcp, ports: [443]}
+    - {name: no-internet, action: deny, from: app, to: internet}
+"#;
+
+#[test]
+fn a_name_set_netd_fills_opens_the_wall_to_that_address_only_until_its_timeout() {
+    if let Err(why) = prerequisites() {
+        return skip_or_fail(why);
+    }
+    let id = std::process::id();
+    let w = Netns::new(format!("encl-nw-{id}"));
+    let p = Netns::new(format!("encl-np-{id}"));
+    veth(&w, &format!("nw{id}"), &p, &format!("np{id}"));
+    assert!(w
+        .exec(&[
+            "ip",
+            "addr",
+            "add",
+            "10.78.0.1/24",
+            "dev",
+            &format!("nw{id}")
+        ])
+        .status
+        .success());
+    for a in ["10.78.0.2/24", "10.78.0.3/24"] {
+        assert!(p
+            .exec(&["ip", "addr", "add", a, "dev", &format!("np{id}")])
+            .status
+            .success());
+    }
+    set_up(&w, &format!("nw{id}"));
+    set_up(&p, &format!("np{id}"));
+    let listeners = p
+        .run(|| {
+            (
+                TcpListener::bind("10.78.0.2:443").expect("bind .2"),
+                TcpListener::bind("10.78.0.3:443").expect("bind .3"),
+            )
+        })
+        .join()
+        .expect("listeners");
+
+    let loaded = policy::load_str(NAMES_POLICY, "names.yaml").expect("policy");
+    let inv: Inventory = enclave_netfilter::yaml::from_str(
+        "workloads:\n  - {name: api, namespace: shop, ips: [10.78.0.1]}\n",
+    )
+    .expect("inventory");
+    let peers = PeerDirectory::build(loaded.compiled.policy(), &inv.workloads);
+    let ident = inv.workloads[0].identity();
+    let ips = inv.workloads[0].ips.clone();
+    let table = nft::render(
+        &loaded.compiled,
+        &peers,
+        &NftWorkload {
+            identity: &ident,
+            ips: &ips,
+        },
+        &Placement::Local,
+    );
+    assert!(
+        table.to_nft_text().contains("flags timeout"),
+        "{}",
+        table.to_nft_text()
+    );
+    nft::apply(&table, Some(&w.path())).expect("apply");
+    assert!(
+        !connects(&w, "10.78.0.1", "10.78.0.2:443"),
+        "not resolved yet: internet, denied"
+    );
+
+    // As netd does: the socket opened with CAP_NET_ADMIN, then the thread drops to nobody
+    // (setresuid on this thread only clears its capabilities) and writes through it.
+    let name = table.name.clone();
+    let (written, fresh_socket) = w
+        .run(move || {
+            let mut writer = nft::NameSetWriter::open(&name).expect("open");
+            // SAFETY: raw setresuid changes only this thread's credentials.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(rc, 0);
+            let ip: std::net::IpAddr = "10.78.0.2".parse().unwrap();
+            let written = writer.add(&nft::name_set(policy::ZoneId(2), false), ip, 3);
+            // A socket opened now, without the capability, is refused.
+            let mut late = nft::NameSetWriter::open(&name).expect("open");
+            let fresh = late.add(&nft::name_set(policy::ZoneId(2), false), ip, 3);
+            (
+                written.map_err(|e| e.to_string()),
+                fresh.map_err(|e| e.to_string()),
+            )
+        })
+        .join()
+        .expect("writer thread");
+    assert_eq!(
+        written,
+        Ok(()),
+        "the socket opened with the capability keeps it"
+    );
+    assert!(
+        fresh_socket.is_err(),
+        "a socket opened as nobody cannot write: {fresh_socket:?}"
+    );
+
+    let set = w.exec(&["nft", "list", "set", "inet", &table.name, "names_2_v4"]);
+    let text = String::from_utf8_lossy(&set.stdout);
+    assert!(
+        text.contains("10.78.0.2") && text.contains("expires"),
+        "{text}"
+    );
+    assert!(
+        connects(&w, "10.78.0.1", "10.78.0.2:443"),
+        "the resolved address is reachable"
+    );
+    assert!(
+        !connects(&w, "10.78.0.1", "10.78.0.3:443"),
+        "an address never resolved is not"
+    );
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        !connects(&w, "10.78.0.1", "10.78.0.2:443"),
+        "the element timed out"
+    );
+    drop(listeners);
+}

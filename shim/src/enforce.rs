@@ -121,6 +121,16 @@ pub fn prepare(
     push("--capture-file", &captures);
     push("--capture-max", Path::new(&net.capture_max_mib.to_string()));
     push("--user", Path::new(&net.netd_user));
+    // Addresses netd learns for name zones come back here to enter the nftables table.
+    if let Some(ns) = &entry.netns {
+        let sock = pod_file.with_file_name("names.sock");
+        crate::names::serve(
+            &sock,
+            ns,
+            enclave_netfilter::nft::table_name(&entry.workload().identity()),
+        )?;
+        push("--names-socket", &sock);
+    }
     Ok(args)
 }
 

@@ -7,6 +7,7 @@ pub mod enforce;
 pub mod events;
 pub mod inotify;
 pub mod mount;
+pub mod names;
 pub mod podnet;
 pub mod task;
 pub mod vm;

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = proto::dns_query_name(data);
     let _ = proto::read_name(data, usize::from(data.first().copied().unwrap_or(0)));
     let _ = proto::is_http_request_line(data);
+    let _ = enclave_netfilter::names::parse_answer(data);
 
     let mut masked = data.to_vec();
     dlp::mask_in_place(&mut masked);

@@ -214,6 +214,13 @@ pub struct Enforcing {
     pub audit: AuditStats,
     /// Packet captures, when the pod has a capture file.
     pub captures: Option<Captures>,
+    /// Where addresses learned for name zones go (the shim adds them to the nftables
+    /// table's sets): a datagram socket connected before the privilege drop.
+    pub names_out: Option<std::os::unix::net::UnixDatagram>,
+    /// Learned addresses the shim's socket did not take (full, or gone).
+    pub names_lost: u64,
+    /// The gate's clock origin (the matcher's `now` is nanoseconds since it).
+    t0: Instant,
 }
 
 /// Decides frames: enforcing, or (for the benchmark's baseline) passing everything.
@@ -334,6 +341,9 @@ impl Gate {
             cluster,
             audit,
             captures: None,
+            names_out: None,
+            names_lost: 0,
+            t0: Instant::now(),
         };
         e.note(&format!(
             "enclave-netd started for pod {} (zone {}, mode {}) under policy {} version {} from {}",
@@ -345,9 +355,10 @@ impl Gate {
             e.policy_file.display()
         ))
         .map_err(|err| format!("audit log: {err}"))?;
+        let t0 = e.t0;
         Ok(Gate {
             enforcing: Some(e),
-            t0: Instant::now(),
+            t0,
             resets: (None, None),
             reset_budget: Budget {
                 tokens: RESET_RATE_BURST,
@@ -382,6 +393,9 @@ impl Gate {
             if e.enforcer.counters().fast_path_frames == fast_before {
                 c.push(now, dir, frame);
             }
+        }
+        if e.names_out.is_some() {
+            e.send_names();
         }
         if e.enforcer.has_findings() && !e.write_findings() && d.verdict == Verdict::Pass {
             return false;
@@ -446,6 +460,19 @@ impl Enforcing {
     /// Writes the Detection Finding records of what inspection found (never rate-limited:
     /// each threat is reported once per flow, and a deny cuts the flow); false if one could
     /// not be written.
+    /// Hands learned name-zone addresses to the shim: `SET ADDRESS TTL` per datagram.
+    fn send_names(&mut self) {
+        let learned = self.enforcer.take_learned_names();
+        let Some(sock) = &self.names_out else { return };
+        for l in learned {
+            let set = enclave_netfilter::nft::name_set(l.zone, l.ip.is_ipv6());
+            let msg = format!("{set} {} {}", l.ip, l.ttl);
+            if sock.send(msg.as_bytes()).is_err() {
+                self.names_lost += 1;
+            }
+        }
+    }
+
     fn write_findings(&mut self) -> bool {
         let mut ok = true;
         let mut restart = None;
@@ -688,6 +715,13 @@ impl Enforcing {
         };
         let (policy, peers) = (view.policy.clone(), view.peers.clone());
         let cut = self.enforcer.install(prepared);
+        // Whoever sent this re-rendered the pod's nftables table, emptying its name sets:
+        // every address still learned goes to the shim again.
+        if self.names_out.is_some() {
+            self.enforcer
+                .replay_names(self.t0.elapsed().as_nanos() as u64);
+            self.send_names();
+        }
         let cx = self.builder.context().clone();
         self.builder = RecordBuilder::new(AuditContext {
             policy: policy.clone(),
@@ -788,6 +822,22 @@ impl Enforcing {
                 r.as_str()
             );
         }
+        let names = self.enforcer.names();
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_name_addresses Addresses this pod resolved for name zones, held now.\n# TYPE enclave_netd_name_addresses gauge\nenclave_netd_name_addresses{{{labels}}} {}",
+            names.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_name_answers_ignored_total DNS answers that matched no query the pod sent (forged or late).\n# TYPE enclave_netd_name_answers_ignored_total counter\nenclave_netd_name_answers_ignored_total{{{labels}}} {}",
+            names.unsolicited
+        );
+        let _ = writeln!(
+            out,
+            "# HELP enclave_netd_name_addresses_lost_total Learned addresses not kept (table full) or not handed to the shim.\n# TYPE enclave_netd_name_addresses_lost_total counter\nenclave_netd_name_addresses_lost_total{{{labels}}} {}",
+            names.dropped + self.names_lost
+        );
         let _ = writeln!(
             out,
             "# HELP enclave_netd_bytes_total Bytes decided, by reason.\n# TYPE enclave_netd_bytes_total counter"

@@ -44,6 +44,9 @@ OPTIONS:
                        denial and inspection finding recorded (card numbers masked); the
                        record names the section [none: no captures]
     --capture-max MIB  stop capturing once the file holds this much [256]
+    --names-socket PATH  send each address the pod learns for a name zone (DNS answers)
+                       to this datagram socket as `SET ADDRESS TTL`: the shim adds it to
+                       the pod's nftables name set [none: the wall never opens to names]
     --control PATH     control socket: `reload`, `peers` (re-read who the peers are, keep
                        the policy), `metrics` (Prometheus text), `status`
     --user UID:GID     drop to this uid/gid once the tap and sockets are open
@@ -71,6 +74,7 @@ struct Args {
     audit_sync: SyncPolicy,
     capture_file: Option<PathBuf>,
     capture_max_mib: u64,
+    names_socket: Option<PathBuf>,
     control: Option<PathBuf>,
     user: Option<(u32, u32)>,
     node: Option<String>,
@@ -93,6 +97,7 @@ fn parse() -> Result<Option<Args>, String> {
         audit_sync: SyncPolicy::Never,
         capture_file: None,
         capture_max_mib: 256,
+        names_socket: None,
         control: None,
         user: None,
         node: None,
@@ -126,6 +131,7 @@ fn parse() -> Result<Option<Args>, String> {
                     .parse()
                     .map_err(|_| format!("--capture-max {v:?}: a whole number of MiB"))?;
             }
+            "--names-socket" => a.names_socket = Some(val()?.into()),
             "--control" => a.control = Some(val()?.into()),
             "--user" => {
                 let v = val()?;
@@ -237,6 +243,14 @@ fn run(a: Args) -> Result<(), String> {
                     a.capture_max_mib.saturating_mul(1 << 20),
                     &a.tap,
                 )?);
+            }
+            // Connected now (the socket belongs to root) and written without blocking.
+            if let (Some(path), Some(e)) = (&a.names_socket, g.enforcing_mut()) {
+                let s = std::os::unix::net::UnixDatagram::unbound()
+                    .and_then(|s| s.connect(path).map(|()| s))
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .map_err(|e| format!("names socket {}: {e}", path.display()))?;
+                e.names_out = Some(s);
             }
             g
         }

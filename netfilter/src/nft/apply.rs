@@ -131,6 +131,15 @@ fn build(t: &NftTable, replace: bool) -> Result<FinalizedBatch, NftError> {
         }
         set_ids.insert(set.name.as_str(), id);
     }
+    for (i, set) in t.name_sets.iter().enumerate() {
+        let id = u32::try_from(t.sets.len() + i + 1).unwrap_or(u32::MAX);
+        let name = cstr(&set.name)?;
+        batch.add(
+            &kernel_sets::name_set_decl(&table_name, &name, id, set.v6),
+            nftnl::MsgType::Add,
+        );
+        set_ids.insert(set.name.as_str(), id);
+    }
     let mut chains = Vec::new();
     for c in &t.chains {
         let mut chain = Chain::new(cstr(&c.name)?, &table);
@@ -339,6 +348,12 @@ fn send(batch: &FinalizedBatch) -> std::io::Result<()> {
     set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, want)?;
     // Error replies carry the failed message back: room for a few.
     set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 4 * 1024 * 1024)?;
+    send_on(fd, &msg)
+}
+
+/// Sends a batch (its ACK flags cleared) on an open netfilter socket and reads what the
+/// kernel answered at once: only errors come back.
+pub(super) fn send_on(fd: std::os::fd::RawFd, msg: &[u8]) -> std::io::Result<()> {
     // SAFETY: sending our own buffer on our own socket.
     let sent = unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) };
     if sent < 0 {
@@ -400,7 +415,7 @@ fn messages(buf: &[u8]) -> impl Iterator<Item = (usize, usize, u16)> + '_ {
 }
 
 /// Clears `NLM_F_ACK` on every message of a batch we built.
-fn clear_ack_flags(buf: &mut [u8]) {
+pub(super) fn clear_ack_flags(buf: &mut [u8]) {
     let at: Vec<usize> = messages(buf).map(|(at, _, _)| at).collect();
     for a in at {
         let flags = u16::from_ne_bytes([buf[a + 6], buf[a + 7]]) & !NLM_F_ACK;

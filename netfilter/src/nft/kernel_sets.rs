@@ -265,3 +265,72 @@ impl Expression for Lookup {
         }
     }
 }
+
+/// `NFT_SET_TIMEOUT`: elements carry a timeout (Linux 4.1).
+const NFT_SET_TIMEOUT: u32 = 0x10;
+
+/// An `nftnl_set` naming an existing or new plain (hash) set of addresses.
+fn raw_addr_set(table: &CString, name: &CString, id: Option<u32>, v6: bool) -> RawSet {
+    // SAFETY: allocation, checked for NULL.
+    let s = alloc(unsafe { sys::nftnl_set_alloc() });
+    let p = s.as_ptr();
+    let key = [KeyField::Addr { v6, src: false }];
+    // SAFETY: `p` is a live set; libnftnl copies the strings.
+    unsafe {
+        sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FAMILY as u16, libc::NFPROTO_INET as u32);
+        sys::nftnl_set_set_str(p, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
+        sys::nftnl_set_set_str(p, sys::NFTNL_SET_NAME as u16, name.as_ptr());
+        if let Some(id) = id {
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, id);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, NFT_SET_TIMEOUT);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, key_type(&key));
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, if v6 { 16 } else { 4 });
+        }
+    }
+    RawSet(s)
+}
+
+/// The NEWSET message of a name zone's address set (empty, elements with timeouts).
+pub(super) fn name_set_decl(table: &CString, name: &CString, id: u32, v6: bool) -> SetDecl {
+    SetDecl(raw_addr_set(table, name, Some(id), v6))
+}
+
+/// A NEWSETELEM message adding one address, with a timeout, to an existing set.
+pub(super) struct NameElem(RawSet);
+
+impl NameElem {
+    pub(super) fn new(
+        table: &CString,
+        name: &CString,
+        ip: std::net::IpAddr,
+        timeout_ms: u64,
+    ) -> Self {
+        let set = raw_addr_set(table, name, None, ip.is_ipv6());
+        let key: Vec<u8> = match ip {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        // SAFETY: allocation checked for NULL; libnftnl copies the key; the element is
+        // handed to (and then owned by) the live set.
+        unsafe {
+            let e = alloc(sys::nftnl_set_elem_alloc()).as_ptr();
+            sys::nftnl_set_elem_set(
+                e,
+                sys::NFTNL_SET_ELEM_KEY as u16,
+                key.as_ptr().cast(),
+                key.len() as u32,
+            );
+            sys::nftnl_set_elem_set_u64(e, sys::NFTNL_SET_ELEM_TIMEOUT as u16, timeout_ms);
+            sys::nftnl_set_elem_add(set.0.as_ptr(), e);
+        }
+        NameElem(set)
+    }
+}
+
+// SAFETY: one element of at most 16 key bytes and a timeout: far inside the buffer.
+unsafe impl NlMsg for NameElem {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, _msg_type: MsgType) {
+        // SAFETY: the trait's contract is the helper's.
+        unsafe { write_set_msg(&self.0, buf, seq, libc::NFT_MSG_NEWSETELEM, true) }
+    }
+}

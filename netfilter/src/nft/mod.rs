@@ -10,11 +10,13 @@ mod addrs;
 mod apply;
 mod kernel_sets;
 pub mod model;
+mod names;
 mod sets;
 mod text;
 
 pub use addrs::{ipv4_mapped, AddrRange, ZoneAddrs};
 pub use apply::{apply, remove, NftError};
+pub use names::NameSetWriter;
 pub use sets::{Element, KeyField, NftSet, Span, SET_MIN_ELEMENTS};
 
 use crate::identity::PeerDirectory;
@@ -124,8 +126,27 @@ pub struct NftTable {
     pub name: String,
     /// Named sets the chains look up (created before the chains).
     pub sets: Vec<NftSet>,
+    /// Sets of addresses netd learns from the pod's DNS answers (one per name zone and
+    /// family), created empty with per-element timeouts; netd adds to them.
+    pub name_sets: Vec<NameSet>,
     /// Chains.
     pub chains: Vec<NftChain>,
+}
+
+/// A set of a name zone's addresses, filled at run time by netd ([`NameSetWriter`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameSet {
+    /// The set's name in the table ([`name_set`]).
+    pub name: String,
+    /// IPv6 (else IPv4).
+    pub v6: bool,
+    /// The zone, for comments.
+    pub zone: String,
+}
+
+/// The name of the set holding name zone `zone`'s addresses of one family.
+pub fn name_set(zone: ZoneId, v6: bool) -> String {
+    format!("names_{}_{}", zone.0, if v6 { "v6" } else { "v4" })
 }
 
 /// The workload a table is rendered for.
@@ -244,6 +265,73 @@ pub fn render_rules(
             }
         }
     }
+
+    // Name zones: their addresses are learned by netd for this pod and put in sets. Their
+    // rules come first (denies, then allows): netd decides a learned address as the name
+    // zone ahead of any CIDR zone that also holds it.
+    let mut name_sets = Vec::new();
+    for (i, z) in p.zones.iter().enumerate() {
+        if z.names.is_empty() {
+            continue;
+        }
+        for v6 in [false, true] {
+            name_sets.push(NameSet {
+                name: name_set(ZoneId((i + 1) as u16), v6),
+                v6,
+                zone: z.name.clone(),
+            });
+        }
+    }
+    let mut named_denies = Vec::new();
+    let mut named_allows = Vec::new();
+    for r in p.rules.iter().filter(|r| r.from.contains(&zone)) {
+        for &pz in &r.to {
+            let Some(z) =
+                pz.0.checked_sub(1)
+                    .and_then(|i| p.zones.get(usize::from(i)))
+            else {
+                continue;
+            };
+            if z.names.is_empty() {
+                continue;
+            }
+            let enforce_deny = r.action == Action::Deny && mode == Mode::Enforce;
+            for v6 in [false, true] {
+                for l4 in l4_matches(r.protocol, &r.ports) {
+                    let mut m = vec![Match::InSet {
+                        set: name_set(pz, v6),
+                        key: vec![KeyField::Addr { v6, src: false }],
+                    }];
+                    m.extend(l4);
+                    let nr = NftRule {
+                        matches: m,
+                        verdict: if enforce_deny {
+                            NftVerdict::Drop
+                        } else {
+                            NftVerdict::Accept
+                        },
+                        comment: format!(
+                            "{} rule {} to names of zone {} (learned by enclave-netd)",
+                            if r.action == Action::Allow {
+                                "allow"
+                            } else {
+                                "deny"
+                            },
+                            r.name,
+                            z.name
+                        ),
+                    };
+                    if r.action == Action::Deny {
+                        named_denies.push(nr);
+                    } else {
+                        named_allows.push(nr);
+                    }
+                }
+            }
+        }
+    }
+    from_w.extend(named_denies);
+    from_w.extend(named_allows);
 
     // Deny rules first, then allows for known zones, then allows for `unknown` behind a
     // guard that drops every known address (so `unknown` never widens to a known zone).
@@ -464,6 +552,7 @@ pub fn render_rules(
     NftTable {
         name: table_name(w.identity),
         sets: Vec::new(),
+        name_sets,
         chains,
     }
 }

@@ -456,6 +456,7 @@ mod tests {
         let table = |rules: Vec<NftRule>| NftTable {
             name: "t".into(),
             sets: vec![],
+            name_sets: vec![],
             chains: vec![NftChain {
                 name: "c".into(),
                 hook: None,

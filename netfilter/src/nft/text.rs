@@ -14,6 +14,15 @@ impl NftTable {
             set_text(&mut s, set);
             s.push('\n');
         }
+        for set in &self.name_sets {
+            let _ = writeln!(
+                s,
+                "\tset {} {{\n\t\ttype {}\n\t\tflags timeout\n\t\tcomment \"addresses of zone {} this pod resolved (enclave-netd adds them)\"\n\t}}\n",
+                set.name,
+                if set.v6 { "ipv6_addr" } else { "ipv4_addr" },
+                set.zone
+            );
+        }
         for (i, c) in self.chains.iter().enumerate() {
             if i > 0 {
                 s.push('\n');
