@@ -610,6 +610,7 @@ mod tests {
             outcome: outcome.into(),
             rule: None,
             denied_by: None,
+            dst_name: None,
         }
     }
 

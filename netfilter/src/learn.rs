@@ -28,6 +28,8 @@ pub struct ObservedFlow {
     pub rule: Option<String>,
     /// The deny rule that covers the flow, if any (learn mode let it through).
     pub denied_by: Option<String>,
+    /// The DNS name the pod resolved the destination from, when netd saw it.
+    pub dst_name: Option<String>,
 }
 
 impl ObservedFlow {
@@ -72,6 +74,7 @@ impl ObservedFlow {
                 .filter(|_| s(&["firewall_rule", "type"]).as_deref() != Some("deny")),
             denied_by: s(&["firewall_rule", "name"])
                 .filter(|_| s(&["firewall_rule", "type"]).as_deref() == Some("deny")),
+            dst_name: s(&["unmapped", "enclave", "dst_name"]),
         })
     }
 }
@@ -87,6 +90,9 @@ pub fn suggest(flows: &[ObservedFlow]) -> String {
         denied_by: BTreeSet<String>,
     }
     let mut groups: BTreeMap<(String, String, String, Option<String>), Group> = BTreeMap::new();
+    // Destinations in no zone that the pod reached by DNS name: a name zone per domain
+    // (the name's last two labels), holding the names seen.
+    let mut name_zones: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut learned = 0;
     for f in flows
         .iter()
@@ -97,13 +103,22 @@ pub fn suggest(flows: &[ObservedFlow]) -> String {
         if f.rule.is_some() {
             continue;
         }
+        let dst_zone = match (&f.dst_name, f.dst_zone.as_str()) {
+            (Some(n), "unknown") => {
+                let labels: Vec<&str> = n.rsplit('.').take(2).collect();
+                let domain: Vec<&str> = labels.into_iter().rev().collect();
+                let zone = format!("names-{}", domain.join("-"));
+                name_zones
+                    .entry(zone.clone())
+                    .or_default()
+                    .insert(n.clone());
+                zone
+            }
+            _ => f.dst_zone.clone(),
+        };
+        let by_name = dst_zone != f.dst_zone;
         let g = groups
-            .entry((
-                f.src_zone.clone(),
-                f.dst_zone.clone(),
-                f.proto.clone(),
-                f.app.clone(),
-            ))
+            .entry((f.src_zone.clone(), dst_zone, f.proto.clone(), f.app.clone()))
             .or_default();
         if f.dport != 0 && (f.proto == "tcp" || f.proto == "udp") {
             g.ports.insert(f.dport);
@@ -113,7 +128,7 @@ pub fn suggest(flows: &[ObservedFlow]) -> String {
             g.denied_by.insert(d.clone());
         }
         for (z, ip) in [(&f.src_zone, &f.src_ip), (&f.dst_zone, &f.dst_ip)] {
-            if z == "unknown" {
+            if z == "unknown" && !(by_name && std::ptr::eq(z, &f.dst_zone)) {
                 if let Some(ip) = ip {
                     g.peers.insert(ip.clone());
                 }
@@ -130,6 +145,22 @@ pub fn suggest(flows: &[ObservedFlow]) -> String {
     if groups.is_empty() {
         let _ = writeln!(out, "rules: []");
         return out;
+    }
+    if !name_zones.is_empty() {
+        let _ = writeln!(
+            out,
+            "# Destinations the pods reached by DNS name: one name zone per domain (add under spec.zones;"
+        );
+        let _ = writeln!(
+            out,
+            "# write \"*.DOMAIN\" to allow every name under it). netd learns their addresses from the pods' own answers."
+        );
+        let _ = writeln!(out, "zones:");
+        for (zone, names) in &name_zones {
+            let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+            let _ = writeln!(out, "  - name: {zone}");
+            let _ = writeln!(out, "    names: [{}]", quoted.join(", "));
+        }
     }
     let _ = writeln!(out, "rules:");
     for ((from, to, proto, app), g) in &groups {
@@ -222,7 +253,29 @@ mod tests {
             outcome: "learned".into(),
             rule: rule.map(str::to_string),
             denied_by: None,
+            dst_name: None,
         }
+    }
+
+    #[test]
+    fn destinations_reached_by_name_become_a_name_zone() {
+        let mut a = f("api", "unknown", 443, Some("tls"), None);
+        a.dst_name = Some("eu.psp.example".into());
+        let mut b = f("api", "unknown", 443, Some("tls"), None);
+        b.dst_name = Some("us.psp.example".into());
+        b.dst_ip = Some("198.51.100.10".into());
+        let out = suggest(&[a, b, f("api", "unknown", 22, None, None)]);
+        assert!(out.contains("- name: names-psp-example"), "{out}");
+        assert!(
+            out.contains(r#"names: ["eu.psp.example", "us.psp.example"]"#),
+            "{out}"
+        );
+        assert!(out.contains("to: names-psp-example"), "{out}");
+        // The flow without a name still says its peer is in no zone.
+        assert!(out.contains("peer(s) in no zone: 198.51.100.9"), "{out}");
+        let parsed: serde_json::Value =
+            crate::yaml::from_str(&out).expect("suggest's output is YAML");
+        assert_eq!(parsed["zones"][0]["names"][1], "us.psp.example");
     }
 
     #[test]

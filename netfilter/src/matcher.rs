@@ -445,7 +445,11 @@ impl Enforcer {
             responses: Vec::new(),
             cuts: Vec::new(),
             quarantine: None,
-            names: crate::names::NameTable::new(policy.policy()),
+            names: {
+                let mut n = crate::names::NameTable::new(policy.policy());
+                n.set_learn_all(mode == Mode::Learn);
+                n
+            },
             policy,
             peers,
             local,
@@ -1269,10 +1273,11 @@ impl Enforcer {
             // this pod), ahead of CIDR zones: the first such zone a rule allows.
             let from = self.zone;
             let allowed = self.names.zones_of(peer, now).map(|(z, _, _)| z).find(|z| {
-                !matches!(
-                    self.policy.lookup(from, *z, ip.proto, dport),
-                    Lookup::NoRule | Lookup::Denied(_)
-                )
+                *z != ZoneId::UNKNOWN
+                    && !matches!(
+                        self.policy.lookup(from, *z, ip.proto, dport),
+                        Lookup::NoRule | Lookup::Denied(_)
+                    )
             });
             if let Some(z) = allowed {
                 peer_zone = z;
@@ -1559,6 +1564,7 @@ impl Enforcer {
         adopt_identity(&mut self.local, &peers);
         self.zone = policy.policy().zone_of_workload(&self.local.identity);
         self.mode = policy.policy().zone_mode(self.zone);
+        self.names.set_learn_all(self.mode == Mode::Learn);
         self.names.set_policy(policy.policy());
         // Counters are monotonic (Prometheus): a rule keeps its count across a reload when
         // the new policy has a rule of the same name.

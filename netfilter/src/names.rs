@@ -149,6 +149,9 @@ pub struct NameTable {
     /// Name zones and their patterns.
     zones: Vec<(ZoneId, Vec<String>)>,
     ttl: NamesTtl,
+    /// Learn mode: every name the pod resolves is kept (zone `unknown` when no name zone
+    /// lists it), so records can name destinations and `policy suggest` propose zones.
+    learn_all: bool,
     by_ip: HashMap<IpAddr, Vec<Entry>>,
     queries: HashMap<(IpAddr, u16, u16), (String, u64)>,
     outbox: Vec<Learned>,
@@ -178,21 +181,47 @@ impl NameTable {
             .collect();
         self.ttl = policy.names_ttl;
         let zones = &self.zones;
+        let learn_all = self.learn_all;
         self.by_ip.retain(|_, es| {
             es.retain_mut(|e| match zone_of_name(zones, &e.name) {
                 Some(z) => {
                     e.zone = z;
                     true
                 }
-                None => false,
+                None => {
+                    e.zone = ZoneId::UNKNOWN;
+                    learn_all
+                }
             });
             !es.is_empty()
         });
     }
 
-    /// Whether the policy has name zones (nothing to do otherwise).
+    /// Whether the policy has name zones, or learn mode watches names (nothing to do
+    /// otherwise).
     pub fn active(&self) -> bool {
-        !self.zones.is_empty()
+        !self.zones.is_empty() || self.learn_all
+    }
+
+    /// Learn mode on or off for this pod (see `learn_all`).
+    pub fn set_learn_all(&mut self, on: bool) {
+        self.learn_all = on;
+        if !on {
+            self.by_ip.retain(|_, es| {
+                es.retain(|e| e.zone != ZoneId::UNKNOWN);
+                !es.is_empty()
+            });
+        }
+    }
+
+    /// The name the pod resolved `ip` from (the most recent one still valid).
+    pub fn name_of(&self, ip: IpAddr, now: u64) -> Option<&str> {
+        self.by_ip
+            .get(&ip)?
+            .iter()
+            .filter(|e| e.expires > now)
+            .max_by_key(|e| e.expires)
+            .map(|e| e.name.as_str())
     }
 
     /// Addresses held.
@@ -210,7 +239,7 @@ impl NameTable {
         let Some(name) = crate::inspect::proto::dns_query_name(msg) else {
             return;
         };
-        if zone_of_name(&self.zones, &name).is_none() {
+        if zone_of_name(&self.zones, &name).is_none() && !self.learn_all {
             return; // Answers about other names teach nothing.
         }
         if self.queries.len() >= MAX_QUERIES {
@@ -240,8 +269,10 @@ impl NameTable {
                 return 0;
             }
         }
-        let Some(zone) = a.chain.iter().find_map(|n| zone_of_name(&self.zones, n)) else {
-            return 0;
+        let zone = match a.chain.iter().find_map(|n| zone_of_name(&self.zones, n)) {
+            Some(z) => z,
+            None if self.learn_all => ZoneId::UNKNOWN,
+            None => return 0,
         };
         let mut n = 0;
         for (ip, ttl) in a.addrs {
@@ -269,12 +300,14 @@ impl NameTable {
                     expires,
                 }),
             }
-            self.outbox.push(Learned {
-                ip,
-                zone,
-                name: a.qname.clone(),
-                ttl,
-            });
+            if zone != ZoneId::UNKNOWN {
+                self.outbox.push(Learned {
+                    ip,
+                    zone,
+                    name: a.qname.clone(),
+                    ttl,
+                });
+            }
             n += 1;
         }
         n
@@ -309,12 +342,14 @@ impl NameTable {
             .by_ip
             .iter()
             .flat_map(|(ip, es)| {
-                es.iter().filter(|e| e.expires > now).map(move |e| Learned {
-                    ip: *ip,
-                    zone: e.zone,
-                    name: e.name.clone(),
-                    ttl: u32::try_from((e.expires - now).div_ceil(SEC)).unwrap_or(u32::MAX),
-                })
+                es.iter()
+                    .filter(move |e| e.expires > now && e.zone != ZoneId::UNKNOWN)
+                    .map(move |e| Learned {
+                        ip: *ip,
+                        zone: e.zone,
+                        name: e.name.clone(),
+                        ttl: u32::try_from((e.expires - now).div_ceil(SEC)).unwrap_or(u32::MAX),
+                    })
             })
             .collect();
         self.outbox.extend(all);
@@ -494,5 +529,31 @@ spec:
         looped[at + 1] = at as u8;
         assert_eq!(parse_answer(&looped).map(|x| x.addrs.len()), None);
         assert!(parse_answer(&message(1, false, "a.psp.example", &[])).is_none());
+    }
+
+    #[test]
+    fn learn_mode_keeps_every_name_for_records_but_opens_nothing() {
+        let mut t = NameTable::new(&policy());
+        t.set_learn_all(true);
+        t.query(DNS, 40000, &message(5, false, "shop.lab.example", &[]), 0);
+        let a = message(
+            5,
+            true,
+            "shop.lab.example",
+            &[("shop.lab.example", 1, 60, vec![203, 0, 113, 9])],
+        );
+        assert_eq!(t.answer(DNS, 40000, &a, 1), 1);
+        let ip: IpAddr = "203.0.113.9".parse().unwrap_or(DNS);
+        assert_eq!(t.name_of(ip, 2), Some("shop.lab.example"));
+        assert_eq!(
+            t.zones_of(ip, 2).map(|z| z.0).collect::<Vec<_>>(),
+            vec![ZoneId::UNKNOWN]
+        );
+        assert!(
+            t.take_learned().is_empty(),
+            "no name set holds an address of no zone"
+        );
+        t.set_learn_all(false);
+        assert_eq!(t.name_of(ip, 2), None);
     }
 }

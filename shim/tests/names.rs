@@ -7,7 +7,9 @@
 //!   the address from the pod's own answer, and the shim put it in the pod's nftables set;
 //! - the same server name at an address the pod never resolved is refused;
 //! - a learned address asked for under another server name (SNI) is refused;
-//! - a DNS query for a name the rule does not list is dropped and named in the audit log.
+//! - a DNS query for a name the rule does not list is dropped and named in the audit log;
+//! - a pod in learn mode reaches shop.lab.example: its record names the destination, and
+//!   `enclavectl policy suggest` proposes a name zone for it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -36,6 +38,7 @@ spec:
     - {name: cde-api, scope: cde, selector: {namespaces: [payments]}}
     - {name: cluster-dns, cidrs: [10.88.77.1/32]}
     - {name: psp, description: "the payment service provider, by name", names: ["*.psp.example"]}
+    - {name: lab, mode: learn, selector: {namespaces: [lab]}}
   rules:
     - {name: api-dns, from: cde-api, to: cluster-dns, protocol: udp, ports: [53], app: dns,
        dns: {names: ["*.psp.example"]}}
@@ -141,6 +144,7 @@ fn start_servers(node: &CriNode, dir: &Path) -> Vec<Server> {
                 "--bind-interfaces",
                 &format!("--listen-address={NODE}"),
                 &format!("--address=/api.psp.example/{PSP}"),
+                &format!("--address=/shop.lab.example/{OTHER}"),
                 "--local-ttl=300",
                 "--log-queries",
             ],
@@ -363,6 +367,56 @@ async fn a_pod_reaches_a_psp_by_name_only_at_addresses_it_resolved() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // Learn mode: the destination's name reaches the record and the proposal.
+    let lab = run_pod(
+        &mut cri,
+        &node,
+        &logs,
+        PodSpec {
+            who: ("learner", "lab", "lab"),
+            image: Some(enclave_tests::containerd::TOOLS_IMAGE),
+            script: &format!("echo 'nameserver {NODE}' > /etc/resolv.conf && exec sleep 100000"),
+            net_admin: false,
+        },
+    )
+    .await;
+    let (code, _, err) = exec_sync(
+        &mut cri,
+        &lab.c,
+        &[
+            "sh",
+            "-c",
+            "curl -sk --max-time 10 https://shop.lab.example/",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "learn mode lets it through: {err}");
+    let end = Instant::now() + Duration::from_secs(15);
+    let suggested = loop {
+        let named = records(&audit).iter().any(|r| {
+            r["class_uid"] == 4001 && r["unmapped"]["enclave"]["dst_name"] == "shop.lab.example"
+        });
+        let (ok, out) = enclave_tests::outcome(
+            Command::new(bin("enclavectl"))
+                .args(["policy", "suggest"])
+                .arg(&audit),
+        );
+        assert!(ok, "{out}");
+        if named && out.contains("names: [\"shop.lab.example\"]") {
+            break out;
+        }
+        assert!(
+            Instant::now() < end,
+            "no record naming shop.lab.example, or no name zone proposed:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(suggested.contains("to: names-lab-example"), "{suggested}");
+    eprintln!(
+        "[{:>5.1}s] learn mode: the record names shop.lab.example; suggest proposes zone names-lab-example",
+        t.elapsed().as_secs_f64()
+    );
+
     let (ok, out) = enclave_tests::outcome(
         Command::new(bin("enclavectl"))
             .args(["audit", "verify"])

@@ -608,6 +608,13 @@ impl Enforcing {
     /// Writes the record of `ev` now; false (counted, and said on stderr) if it could not be.
     fn write(&mut self, ev: &FlowEvent) -> bool {
         let mut rec = self.builder.record(ev, now_ms());
+        // The DNS name the pod resolved for the peer, when it did (name zones, learn mode).
+        if ev.dir == Direction::Egress && self.enforcer.names().active() {
+            let now = self.t0.elapsed().as_nanos() as u64;
+            if let Some(name) = self.enforcer.names().name_of(ev.dst, now) {
+                rec["unmapped"]["enclave"]["dst_name"] = name.into();
+            }
+        }
         if ev.kind == EventKind::Denied && ev.proto != 0 {
             let pod = self.sources.pod.reference();
             if let Some(c) = self.captures.as_mut() {

@@ -480,9 +480,8 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
             let app = match app.as_deref() {
                 None => None,
                 Some(a) => Some(policy::AppProto::from_name(a).ok_or_else(|| {
-                    fail(format!(
-                        "--app: `{a}` is not one of http, tls, dns, redis, postgres, mysql"
-                    ))
+                    let all: Vec<&str> = policy::AppProto::ALL.iter().map(|a| a.as_str()).collect();
+                    fail(format!("--app: `{a}` is not one of {}", all.join(", ")))
                 })?),
             };
             let p = c.policy();
@@ -554,6 +553,9 @@ fn policy_cmd(c: PolicyCmd) -> Result<u8, Fail> {
                 let i = p.rules[r.0 as usize].inspect;
                 if let Some(line) = inspect_line(p, i, fz, tz) {
                     println!("inside the flow: {line}");
+                }
+                if let Some(line) = requests_line(&p.rules[r.0 as usize].requests) {
+                    println!("requests: {line}; any other is refused and the connection reset (a DNS query: that datagram dropped)");
                 }
             }
             for (who, z) in [("source", fz), ("destination", tz)] {
@@ -1098,6 +1100,60 @@ fn flows_cmd(c: FlowsCmd) -> Result<u8, Fail> {
 }
 
 /// What a rule's `inspect:` means for a flow from `fz` to `tz`, in words.
+/// What a rule allows inside its protocol, in words (none when it says nothing).
+fn requests_line(q: &policy::RequestRules) -> Option<String> {
+    let list = |v: &[String]| v.join(", ");
+    let mut parts = Vec::new();
+    for h in &q.http {
+        let mut w = Vec::new();
+        w.push(if h.methods.is_empty() {
+            "any method".to_string()
+        } else {
+            list(&h.methods)
+        });
+        if !h.paths.is_empty() {
+            w.push(format!("to {}", list(&h.paths)));
+        }
+        if !h.hosts.is_empty() {
+            w.push(format!("for host {}", list(&h.hosts)));
+        }
+        if !h.headers.is_empty() {
+            w.push(format!("with header {}", list(&h.headers)));
+        }
+        parts.push(format!("HTTP {}", w.join(" ")));
+    }
+    for g in &q.grpc {
+        parts.push(if g.methods.is_empty() {
+            format!("gRPC {}/*", g.service)
+        } else {
+            format!("gRPC {}/{{{}}}", g.service, list(&g.methods))
+        });
+    }
+    if let Some(c) = &q.redis {
+        parts.push(format!("Redis commands {}", list(c)));
+    }
+    if let Some(pg) = &q.postgres {
+        let users = if pg.users.is_empty() {
+            "any user".into()
+        } else {
+            format!("user {}", list(&pg.users))
+        };
+        let dbs = if pg.databases.is_empty() {
+            "any database".into()
+        } else {
+            format!("database {}", list(&pg.databases))
+        };
+        parts.push(format!("PostgreSQL sessions as {users} on {dbs}"));
+    }
+    if let Some(n) = &q.dns {
+        parts.push(format!("DNS queries for {}", list(n)));
+    }
+    if let Some(n) = &q.sni {
+        parts.push(format!("TLS to server names {}", list(n)));
+    }
+    (!parts.is_empty()).then(|| format!("only {}", parts.join("; ")))
+}
+
 fn inspect_line(
     p: &policy::Policy,
     i: policy::Inspect,

@@ -117,9 +117,37 @@ pub fn resolve_zone(
         let z = p.zone_of_workload(&identity);
         return Ok((z, describe(c, &identity, z)));
     }
+    // A DNS name: the name zone whose names match it (its addresses join that zone for
+    // a pod once the pod resolves it).
+    if s.contains('.') && enclave_netfilter::policy::check_name_pattern(s).is_ok() {
+        let name = s.trim_end_matches('.').to_ascii_lowercase();
+        if let Some((i, z)) = p.zones.iter().enumerate().find(|(_, z)| {
+            z.names
+                .iter()
+                .any(|n| enclave_netfilter::policy::name_matches(n, &name))
+        }) {
+            let pattern = z
+                .names
+                .iter()
+                .find(|n| enclave_netfilter::policy::name_matches(n, &name))
+                .cloned()
+                .unwrap_or_default();
+            return Ok((
+                ZoneId((i + 1) as u16),
+                format!(
+                    "{name} in name zone `{}`\n{name}: matches `{pattern}`; its addresses join the zone for a pod once that pod's own DNS answer names them, for the answer's TTL ({}–{} s); an address the pod never resolved is not in it",
+                    z.name, p.names_ttl.min, p.names_ttl.max
+                ),
+            ));
+        }
+        return Ok((
+            ZoneId::UNKNOWN,
+            format!("{name} in zone `unknown` (no zone lists this name; its addresses are whatever zone their CIDR says)"),
+        ));
+    }
     let zones: Vec<&str> = p.zones.iter().map(|z| z.name.as_str()).collect();
     Err(fail(format!(
-        "`{s}` is not a zone ({}), an IP address or NAMESPACE/POD",
+        "`{s}` is not a zone ({}), an IP address, NAMESPACE/POD or a DNS name",
         zones.join(", ")
     )))
 }
