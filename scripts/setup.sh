@@ -15,12 +15,14 @@ step() { printf '\n==> %s\n' "$*"; }
 # bsdutils (script: the tty test), cpio/xz-utils/binutils (kernel package, strip), procps
 # (sysctl: the shim's pod network plumbing), rsyslog (the receiver the audit export test
 # ships records and heads to), postgresql/redis-server/redis-tools/curl (the real servers
-# and clients the inspection test runs through pods), tshark (reads the captures back).
+# and clients the inspection test runs through pods), tshark (reads the captures back),
+# dnsmasq-base and openssl (the cluster DNS and the TLS servers of the names test and the
+# pod demo).
 APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
   qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar
   containernetworking-plugins protobuf-compiler iputils-ping python3 ca-certificates
   util-linux bsdutils binutils xz-utils procps rsyslog postgresql redis-server redis-tools
-  curl tshark)
+  curl tshark dnsmasq-base openssl)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()

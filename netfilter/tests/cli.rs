@@ -41,18 +41,18 @@ fn check_accepts_templates_and_locates_errors_with_exit_codes() {
     ]);
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert!(
-        text(&ok).contains("OK `pci-cde` version 2026.11.1: 7 zones, 7 rules"),
+        text(&ok).contains("OK `pci-cde` version 2026.11.1: 7 zones, 8 rules"),
         "{}",
         text(&ok)
     );
     // What netd alone enforces is said where it is written, and is not a warning: --strict
     // still accepts the templates.
     assert!(
-        text(&ok).contains("configs/policies/pci-cde.yaml:69:12: note: spec.rules[1].app: the kernel wall (nftables) allows tcp/5432 for rule `api-to-db` whatever the payload"),
+        text(&ok).contains("configs/policies/pci-cde.yaml:74:12: note: spec.rules[1].app: the kernel wall (nftables) allows tcp/5432 for rule `api-to-db` whatever the payload"),
         "{}",
         text(&ok)
     );
-    assert!(text(&ok).contains("5 note(s)"), "{}", text(&ok));
+    assert!(text(&ok).contains("6 note(s)"), "{}", text(&ok));
     let strict = ctl(&[
         "policy",
         "check",
@@ -129,7 +129,7 @@ fn explain_names_the_deciding_rule_in_words() {
         "--from",
         "cde-api",
         "--to",
-        "203.0.113.5",
+        "api.acquirer.example",
         "--port",
         "443",
         "--app",
@@ -137,6 +137,16 @@ fn explain_names_the_deciding_rule_in_words() {
     ]);
     assert!(
         text(&o).contains("ALLOW by rule `api-to-processor`"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("api.acquirer.example in name zone `payment-processor`"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("requests: only TLS to server names api.acquirer.example, *.psp.example"),
         "{}",
         text(&o)
     );
@@ -241,7 +251,7 @@ fn demo_runs_and_its_audit_log_verifies_while_the_tampered_copy_fails() {
         key,
     ]);
     assert_eq!(v.status.code(), Some(0), "{}", text(&v));
-    assert!(text(&v).contains("16 seals verified"), "{}", text(&v));
+    assert!(text(&v).contains("19 seals verified"), "{}", text(&v));
     let t = ctl(&[
         "audit",
         "verify",

@@ -22,6 +22,110 @@ fn step(s: &str) {
     println!("\n--- {s}");
 }
 
+/// Whether `od -tx1` output starts with a TLS record header (handshake or alert).
+fn is_tls(od: &str) -> bool {
+    let t = od.trim();
+    t.starts_with("16 03") || t.starts_with("15 03")
+}
+
+/// The template's cluster-dns zone.
+const CLUSTER_DNS: &str = "10.96.0.10";
+/// The acquirer, as the node's dnsmasq answers for api.acquirer.example.
+const ACQUIRER: &str = "10.88.77.200";
+/// A TLS server the pod never resolves.
+const OTHER: &str = "10.88.77.201";
+
+/// A process in the node's namespace, killed with the demo.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// dnsmasq (CLUSTER_DNS, answering api.acquirer.example with ACQUIRER) and TLS servers
+/// (openssl s_server) on ACQUIRER and OTHER, on the node's pod bridge.
+fn name_servers(node: &CriNode, dir: &std::path::Path) -> Vec<Server> {
+    let in_node = |args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &node.netns.name]).args(args);
+        c
+    };
+    let addrs = in_node(&["ip", "-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout).into_owned();
+    let dev = addrs
+        .lines()
+        .find(|l| l.contains("inet 10.88.77.1/"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .expect("the node's pod bridge")
+        .to_string();
+    for a in [CLUSTER_DNS, ACQUIRER, OTHER] {
+        let _ = in_node(&["ip", "addr", "add", &format!("{a}/32"), "dev", &dev]).status();
+    }
+    let (cert, key) = (dir.join("acquirer.crt"), dir.join("acquirer.key"));
+    let _ = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=api.acquirer.example",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    let mut out = Vec::new();
+    for a in [ACQUIRER, OTHER] {
+        out.push(Server(
+            in_node(&[
+                "openssl",
+                "s_server",
+                "-www",
+                "-accept",
+                &format!("{a}:443"),
+            ])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+        ));
+    }
+    out.push(Server(
+        in_node(&[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={CLUSTER_DNS}"),
+            &format!("--address=/api.acquirer.example/{ACQUIRER}"),
+            "--local-ttl=300",
+        ])
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dnsmasq (apt-get install dnsmasq-base)"),
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    out
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     // SAFETY: getuid has no preconditions.
@@ -231,6 +335,86 @@ async fn main() {
             "cut: a card number leaving the CDE (DLP.CreditCard)"
         }
     );
+
+    step("rules inside protocols, and the acquirer reached by DNS name");
+    let deleted = {
+        let cmd = format!(
+            "printf 'DELETE /payments/42 HTTP/1.0\\r\\n\\r\\n' | timeout 6 nc -w 3 {api_ip} 8080 | tail -n 1"
+        );
+        exec_sync(&mut cri.clone(), &web_c, &["sh", "-c", &cmd])
+            .await
+            .1
+    };
+    println!(
+        "  storefront -> payments-api: DELETE /payments/42 -> {}",
+        if deleted.is_empty() {
+            "refused: rule web-to-api allows GET and POST only (Policy.Request)"
+        } else {
+            "ANSWERED (should be refused)"
+        }
+    );
+    // The node plays the cluster DNS (dnsmasq on 10.96.0.10, the template's cluster-dns
+    // zone) and the acquirer (a TLS server on ACQUIRER); OTHER is a TLS server the pod
+    // never resolves.
+    let _servers = name_servers(&node, &dir);
+    let resolved = {
+        let mut cri = cri.clone();
+        exec_sync(
+            &mut cri,
+            &api_c,
+            &[
+                "sh",
+                "-c",
+                &format!("nslookup -type=a api.acquirer.example {CLUSTER_DNS}"),
+            ],
+        )
+        .await
+        .1
+    };
+    println!(
+        "  payments-api: nslookup api.acquirer.example -> {}",
+        resolved
+            .lines()
+            .filter(|l| l.starts_with("Address:") && !l.contains(":53"))
+            .next_back()
+            .unwrap_or("(no answer)")
+            .trim()
+    );
+    let hello: String = enclave_netfilter::packet::build::tls_client_hello("api.acquirer.example")
+        .iter()
+        .map(|b| format!("\\{b:03o}"))
+        .collect();
+    let tls = |to: &'static str| {
+        let (mut cri, api_c, hello) = (cri.clone(), api_c.clone(), hello.clone());
+        async move {
+            let cmd =
+                format!("printf '{hello}' | timeout 6 nc -w 3 {to} 443 | head -c 3 | od -An -tx1");
+            exec_sync(&mut cri, &api_c, &["sh", "-c", &cmd]).await.1
+        }
+    };
+    let by_name = tls(ACQUIRER).await;
+    println!(
+        "  payments-api -> api.acquirer.example ({ACQUIRER}):443 TLS hello -> {}",
+        if is_tls(&by_name) {
+            "the acquirer answers with a TLS record (its address learned from the pod's own DNS answer)"
+        } else {
+            "NO ANSWER (should reach it)"
+        }
+    );
+    let unresolved = tls(OTHER).await;
+    println!(
+        "  payments-api -> {OTHER}:443, an address it never resolved -> {}",
+        if unresolved.trim().is_empty() {
+            "refused (not in the name zone for this pod)"
+        } else {
+            "ANSWERED (should be refused)"
+        }
+    );
+    let names_ok = deleted.is_empty()
+        && resolved.contains(ACQUIRER)
+        && is_tls(&by_name)
+        && unresolved.trim().is_empty();
+
     std::thread::sleep(std::time::Duration::from_millis(500));
     println!("  the node audit log (OCSF, hash-chained), flow records:");
     let log = std::fs::read_to_string(&node.audit_log).unwrap_or_else(|e| {
@@ -299,7 +483,8 @@ async fn main() {
                 .unwrap_or("")
         );
     }
-    let policy_ok = allowed == "payment-api-ok" && denied.is_empty() && verified && inspected_ok;
+    let policy_ok =
+        allowed == "payment-api-ok" && denied.is_empty() && verified && inspected_ok && names_ok;
 
     step("StopPodSandbox, RemovePodSandbox");
     for (name, sandbox, _) in &started {

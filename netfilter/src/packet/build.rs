@@ -220,3 +220,61 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// A TLS 1.2/1.3 ClientHello record naming `sni` (server_name, supported_versions with
+/// TLS 1.3 and 1.2, one cipher suite): what a modern client's first flight starts with.
+pub fn tls_client_hello(sni: &str) -> Vec<u8> {
+    let name = sni.as_bytes();
+    let mut ext = Vec::new();
+    // server_name: list length, host_name type 0, name length, name.
+    let list = name.len() + 3;
+    ext.extend_from_slice(&[0, 0]);
+    ext.extend_from_slice(&((list + 2) as u16).to_be_bytes());
+    ext.extend_from_slice(&(list as u16).to_be_bytes());
+    ext.push(0);
+    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    ext.extend_from_slice(name);
+    // supported_versions: TLS 1.3, TLS 1.2.
+    ext.extend_from_slice(&[0, 43, 0, 5, 4, 3, 4, 3, 3]);
+    let mut body = vec![3, 3];
+    body.extend((0..32u8).map(|i| i.wrapping_mul(37)));
+    body.push(0); // session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01]); // TLS_AES_128_GCM_SHA256
+    body.extend_from_slice(&[1, 0]); // null compression
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend(body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
+/// A DNS query for `name` (type A), transaction id `id`.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        m.push(l.len() as u8);
+        m.extend_from_slice(l.as_bytes());
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m
+}
+
+/// The answer to [`dns_query`]`(id, name)`: A records of `addrs` with `ttl`.
+pub fn dns_answer(id: u16, name: &str, addrs: &[Ipv4Addr], ttl: u32) -> Vec<u8> {
+    let mut m = dns_query(id, name);
+    m[2] = 0x81;
+    m[3] = 0x80;
+    m[7] = addrs.len() as u8;
+    for a in addrs {
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        m.extend_from_slice(&ttl.to_be_bytes());
+        m.extend_from_slice(&[0, 4]);
+        m.extend_from_slice(&a.octets());
+    }
+    m
+}

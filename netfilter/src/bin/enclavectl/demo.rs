@@ -259,9 +259,6 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
     let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".as_slice();
     let mut pg = vec![0, 0, 0, 37, 0, 3, 0, 0];
     pg.extend_from_slice(b"user\0api\0database\0cards\0\0");
-    let hello = [
-        0x16, 0x03, 0x01, 0x00, 0xc8, 0x01, 0x00, 0x00, 0xc4, 0x03, 0x03, 0x5a, 0x5a, 0x5a,
-    ];
 
     println!("\n[3/6] traffic (every frame decided by the sender's and the receiver's enforcer):");
     println!(
@@ -318,9 +315,40 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         &h,
         Reason::AppMismatch,
     );
+    // The acquirer is a name zone: the API resolves it through the cluster DNS, and netd
+    // reads the answer to its own query.
+    let e = build::Ends {
+        src_mac: node.mac_of(api),
+        dst_mac: GATEWAY,
+        src: api,
+        dst: dns,
+        sport: 53000,
+        dport: 53,
+    };
+    let h = node.send(
+        &build::udp(&e, &build::dns_query(0x1234, "api.acquirer.example")),
+        api,
+        dns,
+    )?;
+    show(
+        "api → cluster DNS: api.acquirer.example?",
+        &h,
+        Reason::NewFlowAllowed,
+    );
+    let IpAddr::V4(acq4) = acquirer else {
+        return Err(fail("the demo's acquirer is IPv4"));
+    };
+    let answer = build::dns_answer(0x1234, "api.acquirer.example", &[acq4], 300);
+    let h = node.send(&build::udp(&e.reversed(), &answer), dns, api)?;
+    show(
+        "cluster DNS → api: 203.0.113.10, TTL 300",
+        &h,
+        Reason::Established,
+    );
+    let hello = build::tls_client_hello("api.acquirer.example");
     let h = node.tcp(api, acquirer, 443, &hello, b"")?;
     show(
-        "api → acquirer :443 TLS ClientHello",
+        "api → api.acquirer.example :443 TLS hello",
         &h,
         Reason::NewFlowAllowed,
     );
@@ -336,18 +364,40 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         &h,
         Reason::AppMismatch,
     );
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    q.extend_from_slice(b"\x08acquirer\x07example\x00\x00\x01\x00\x01");
-    let e = build::Ends {
-        src_mac: node.mac_of(api),
-        dst_mac: GATEWAY,
-        src: api,
-        dst: dns,
-        sport: 53000,
-        dport: 53,
-    };
-    let h = node.send(&build::udp(&e, &q), api, dns)?;
-    show("api → cluster DNS :53 query", &h, Reason::NewFlowAllowed);
+    let h = node.tcp(
+        api,
+        acquirer,
+        443,
+        &build::tls_client_hello("evil.example"),
+        b"",
+    )?;
+    show(
+        "api → acquirer address, TLS for evil.example",
+        &h,
+        Reason::RequestDenied,
+    );
+    let h = node.send(
+        &build::udp(&e, &build::dns_query(0x1235, "c2.attacker.example")),
+        api,
+        dns,
+    )?;
+    show(
+        "api → cluster DNS: c2.attacker.example?",
+        &h,
+        Reason::RequestDenied,
+    );
+    let h = node.tcp(
+        web,
+        api,
+        8080,
+        b"DELETE /payments/42 HTTP/1.1\r\nHost: api\r\n\r\n",
+        b"",
+    )?;
+    show(
+        "web → api :8080 HTTP DELETE /payments/42",
+        &h,
+        Reason::RequestDenied,
+    );
     let h = node.tcp(web, db, 5432, &pg, b"")?;
     show(
         "web → db :5432 (storefront straight to data)",
@@ -363,7 +413,11 @@ pub fn run(a: DemoArgs) -> Result<u8, Fail> {
         Reason::NoRule,
     );
     let h = node.tcp(api, internet, 443, &hello, b"")?;
-    show("api → 198.51.100.7 :443 (exfiltration)", &h, Reason::NoRule);
+    show(
+        "api → 198.51.100.7 :443 (never resolved)",
+        &h,
+        Reason::NoRule,
+    );
     let spoof = build::Ends {
         src_mac: node.mac_of(api),
         dst_mac: GATEWAY,
