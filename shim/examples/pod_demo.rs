@@ -375,8 +375,7 @@ async fn main() {
         "  payments-api: nslookup api.acquirer.example -> {}",
         resolved
             .lines()
-            .filter(|l| l.starts_with("Address:") && !l.contains(":53"))
-            .next_back()
+            .rfind(|l| l.starts_with("Address:") && !l.contains(":53"))
             .unwrap_or("(no answer)")
             .trim()
     );
