@@ -65,6 +65,23 @@ pub fn excerpt(b: &[u8], max: usize) -> String {
     s
 }
 
+/// A request target for a record: the path as sent (an excerpt of `max` bytes), the
+/// query's parameter names kept and their values starred (they can carry tokens or
+/// personal data that a refusal record has no need of).
+pub fn target_for_record(target: &str, max: usize) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return excerpt(target.as_bytes(), max);
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !v.is_empty() => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    excerpt(format!("{path}?{}", query.join("&")).as_bytes(), max)
+}
+
 /// `%XX` and `+` decoded; decoded twice when the first pass leaves escapes behind (double
 /// encoding is a common evasion).
 pub fn url_decode(s: &[u8]) -> Vec<u8> {
@@ -360,5 +377,14 @@ mod tests {
         assert!(body(BodyKind::Form, b"user=bob&pass=x%27+or+%27a%27%3D%27a").is_some());
         assert!(body(BodyKind::Json, br#"{"name":"1' OR '1'='1"}"#).is_some());
         assert_eq!(body(BodyKind::Json, br#"{"name":"O'Brien","n":2}"#), None);
+    }
+
+    #[test]
+    fn a_record_keeps_query_names_and_stars_their_values() {
+        assert_eq!(
+            target_for_record("/v1/pay?token=s3cr3t&page=2&flag", 100),
+            "/v1/pay?token=***&page=***&flag"
+        );
+        assert_eq!(target_for_record("/plain", 100), "/plain");
     }
 }

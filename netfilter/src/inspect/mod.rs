@@ -462,7 +462,7 @@ impl Client {
 
 /// Checks one HTTP/2 request against the rule's `grpc` and `http` lists.
 fn h2_request(q: &crate::l7::h2::Request, rules: &RequestRules, found: &mut Vec<Detected>) {
-    let path = http::excerpt(q.path.as_bytes(), 100);
+    let path = http::target_for_record(&q.path, 100);
     if !rules.grpc.is_empty() {
         let refused = match q.grpc_call().filter(|_| q.is_grpc()) {
             Some((service, method)) if rules.grpc_allows(service, method) => None,
@@ -619,7 +619,7 @@ impl HttpState {
                             format!(
                                 "`{} {}`{} is not a request the rule allows",
                                 h.method,
-                                http::excerpt(h.path.as_bytes(), 80),
+                                http::target_for_record(&h.path, 80),
                                 h.host
                                     .as_deref()
                                     .map(|x| format!(" (host {})", http::excerpt(x.as_bytes(), 60)))
