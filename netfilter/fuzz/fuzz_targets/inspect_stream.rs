@@ -7,7 +7,7 @@
 use enclave_netfilter::inspect::stream::Budget;
 use enclave_netfilter::inspect::{FlowInspector, Step};
 use enclave_netfilter::policy::{
-    AppProto, HttpRequestsDoc, Inspect, OnFinding, PostgresDoc, RequestRules,
+    AppProto, GrpcDoc, HttpRequestsDoc, Inspect, OnFinding, PostgresDoc, RequestRules,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -21,10 +21,12 @@ fuzz_target!(|data: &[u8]| {
         };
         let mut f = FlowInspector::new(cfg, true, [true, data.len() % 2 == 0], 5432, &budget);
         // The framers with the rule's request checks on: which one by the first byte.
-        let app = match data.first().map(|b| b % 4) {
+        let app = match data.first().map(|b| b % 6) {
             Some(1) => Some(AppProto::Postgres),
             Some(2) => Some(AppProto::Redis),
             Some(3) => Some(AppProto::Http),
+            Some(4) => Some(AppProto::Grpc),
+            Some(5) => Some(AppProto::Tls),
             _ => None,
         };
         f.set_app(app);
@@ -40,6 +42,12 @@ fuzz_target!(|data: &[u8]| {
                 databases: vec!["cards".into()],
                 users: vec![],
             }),
+            grpc: vec![GrpcDoc {
+                service: "payments.v1.Payments".into(),
+                methods: vec!["Authorize".into()],
+            }],
+            dns: Some(vec!["*.psp.example".into()]),
+            sni: Some(vec!["*.psp.example".into()]),
         }));
         f.syn(true, 1000);
         f.syn(false, 9000);
