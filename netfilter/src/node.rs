@@ -62,7 +62,19 @@ pub struct RegistryEntry {
     pub control: Option<PathBuf>,
 }
 
+/// The file name of the shim's segmentation-probe socket, beside netd's control socket
+/// (`enclavectl segmentation test` talks to it; shim/src/probe.rs serves it).
+pub const PROBE_SOCKET: &str = "probe.sock";
+
 impl RegistryEntry {
+    /// The shim's probe socket for this pod, if the pod has a control socket.
+    pub fn probe_socket(&self) -> Option<PathBuf> {
+        self.control
+            .as_ref()
+            .and_then(|c| c.parent())
+            .map(|d| d.join(PROBE_SOCKET))
+    }
+
     /// The entry as an inventory workload (what peer directories are built from).
     pub fn workload(&self) -> InventoryWorkload {
         InventoryWorkload {

@@ -9,5 +9,6 @@ pub mod inotify;
 pub mod mount;
 pub mod names;
 pub mod podnet;
+pub mod probe;
 pub mod task;
 pub mod vm;

@@ -421,10 +421,17 @@ impl Service {
                 crate::enforce::follow_cluster(net, entry);
             }
         }
-        *lock(&self.sandbox) = Some(Sandbox {
-            vm,
-            agent: Arc::new(agent),
-        });
+        let agent = Arc::new(agent);
+        if podnet.is_some() {
+            // `enclavectl segmentation test` probes from inside the VM through this.
+            let sock = state_dir(&self.namespace, &self.id)
+                .join("vm")
+                .join(enclave_netfilter::node::PROBE_SOCKET);
+            if let Err(e) = crate::probe::serve(&sock, agent.clone()) {
+                eprintln!("enclave-shim: segmentation probes unavailable: {e}");
+            }
+        }
+        *lock(&self.sandbox) = Some(Sandbox { vm, agent });
         Ok(())
     }
 

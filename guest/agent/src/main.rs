@@ -10,6 +10,7 @@
 mod container;
 mod init;
 mod net;
+mod probe;
 mod reaper;
 mod service;
 mod spawn;

@@ -217,6 +217,9 @@ impl Handler for Agent {
                 });
                 Ok(Empty {})
             }),
+            Probe::NAME => dispatch::<Probe>(payload, |r| {
+                crate::probe::run(&r).map_err(|m| Status::new(Code::InvalidArgument, m))
+            }),
             m => Err(Status::new(Code::Unimplemented, format!("no method {m:?}"))),
         }
     }

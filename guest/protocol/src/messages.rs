@@ -61,6 +61,9 @@ methods! {
     ConfigureNetwork: ConfigureNetworkRequest => Empty;
     /// Stops every container and powers the VM off.
     Shutdown: Empty => Empty;
+    /// Probes the network from inside the guest (segmentation tests): a TCP connect or a
+    /// UDP datagram to each target, all at once, started at a bounded rate.
+    Probe: ProbeRequest => ProbeResponse;
 }
 
 /// No fields.
@@ -321,4 +324,64 @@ pub struct ConfigureNetworkRequest {
     /// DNS.
     #[prost(message, optional, tag = "3")]
     pub dns: Option<Dns>,
+}
+
+/// Where a probe goes.
+#[derive(Clone, PartialEq, Message)]
+pub struct ProbeTarget {
+    /// `tcp` or `udp`.
+    #[prost(string, tag = "1")]
+    pub proto: String,
+    /// IPv4 or IPv6 address.
+    #[prost(string, tag = "2")]
+    pub addr: String,
+    /// Destination port, 1–65535.
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+    /// IP TTL / hop limit, 1–255; 0 leaves the default. A probe with TTL 1 to an address
+    /// off the pod network dies at the node's first routing hop: it shows whether the walls
+    /// let it out without it ever leaving the node.
+    #[prost(uint32, tag = "4")]
+    pub ttl: u32,
+}
+
+/// Probes to run.
+#[derive(Clone, PartialEq, Message)]
+pub struct ProbeRequest {
+    /// Targets: at most 256.
+    #[prost(message, repeated, tag = "1")]
+    pub targets: Vec<ProbeTarget>,
+    /// How long each probe waits for an answer, 1–10,000 ms.
+    #[prost(uint32, tag = "2")]
+    pub timeout_ms: u32,
+    /// Probes started per second (1–1,000).
+    #[prost(uint32, tag = "3")]
+    pub rate: u32,
+}
+
+/// What one probe saw.
+#[derive(Clone, PartialEq, Message)]
+pub struct ProbeResult {
+    /// `connected` (TCP handshake done), `answered` (a UDP reply), `refused` (a reset or
+    /// port unreachable: the target's host got it), `unreachable` (an ICMP error from a
+    /// router: it left the pod), `timeout` (nothing came back), or `error`.
+    #[prost(string, tag = "1")]
+    pub outcome: String,
+    /// The guest's source port (to find the flow's records).
+    #[prost(uint32, tag = "2")]
+    pub local_port: u32,
+    /// Milliseconds from start to outcome.
+    #[prost(uint32, tag = "3")]
+    pub ms: u32,
+    /// The error, for `error` (and the errno for others).
+    #[prost(string, tag = "4")]
+    pub detail: String,
+}
+
+/// One result per target, in order.
+#[derive(Clone, PartialEq, Message)]
+pub struct ProbeResponse {
+    /// Results.
+    #[prost(message, repeated, tag = "1")]
+    pub results: Vec<ProbeResult>,
 }
