@@ -28,4 +28,5 @@ pub mod nft;
 pub mod node;
 pub mod packet;
 pub mod policy;
+pub mod segtest;
 pub mod yaml;

@@ -744,3 +744,51 @@ fn line_of<'a>(t: &'a str, what: &str) -> &'a str {
         .find(|l| l.len() > 5 && l[5..].starts_with(what))
         .unwrap_or_else(|| panic!("no {what} line:\n{t}"))
 }
+
+#[test]
+fn the_segmentation_cronjob_passes_only_flags_enclavectl_knows() {
+    let manifest =
+        std::fs::read_to_string(root().join("configs/kubernetes/segmentation-cronjob.yaml"))
+            .expect("the CronJob manifest");
+    let help = ctl(&["segmentation", "test", "--help"]);
+    assert_eq!(help.status.code(), Some(0), "{}", text(&help));
+    let mut n = 0;
+    for line in manifest.lines() {
+        let Some(flag) = line.trim().strip_prefix("- --") else {
+            continue;
+        };
+        let flag = flag.split('=').next().unwrap_or(flag);
+        assert!(
+            text(&help).contains(&format!("--{flag}")),
+            "enclavectl segmentation test has no --{flag}"
+        );
+        n += 1;
+    }
+    assert!(n >= 8, "{n} flags found");
+    // Nothing to probe from: said plainly, exit 2.
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(d.path().join("reg")).expect("mkdir");
+    std::fs::create_dir_all(d.path().join("pol")).expect("mkdir");
+    std::fs::copy(
+        root().join("configs/policies/pci-cde.yaml"),
+        d.path().join("pol/policy.yaml"),
+    )
+    .expect("copy");
+    let p = |x: &str| d.path().join(x).to_str().expect("utf8").to_string();
+    let o = ctl(&[
+        "segmentation",
+        "test",
+        "--policy-dir",
+        &p("pol"),
+        "--registry",
+        &p("reg"),
+        "--peer-dir",
+        &p("peers"),
+        "--audit-log",
+        &p("audit.log"),
+        "--out",
+        &p("out"),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no pods registered"), "{}", text(&o));
+}

@@ -553,7 +553,7 @@ spec:
 "#;
 
 #[test]
-fn a_name_set_netd_fills_opens_the_wall_to_that_address_only_until_its_timeout() {
+fn a_name_set_opens_the_wall_to_that_address_until_its_timeout_and_netd_could_not_write_it() {
     if let Err(why) = prerequisites() {
         return skip_or_fail(why);
     }
@@ -618,35 +618,43 @@ fn a_name_set_netd_fills_opens_the_wall_to_that_address_only_until_its_timeout()
         "not resolved yet: internet, denied"
     );
 
-    // As netd does: the socket opened with CAP_NET_ADMIN, then the thread drops to nobody
-    // (setresuid on this thread only clears its capabilities) and writes through it.
+    // Why netd cannot write the set itself: a socket opened with CAP_NET_ADMIN, then the
+    // thread dropped to nobody (setresuid on this thread only clears its capabilities), is
+    // refused, because nfnetlink checks the sender's capability as well as the opener's.
     let name = table.name.clone();
-    let (written, fresh_socket) = w
+    let set_name = nft::name_set(policy::ZoneId(2), false);
+    let (set2, name2) = (set_name.clone(), name.clone());
+    let dropped = w
         .run(move || {
-            let mut writer = nft::NameSetWriter::open(&name).expect("open");
+            let mut writer = nft::NameSetWriter::open(&name2).expect("open");
             // SAFETY: raw setresuid changes only this thread's credentials.
             let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
             assert_eq!(rc, 0);
-            let ip: std::net::IpAddr = "10.78.0.2".parse().unwrap();
-            let written = writer.add(&nft::name_set(policy::ZoneId(2), false), ip, 3);
-            // A socket opened now, without the capability, is refused.
-            let mut late = nft::NameSetWriter::open(&name).expect("open");
-            let fresh = late.add(&nft::name_set(policy::ZoneId(2), false), ip, 3);
-            (
-                written.map_err(|e| e.to_string()),
-                fresh.map_err(|e| e.to_string()),
-            )
+            writer
+                .add(&set2, "10.78.0.2".parse().unwrap(), 3)
+                .map_err(|e| e.raw_os_error())
+        })
+        .join()
+        .expect("writer thread");
+    assert_eq!(
+        dropped,
+        Err(Some(libc::EPERM)),
+        "a thread without the capability is refused"
+    );
+    // The shim's way: a thread of a root process, in the pod's namespace, writes.
+    let written = w
+        .run(move || {
+            let mut writer = nft::NameSetWriter::open(&name).expect("open");
+            writer
+                .add(&set_name, "10.78.0.2".parse().unwrap(), 3)
+                .map_err(|e| e.to_string())
         })
         .join()
         .expect("writer thread");
     assert_eq!(
         written,
         Ok(()),
-        "the socket opened with the capability keeps it"
-    );
-    assert!(
-        fresh_socket.is_err(),
-        "a socket opened as nobody cannot write: {fresh_socket:?}"
+        "root in the pod's namespace writes the set"
     );
 
     let set = w.exec(&["nft", "list", "set", "inet", &table.name, "names_2_v4"]);

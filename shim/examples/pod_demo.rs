@@ -485,6 +485,40 @@ async fn main() {
     let policy_ok =
         allowed == "payment-api-ok" && denied.is_empty() && verified && inspected_ok && names_ok;
 
+    step("segmentation test (PCI DSS 11.4.5): probes between the zones from inside each pod's VM");
+    let reports = dir.join("reports");
+    let seg = Command::new(shim_dir.join("enclavectl"))
+        .args([
+            "segmentation",
+            "test",
+            "--ports",
+            "22,443,5432,6379",
+            "--policy-dir",
+        ])
+        .arg(&node.policy_dir)
+        .arg("--registry")
+        .arg(&node.registry)
+        .arg("--peer-dir")
+        .arg(&node.peer_dir)
+        .arg("--audit-log")
+        .arg(&node.audit_log)
+        .arg("--out")
+        .arg(&reports)
+        .output();
+    let segmentation_ok = match &seg {
+        Ok(o) => {
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                println!("  {l}");
+            }
+            o.status.success()
+        }
+        Err(e) => {
+            println!("  enclavectl: {e}");
+            false
+        }
+    };
+
+    let policy_ok = policy_ok && segmentation_ok;
     step("StopPodSandbox, RemovePodSandbox");
     for (name, sandbox, _) in &started {
         cri.stop_pod_sandbox(StopPodSandboxRequest {

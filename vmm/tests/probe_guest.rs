@@ -187,9 +187,17 @@ fn every_thread_is_filtered_and_the_control_api_works() {
         "{bad}"
     );
     let bad = vm.api("{not json").unwrap();
-    assert_eq!(bad["ok"], false);
-    // Still alive and answering after bad requests.
-    assert_eq!(vm.api(r#"{"action":"shutdown"}"#).unwrap()["ok"], true);
+    assert_eq!(
+        bad["ok"], false,
+        "the API answered a request that is not JSON"
+    );
+    // Shut down over the API. The probe powers off by itself when its vsock listen window
+    // (10 s of guest time) ends; on a loaded machine (CI failed here once, the API calls
+    // above spread over that window) it can be gone first: then it must have ended well.
+    match vm.api(r#"{"action":"shutdown"}"#) {
+        Ok(r) => assert_eq!(r["ok"], true, "{r}"),
+        Err(e) => eprintln!("the probe guest had already powered off: {e}"),
+    }
     let st = vm.wait(Duration::from_secs(10)).unwrap();
     assert!(st.success(), "{st}");
 }

@@ -70,3 +70,52 @@ fn the_daemonset_asks_for_list_and_watch_and_runs_unprivileged() {
         "{args:?}"
     );
 }
+
+#[test]
+fn the_segmentation_cronjob_runs_on_change_keeps_a_year_and_needs_no_capability() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../configs/kubernetes/segmentation-cronjob.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let cj: Value = enclave_netfilter::yaml::from_str(&text)
+        .unwrap_or_else(|e| panic!("{path}: {}: {}", e.field, e.message));
+    assert_eq!(cj["kind"], "CronJob");
+    assert_eq!(cj["spec"]["concurrencyPolicy"], "Forbid");
+    let job = &cj["spec"]["jobTemplate"]["spec"];
+    let pod = &job["template"]["spec"];
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["topologyKey"], "kubernetes.io/hostname",
+        "one pod per node"
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(
+        c["command"],
+        serde_json::json!(["enclavectl", "segmentation", "test"])
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    for want in [
+        "--if-changed",
+        "--keep-days=400",
+        "--intent=/intent/policy.yaml",
+    ] {
+        assert!(args.contains(&want), "{args:?} lacks {want}");
+    }
+    let keep: u64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--keep-days="))
+        .and_then(|d| d.parse().ok())
+        .unwrap();
+    assert!(keep >= 365, "12 months of reports");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(sc["capabilities"]["add"].is_null());
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    // (netfilter/tests/cli.rs checks that enclavectl knows every flag it passes.)
+}

@@ -7,6 +7,7 @@
 mod capture;
 mod demo;
 mod doctor;
+mod segmentation;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,10 @@ enum Cmd {
     /// Packet captures netd wrote for denials and inspection findings.
     #[command(subcommand)]
     Capture(capture::CaptureCmd),
+    /// Segmentation tests: probes between every zone pair from inside the pods' VMs, and
+    /// the report an assessor keeps (PCI DSS 11.4.5).
+    #[command(subcommand)]
+    Segmentation(segmentation::SegmentationCmd),
 }
 
 /// Where a node keeps its policy, its pods and the cluster's.
@@ -350,6 +355,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Node(c) => node_cmd(c),
         Cmd::Capture(c) => capture::run(c),
+        Cmd::Segmentation(c) => segmentation::run(c),
     };
     match r {
         Ok(code) => ExitCode::from(code),
