@@ -390,7 +390,80 @@ pub fn html(report: &Value, svg: &str) -> String {
         }
         h.push_str("</ul>\n");
     }
-    h.push_str("<h2>Zone pairs</h2>\n<table><tr><th>from</th><th>to</th><th>port</th><th>intended</th><th>observed</th><th>verdict</th><th>why</th></tr>\n");
+    // The matrix: one cell per zone pair, the ports seen open, and the verdicts.
+    let mut froms: Vec<String> = Vec::new();
+    let mut tos: Vec<String> = Vec::new();
+    for r in &rows {
+        let (f, t) = (s(&r["from"]), s(&r["to"]));
+        if !froms.contains(&f) {
+            froms.push(f);
+        }
+        if !tos.contains(&t) {
+            tos.push(t);
+        }
+    }
+    h.push_str("<h2>Matrix</h2>\n<p>Rows probe from, columns are probed; each cell lists the ports observed open and the probes' verdicts.</p>\n<table><tr><th>from \\ to</th>");
+    for t in &tos {
+        h.push_str(&format!("<th>{t}</th>"));
+    }
+    h.push_str("</tr>\n");
+    for f in &froms {
+        h.push_str(&format!("<tr><th>{f}</th>"));
+        for t in &tos {
+            let cell: Vec<&&Value> = rows
+                .iter()
+                .filter(|r| s(&r["from"]) == *f && s(&r["to"]) == *t)
+                .collect();
+            if cell.is_empty() {
+                h.push_str("<td>-</td>");
+                continue;
+            }
+            let open: Vec<String> = cell
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        r["outcome"].as_str(),
+                        Some("connected" | "answered" | "refused" | "unreachable")
+                    )
+                })
+                .map(|r| format!("{}/{}", s(&r["proto"]), r["port"]))
+                .collect();
+            let count = |v: &str| cell.iter().filter(|r| r["verdict"] == v).count();
+            let (fails, warns) = (count("FAIL"), count("warn"));
+            let class = if fails > 0 {
+                "FAIL"
+            } else if warns > 0 {
+                "warn"
+            } else {
+                "pass"
+            };
+            h.push_str(&format!(
+                "<td class=\"{class}\">{}<br><small>{} probes: {} pass{}{}</small></td>",
+                if open.is_empty() {
+                    "nothing open".to_string()
+                } else {
+                    format!("open: {}", open.join(", "))
+                },
+                cell.len(),
+                count("pass"),
+                if fails > 0 {
+                    format!(", {fails} FAIL")
+                } else {
+                    String::new()
+                },
+                if warns > 0 {
+                    format!(", {warns} warn")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        h.push_str("</tr>\n");
+    }
+    h.push_str("</table>\n<h2>What the probes observed</h2>\n<p>Zones in the cardholder-data environment are drawn inside the dashed boundary; one edge per zone pair and direction, green where probes got through (the ports listed), red where they were blocked, with counts.</p>\n<figure>\n");
+    h.push_str(svg);
+    h.push_str("\n</figure>\n");
+    h.push_str("<h2>Every probe</h2>\n<table><tr><th>from</th><th>to</th><th>port</th><th>intended</th><th>observed</th><th>verdict</th><th>why</th></tr>\n");
     for r in &rows {
         h.push_str(&format!(
             "<tr><td>{}</td><td>{} <small>({})</small></td><td>{}/{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>\n",
@@ -406,9 +479,7 @@ pub fn html(report: &Value, svg: &str) -> String {
             s(&r["why"])
         ));
     }
-    h.push_str("</table>\n<h2>The flows the probes made</h2>\n<p>Zones in the cardholder-data environment are drawn inside the dashed boundary; one edge per zone pair and direction, allowed in green and denied in red, with counts.</p>\n<figure>\n");
-    h.push_str(svg);
-    h.push_str("\n</figure>\n<p><small>Written by <code>enclavectl segmentation test</code>. The report's SHA-256 is recorded in the node's audit chain (a Compliance Finding record naming this file); <code>enclavectl audit verify</code> checks the chain.</small></p>\n</body></html>\n");
+    h.push_str("</table>\n<p><small>Written by <code>enclavectl segmentation test</code>. The report's SHA-256 is recorded in the node's audit chain (a Compliance Finding record naming this file); <code>enclavectl audit verify</code> checks the chain.</small></p>\n</body></html>\n");
     h
 }
 

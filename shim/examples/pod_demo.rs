@@ -144,7 +144,9 @@ async fn main() {
         shim_dir.join("containerd-shim-enclave-v2").exists(),
         "build it first: cargo build --release -p enclave-shim"
     );
+    // What an earlier run or test left (processes and state) would be counted as ours.
     kill_leftovers("/run/enclave/k8s.io/");
+    enclave_tests::cri::clean_node();
     let (accel, why) = enclave_tests::accel();
     step(&format!("a node: private containerd with CRI, CNI bridge, handler `enclave` (guests under {accel}: {why})"));
     let dir = std::env::temp_dir().join(format!("enclave-pod-demo-{}", std::process::id()));
@@ -486,7 +488,8 @@ async fn main() {
         allowed == "payment-api-ok" && denied.is_empty() && verified && inspected_ok && names_ok;
 
     step("segmentation test (PCI DSS 11.4.5): probes between the zones from inside each pod's VM");
-    let reports = dir.join("reports");
+    // Kept after the demo (the node's own directory goes with it).
+    let reports = workspace.join("target/demo/segmentation");
     let seg = Command::new(shim_dir.join("enclavectl"))
         .args([
             "segmentation",

@@ -427,6 +427,7 @@ async fn a_pod_reaches_a_psp_by_name_only_at_addresses_it_resolved() {
         "[{:>5.1}s] audit records found; log verifies",
         t.elapsed().as_secs_f64()
     );
+    enclave_tests::cri::remove_pods(&mut cri, &[&api, &lab]).await;
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

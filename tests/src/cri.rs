@@ -565,3 +565,22 @@ pub async fn run_pod(
     assert!(ip.starts_with("10.88.77."), "{name}: pod IP {ip:?}");
     PodRun { sandbox, ip, c }
 }
+
+/// StopPodSandbox and RemovePodSandbox for each pod (errors ignored: teardown), then a
+/// moment for the shims to exit.
+pub async fn remove_pods(cri: &mut RuntimeServiceClient<Channel>, pods: &[&PodRun]) {
+    use k8s_cri::v1::*;
+    for p in pods {
+        let _ = cri
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: p.sandbox.clone(),
+            })
+            .await;
+        let _ = cri
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: p.sandbox.clone(),
+            })
+            .await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+}

@@ -276,15 +276,25 @@ pub fn run(cmd: SegmentationCmd) -> Result<u8, Fail> {
             .and_then(|p| u16::try_from(p).ok())
             .unwrap_or(0);
         let ev = segtest::evidence(&recs, q.proto, p.ip, sport, t.ip, q.port);
-        for r in recs.iter().filter(|r| {
-            r["metadata"]["sequence"]
-                .as_u64()
-                .is_some_and(|s| ev.iter().any(|e| e.seq == s))
-        }) {
-            if let Some(f) = learn::ObservedFlow::from_record(r) {
-                flows.push(f);
-            }
-        }
+        // The picture draws what the probes observed: reached (green) or blocked (red).
+        let reached = matches!(
+            outcome.as_str(),
+            "connected" | "answered" | "refused" | "unreachable"
+        );
+        flows.push(learn::ObservedFlow {
+            src_zone: p.zone.clone(),
+            dst_zone: t.zone.clone(),
+            src_ip: Some(p.ip.to_string()),
+            dst_ip: Some(t.ip.to_string()),
+            proto: q.proto.to_string(),
+            sport,
+            dport: q.port,
+            app: None,
+            outcome: if reached { "allowed" } else { "denied" }.into(),
+            rule: None,
+            denied_by: None,
+            dst_name: None,
+        });
         let (verdict, why) = segtest::judge(allow, q.proto, &outcome, &ev);
         *counts.entry(verdict).or_default() += 1;
         rows.push(json!({
