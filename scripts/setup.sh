@@ -17,12 +17,12 @@ step() { printf '\n==> %s\n' "$*"; }
 # ships records and heads to), postgresql/redis-server/redis-tools/curl (the real servers
 # and clients the inspection test runs through pods), tshark (reads the captures back),
 # dnsmasq-base and openssl (the cluster DNS and the TLS servers of the names test and the
-# pod demo).
+# pod demo), chromium (the segmentation test loads its HTML report in a headless browser).
 APT_PACKAGES=(pkg-config libnftnl-dev libmnl-dev nftables iproute2 build-essential
   qemu-system-x86 busybox-static lz4 libcap-ng-dev libseccomp-dev containerd runc tar
   containernetworking-plugins protobuf-compiler iputils-ping python3 ca-certificates
   util-linux bsdutils binutils xz-utils procps rsyslog postgresql redis-server redis-tools
-  curl tshark dnsmasq-base openssl)
+  curl tshark dnsmasq-base openssl chromium)
 
 step "system packages: ${APT_PACKAGES[*]}"
 missing=()
