@@ -35,93 +35,23 @@ const ACQUIRER: &str = "10.88.77.200";
 /// A TLS server the pod never resolves.
 const OTHER: &str = "10.88.77.201";
 
-/// A process in the node's namespace, killed with the demo.
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// dnsmasq (CLUSTER_DNS, answering api.acquirer.example with ACQUIRER) and TLS servers
-/// (openssl s_server) on ACQUIRER and OTHER, on the node's pod bridge.
-fn name_servers(node: &CriNode, dir: &std::path::Path) -> Vec<Server> {
-    let in_node = |args: &[&str]| {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &node.netns.name]).args(args);
-        c
-    };
-    let addrs = in_node(&["ip", "-o", "-4", "addr", "show"])
-        .output()
-        .unwrap();
-    let addrs = String::from_utf8_lossy(&addrs.stdout).into_owned();
-    let dev = addrs
-        .lines()
-        .find(|l| l.contains("inet 10.88.77.1/"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .expect("the node's pod bridge")
-        .to_string();
-    for a in [CLUSTER_DNS, ACQUIRER, OTHER] {
-        let _ = in_node(&["ip", "addr", "add", &format!("{a}/32"), "dev", &dev]).status();
-    }
-    let (cert, key) = (dir.join("acquirer.crt"), dir.join("acquirer.key"));
-    let _ = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=api.acquirer.example",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output();
-    let mut out = Vec::new();
-    for a in [ACQUIRER, OTHER] {
-        out.push(Server(
-            in_node(&[
-                "openssl",
-                "s_server",
-                "-www",
-                "-accept",
-                &format!("{a}:443"),
-            ])
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("openssl s_server"),
-        ));
-    }
-    out.push(Server(
-        in_node(&[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={CLUSTER_DNS}"),
-            &format!("--address=/api.acquirer.example/{ACQUIRER}"),
-            "--local-ttl=300",
-        ])
-        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("dnsmasq (apt-get install dnsmasq-base)"),
-    ));
+/// dnsmasq (CLUSTER_DNS, answering api.acquirer.example with ACQUIRER) and TLS servers on
+/// ACQUIRER and OTHER, on the node's pod bridge.
+fn name_servers(node: &CriNode, dir: &std::path::Path) -> Vec<enclave_tests::services::Service> {
+    use enclave_tests::services;
+    services::add_addresses(node, "10.88.77.1", &[CLUSTER_DNS, ACQUIRER, OTHER])
+        .expect("addresses on the pod bridge");
+    let mut out = services::tls_servers(node, dir, "api.acquirer.example", &[ACQUIRER, OTHER])
+        .expect("TLS servers");
+    out.push(
+        services::dnsmasq(
+            node,
+            dir,
+            CLUSTER_DNS,
+            &[("api.acquirer.example", ACQUIRER)],
+        )
+        .expect("dnsmasq"),
+    );
     std::thread::sleep(std::time::Duration::from_millis(800));
     out
 }
@@ -490,23 +420,9 @@ async fn main() {
     step("segmentation test (PCI DSS 11.4.5): probes between the zones from inside each pod's VM");
     // Kept after the demo (the node's own directory goes with it).
     let reports = workspace.join("target/demo/segmentation");
-    let seg = Command::new(shim_dir.join("enclavectl"))
-        .args([
-            "segmentation",
-            "test",
-            "--ports",
-            "22,443,5432,6379",
-            "--policy-dir",
-        ])
-        .arg(&node.policy_dir)
-        .arg("--registry")
-        .arg(&node.registry)
-        .arg("--peer-dir")
-        .arg(&node.peer_dir)
-        .arg("--audit-log")
-        .arg(&node.audit_log)
-        .arg("--out")
-        .arg(&reports)
+    let seg = node
+        .segmentation_test(&shim_dir.join("enclavectl"), &reports)
+        .args(["--ports", "22,443,5432,6379"])
         .output();
     let segmentation_ok = match &seg {
         Ok(o) => {

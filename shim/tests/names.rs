@@ -13,10 +13,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use enclave_tests::cri::{cri_client, exec_sync, records, run_pod, CriNode, PodSpec};
+use enclave_tests::services::{self, Service};
 use enclave_tests::skip_or_fail;
 
 fn bin(name: &str) -> PathBuf {
@@ -46,114 +47,24 @@ spec:
        tls: {sni: ["*.psp.example"]}}
 "#;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn in_node(node: &CriNode, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &node.netns.name]).args(args);
-    c
+    enclave_tests::services::in_node(node, args)
 }
 
-fn run_ok(c: &mut Command) -> String {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// dnsmasq answering api.psp.example with PSP (TTL 300), and a TLS server on PSP and on
-/// OTHER, all in the node's namespace.
-fn start_servers(node: &CriNode, dir: &Path) -> Vec<Server> {
-    // The bridge that holds the node's address gets the two server addresses too.
-    let addrs = run_ok(&mut in_node(node, &["ip", "-o", "-4", "addr", "show"]));
-    let dev = addrs
-        .lines()
-        .find(|l| l.contains(&format!("inet {NODE}/")))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .expect("the node's bridge")
-        .to_string();
-    for a in [PSP, OTHER] {
-        run_ok(&mut in_node(
+/// dnsmasq answering api.psp.example with PSP and shop.lab.example with OTHER, and a TLS
+/// server on PSP and on OTHER, all in the node's namespace; waits until they answer.
+fn start_servers(node: &CriNode, dir: &Path) -> Vec<Service> {
+    services::add_addresses(node, NODE, &[PSP, OTHER]).unwrap();
+    let mut servers = services::tls_servers(node, dir, "api.psp.example", &[PSP, OTHER]).unwrap();
+    servers.push(
+        services::dnsmasq(
             node,
-            &["ip", "addr", "add", &format!("{a}/32"), "dev", &dev],
-        ));
-    }
-    let (cert, key) = (dir.join("psp.crt"), dir.join("psp.key"));
-    run_ok(
-        Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=api.psp.example",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert),
-    );
-    let mut servers = Vec::new();
-    for a in [PSP, OTHER] {
-        let log = std::fs::File::create(dir.join(format!("s_server-{a}.log"))).unwrap();
-        servers.push(Server(
-            in_node(
-                node,
-                &[
-                    "openssl",
-                    "s_server",
-                    "-www",
-                    "-accept",
-                    &format!("{a}:443"),
-                ],
-            )
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::piped())
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        ));
-    }
-    let log = dir.join("dnsmasq.log");
-    servers.push(Server(
-        in_node(
-            node,
-            &[
-                "dnsmasq",
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                &format!("--listen-address={NODE}"),
-                &format!("--address=/api.psp.example/{PSP}"),
-                &format!("--address=/shop.lab.example/{OTHER}"),
-                "--local-ttl=300",
-                "--log-queries",
-            ],
+            dir,
+            NODE,
+            &[("api.psp.example", PSP), ("shop.lab.example", OTHER)],
         )
-        .arg(format!("--log-facility={}", log.display()))
-        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
-        .spawn()
         .unwrap(),
-    ));
+    );
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         let dns = in_node(node, &["busybox", "nslookup", "api.psp.example", NODE])

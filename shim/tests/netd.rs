@@ -27,7 +27,6 @@ use enclave_tests::cri::{
 };
 use enclave_tests::skip_or_fail;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::*;
 use tonic::transport::Channel;
 
 fn bin(name: &str) -> PathBuf {
@@ -646,19 +645,7 @@ async fn zone_policy_is_enforced_on_every_pod_frame() {
     let (code, _) = sh(&mut cri, &web, &http_get(&api.ip, 3)).await;
     assert_ne!(code, 0, "api answered without its netd");
 
-    for p in [&web, &api, &db, &cache] {
-        let _ = cri
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: p.sandbox.clone(),
-            })
-            .await;
-        let _ = cri
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: p.sandbox.clone(),
-            })
-            .await;
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    enclave_tests::cri::remove_pods(&mut cri, &[&web, &api, &db, &cache]).await;
     let left = leftovers("/run/enclave/k8s.io/");
     assert!(left.is_empty(), "left behind: {left:?}");
     let reg: Vec<_> = std::fs::read_dir(&node.registry)

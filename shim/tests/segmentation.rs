@@ -36,17 +36,7 @@ fn segmentation(
     out: &Path,
     intent: Option<&Path>,
 ) -> (i32, String, serde_json::Value, PathBuf) {
-    let mut c = Command::new(bin("enclavectl"));
-    c.args(["segmentation", "test", "--policy-dir"])
-        .arg(&node.policy_dir)
-        .arg("--registry")
-        .arg(&node.registry)
-        .arg("--peer-dir")
-        .arg(&node.peer_dir)
-        .arg("--audit-log")
-        .arg(&node.audit_log)
-        .arg("--out")
-        .arg(out);
+    let mut c = node.segmentation_test(&bin("enclavectl"), out);
     if let Some(i) = intent {
         c.arg("--intent").arg(i);
     }

@@ -186,6 +186,23 @@ impl CriNode {
 }
 
 impl CriNode {
+    /// `enclavectl segmentation test` on this node's directories and audit log, writing
+    /// its report to `out` (more arguments after); the command, to run.
+    pub fn segmentation_test(&self, enclavectl: &Path, out: &Path) -> Command {
+        let mut c = Command::new(enclavectl);
+        c.args(["segmentation", "test", "--policy-dir"])
+            .arg(&self.policy_dir)
+            .arg("--registry")
+            .arg(&self.registry)
+            .arg("--peer-dir")
+            .arg(&self.peer_dir)
+            .arg("--audit-log")
+            .arg(&self.audit_log)
+            .arg("--out")
+            .arg(out);
+        c
+    }
+
     /// `enclavectl node reload` (the binary at `enclavectl`) from containerd's mount
     /// namespace, where the pods' network namespace files are mounted; its output. Fails
     /// the test if the reload fails.

@@ -10,6 +10,7 @@ pub mod nestbox;
 pub mod netns;
 pub mod procfs;
 pub mod seccomp;
+pub mod services;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};

@@ -80,6 +80,20 @@ fn local_port(fd: i32) -> u32 {
     u32::from(u16::from_be(sin.sin_port))
 }
 
+/// setsockopt of an int option (a failure leaves the default: the probe still runs).
+fn set_int(fd: i32, level: i32, opt: i32, v: libc::c_int) {
+    // SAFETY: setsockopt with a c_int of the size we pass, on the caller's fd.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            &v as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
@@ -120,42 +134,23 @@ fn start(p: &mut Pending, sa: SocketAddr, ttl: u32) {
     }
     // SAFETY: `raw` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let v4 = sa.is_ipv4();
     if ttl > 0 {
-        let (level, opt) = if sa.is_ipv4() {
+        let (level, opt) = if v4 {
             (libc::IPPROTO_IP, libc::IP_TTL)
         } else {
             (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)
         };
-        let v = ttl.min(255) as libc::c_int;
-        // SAFETY: setsockopt with a c_int of the size we pass, on our fd.
-        unsafe {
-            libc::setsockopt(
-                raw,
-                level,
-                opt,
-                &v as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        set_int(raw, level, opt, ttl.min(255) as libc::c_int);
     }
     if p.udp {
         // ICMP errors reach a connected UDP socket only with IP_RECVERR.
-        let on: libc::c_int = 1;
-        let (level, opt) = if sa.is_ipv4() {
+        let (level, opt) = if v4 {
             (libc::IPPROTO_IP, libc::IP_RECVERR)
         } else {
             (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
         };
-        // SAFETY: as above.
-        unsafe {
-            libc::setsockopt(
-                raw,
-                level,
-                opt,
-                &on as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        set_int(raw, level, opt, 1);
     }
     let (st, len) = sockaddr(sa);
     // SAFETY: connect with the address and length built above.
