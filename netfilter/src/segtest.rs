@@ -388,6 +388,15 @@ pub fn html(report: &Value, svg: &str) -> String {
                 s(&e["message"])
             ));
         }
+        for c in r["counters"].as_array().into_iter().flatten() {
+            h.push_str(&format!(
+                "<li>counter on {}'s enclave-netd: <code>{}{{rule=\"{}\"}} {}</code> (new flows that rule decided)</li>\n",
+                s(&c["pod"]),
+                s(&c["counter"]),
+                s(&c["rule"]),
+                c["value"]
+            ));
+        }
         h.push_str("</ul>\n");
     }
     // The matrix: one cell per zone pair, the ports seen open, and the verdicts.

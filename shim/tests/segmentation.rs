@@ -321,6 +321,15 @@ async fn segmentation_test_reports_the_cde_boundary_and_fails_on_a_leaky_policy(
         r["why"].as_str().unwrap().contains("`leaky-web-to-db`"),
         "{r}"
     );
+    // Its evidence: netd's record and its counter of flows by that rule.
+    assert!(
+        r["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["rule"] == "leaky-web-to-db" && c["value"].as_u64() >= Some(1)),
+        "{r}"
+    );
     assert!(
         out.lines().any(|l| l.contains("FAIL")
             && l.contains("web → cde-db")

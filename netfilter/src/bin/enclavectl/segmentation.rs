@@ -306,6 +306,43 @@ pub fn run(cmd: SegmentationCmd) -> Result<u8, Fail> {
             "verdict": verdict, "why": why,
         }));
     }
+    // The counters behind each failure and warning: how many new flows netd decided by
+    // the rule its record names, from that pod's netd (its `metrics` control request).
+    let mut metrics: std::collections::HashMap<String, String> = Default::default();
+    for row in rows.iter_mut() {
+        if row["verdict"] != "FAIL" && row["verdict"] != "warn" {
+            continue;
+        }
+        let mut counters = Vec::new();
+        for e in row["evidence"].as_array().cloned().unwrap_or_default() {
+            let (Some(by), Some(rule)) = (e["by"].as_str(), e["rule"].as_str()) else {
+                continue;
+            };
+            let Some(entry) = view.entries.iter().find(|x| x.name == by) else {
+                continue;
+            };
+            let text = metrics.entry(by.to_string()).or_insert_with(|| {
+                entry
+                    .control
+                    .as_deref()
+                    .and_then(|c| node::control_request(c, "metrics").ok())
+                    .unwrap_or_default()
+            });
+            let want = format!("rule=\"{rule}\"");
+            if let Some(n) = text
+                .lines()
+                .find(|l| l.starts_with("enclave_netd_rule_flows_total{") && l.contains(&want))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                let c = json!({"pod": by, "counter": "enclave_netd_rule_flows_total", "rule": rule, "value": n});
+                if !counters.contains(&c) {
+                    counters.push(c);
+                }
+            }
+        }
+        row["counters"] = Value::Array(counters);
+    }
     let fails = counts.get("FAIL").copied().unwrap_or(0);
     let result = if fails > 0 {
         "FAIL"
