@@ -998,3 +998,19 @@ fn grpc_dns_and_sni_rules_are_checked_as_written() {
         assert!(e.contains(want) && e.contains("q.yaml:"), "{e}");
     }
 }
+
+#[test]
+fn a_resp_length_near_u64_max_is_refused_not_overflowed() {
+    // Found by the inspect_stream fuzz target: `$` with a length near u64::MAX overflowed
+    // the framer's sum (a panic with overflow checks; a desynchronised framer without).
+    let mut fx = fixture_of(REQUESTS);
+    let mut c = fx.connect("10.0.0.2", 6379);
+    assert_eq!(fx.send(&mut c, &resp(&["PING"])).verdict, Verdict::Pass);
+    let d = fx.send(&mut c, b"*2\r\n$3\r\nGET\r\n$18446744073709551615\r\nx\r\n");
+    assert_eq!(d.verdict, Verdict::Drop, "{d:?}");
+    let f = fx.findings();
+    assert!(
+        f.iter().any(|f| f.detail.contains("can no longer read")),
+        "{f:?}"
+    );
+}

@@ -819,6 +819,16 @@ impl RespState {
                 ));
                 return true;
             };
+            // Redis itself refuses a bulk string over 512 MiB; a larger length (up to
+            // u64::MAX, which once overflowed this sum) is not a stream to follow.
+            if len > 512 << 20 {
+                found.push(Detected::new(
+                    Threat::ProtocolMismatch,
+                    format!("a RESP bulk string of {len} bytes (Redis allows 512 MiB)"),
+                    true,
+                ));
+                return true;
+            }
             let total = n as u64 + len + 2;
             if self.first {
                 // The command name: short, kept whole (no command has a longer one).
