@@ -143,6 +143,24 @@ pub(crate) fn literal(data: &[u8], lit: &[u8]) -> Detection {
     }
 }
 
+/// Which of `lits` `data` starts with: `Ok(index)` of the first it starts with, else
+/// `Err(NeedMore)` when `data` is a prefix of one of them, `Err(NoMatch)` otherwise.
+pub(crate) fn one_of(data: &[u8], lits: &[&[u8]]) -> Result<usize, Detection> {
+    let mut prefix = false;
+    for (i, lit) in lits.iter().enumerate() {
+        match literal(data, lit) {
+            Detection::Match => return Ok(i),
+            Detection::NeedMore => prefix = true,
+            Detection::NoMatch => {}
+        }
+    }
+    Err(if prefix {
+        Detection::NeedMore
+    } else {
+        Detection::NoMatch
+    })
+}
+
 const HTTP_METHODS: [&[u8]; 9] = [
     b"GET ",
     b"POST ",
@@ -159,18 +177,9 @@ fn http(d: &[u8]) -> Detection {
     if literal(d, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") != Detection::NoMatch {
         return literal(d, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
     }
-    let mut prefix = false;
-    for m in HTTP_METHODS {
-        match literal(d, m) {
-            Detection::Match => return http_after_method(&d[m.len()..]),
-            Detection::NeedMore => prefix = true,
-            Detection::NoMatch => {}
-        }
-    }
-    if prefix {
-        Detection::NeedMore
-    } else {
-        Detection::NoMatch
+    match one_of(d, &HTTP_METHODS) {
+        Ok(i) => http_after_method(&d[HTTP_METHODS[i].len()..]),
+        Err(e) => e,
     }
 }
 

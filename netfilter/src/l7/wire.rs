@@ -4,7 +4,7 @@
 //! the references are the protocols' own specifications, and the tests in
 //! `netfilter/tests/l7_clients.rs` feed them bytes captured from real clients.
 
-use super::{literal, Detection};
+use super::{literal, one_of, Detection};
 use Detection::{Match, NeedMore, NoMatch};
 
 /// The byte at `i`, or `Err(NeedMore)`.
@@ -242,25 +242,12 @@ pub fn memcached(d: &[u8]) -> Detection {
             Ok(Match)
         });
     }
-    let mut prefix = false;
-    for c in MEMCACHED {
-        match literal(d, c) {
-            Match => {
-                // The arguments: visible ASCII to the end of the line.
-                let rest = &d[c.len()..];
-                if c.ends_with(b"\n") {
-                    return Match;
-                }
-                return printable_until(rest, b'\r', 300);
-            }
-            NeedMore => prefix = true,
-            NoMatch => {}
-        }
-    }
-    if prefix {
-        NeedMore
-    } else {
-        NoMatch
+    match one_of(d, &MEMCACHED) {
+        // A command that is its whole line.
+        Ok(i) if MEMCACHED[i].ends_with(b"\n") => Match,
+        // The arguments: visible ASCII to the end of the line.
+        Ok(i) => printable_until(&d[MEMCACHED[i].len()..], b'\r', 300),
+        Err(e) => e,
     }
 }
 
@@ -277,19 +264,7 @@ pub fn amqp(d: &[u8]) -> Detection {
         b"\x02\x01\x00\x00",
         b"\x03\x01\x00\x00",
     ];
-    let mut prefix = false;
-    for k in known {
-        match literal(v, k) {
-            Match => return Match,
-            NeedMore => prefix = true,
-            NoMatch => {}
-        }
-    }
-    if prefix {
-        NeedMore
-    } else {
-        NoMatch
-    }
+    one_of(v, &known).map_or_else(|e| e, |_| Match)
 }
 
 /// MQTT: a CONNECT packet (0x10), its remaining length, and the protocol name `MQTT`
@@ -341,13 +316,7 @@ const ZK_WORDS: [&[u8]; 17] = [
 /// password of 16 bytes or none), or one of the four-letter admin words.
 pub fn zookeeper(d: &[u8]) -> Detection {
     if d.first().is_some_and(|c| c.is_ascii_lowercase()) {
-        for w in ZK_WORDS {
-            match literal(d, w) {
-                NoMatch => {}
-                other => return other,
-            }
-        }
-        return NoMatch;
+        return one_of(d, &ZK_WORDS).map_or_else(|e| e, |_| Match);
     }
     run(|| {
         let len = be32(d, 0)?;
@@ -400,32 +369,21 @@ pub fn smtp(d: &[u8]) -> Detection {
 /// A request line `METHOD target VERSION\r\n` with one of `methods` and the version
 /// literal `version`.
 fn request_line(d: &[u8], methods: &[&[u8]], version: &[u8]) -> Detection {
-    let mut prefix = false;
-    for m in methods {
-        match literal(d, m) {
-            Match => {
-                let rest = &d[m.len()..];
-                let Some(sp) = rest.iter().position(|&c| c == b' ') else {
-                    return if rest.iter().all(|c| (0x21..=0x7e).contains(c)) {
-                        NeedMore
-                    } else {
-                        NoMatch
-                    };
-                };
-                if sp == 0 || !rest[..sp].iter().all(|c| (0x21..=0x7e).contains(c)) {
-                    return NoMatch;
-                }
-                return literal(&rest[sp + 1..], version);
-            }
-            NeedMore => prefix = true,
-            NoMatch => {}
-        }
+    let rest = match one_of(d, methods) {
+        Ok(i) => &d[methods[i].len()..],
+        Err(e) => return e,
+    };
+    let Some(sp) = rest.iter().position(|&c| c == b' ') else {
+        return if rest.iter().all(|c| (0x21..=0x7e).contains(c)) {
+            NeedMore
+        } else {
+            NoMatch
+        };
+    };
+    if sp == 0 || !rest[..sp].iter().all(|c| (0x21..=0x7e).contains(c)) {
+        return NoMatch;
     }
-    if prefix {
-        NeedMore
-    } else {
-        NoMatch
-    }
+    literal(&rest[sp + 1..], version)
 }
 
 /// SIP (RFC 3261): a request line ending `SIP/2.0`.
@@ -532,13 +490,10 @@ pub fn syslog(d: &[u8]) -> Detection {
         if let Match | NeedMore = literal(rest, b"1 ") {
             return Ok(literal(rest, b"1 "));
         }
-        for m in MONTHS {
-            match literal(rest, m) {
-                Match => return Ok(literal(&rest[3..], b" ")),
-                NeedMore => return Ok(NeedMore),
-                NoMatch => {}
-            }
+        match one_of(rest, &MONTHS) {
+            Ok(_) => Ok(literal(&rest[3..], b" ")),
+            Err(NeedMore) => Ok(NeedMore),
+            Err(_) => Err(NoMatch),
         }
-        Err(NoMatch)
     })
 }
