@@ -253,6 +253,20 @@ pub fn reachable_by_others(file: &Path) -> bool {
     mode(&file) & 0o001 != 0 && file.ancestors().skip(1).all(|d| mode(d) & 0o001 != 0)
 }
 
+/// Binds a unix socket at `path` (replacing a stale one) with `bind` and makes it
+/// connectable by root only (mode 0600): the shim's name-set and probe sockets.
+pub fn bind_root_only<T>(
+    path: &std::path::Path,
+    bind: impl FnOnce(&std::path::Path) -> std::io::Result<T>,
+) -> Result<T, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let sock = bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(sock)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -49,11 +49,7 @@ pub fn parse(msg: &[u8]) -> Result<(String, IpAddr, u32), String> {
 /// Binds `socket` (only root may connect: netd does before it drops privileges) and
 /// serves it on a thread inside `netns`, writing to `table`.
 pub fn serve(socket: &Path, netns: &Path, table: String) -> Result<(), String> {
-    let _ = std::fs::remove_file(socket);
-    let sock = UnixDatagram::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let sock = crate::confine::bind_root_only(socket, |p| UnixDatagram::bind(p))?;
     let ns = std::fs::File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
     std::thread::Builder::new()
         .name("name-sets".into())

@@ -67,11 +67,7 @@ pub fn parse(line: &str) -> Result<ProbeRequest, String> {
 
 /// Serves `socket` on a thread for the life of the shim.
 pub fn serve(socket: &Path, agent: Arc<Client>) -> Result<(), String> {
-    let _ = std::fs::remove_file(socket);
-    let l = UnixListener::bind(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let l = crate::confine::bind_root_only(socket, |p| UnixListener::bind(p))?;
     std::thread::Builder::new()
         .name("probe".into())
         .spawn(move || {
